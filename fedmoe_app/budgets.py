@@ -1,0 +1,103 @@
+"""Device tiers and per-client compute budgets (conf/devices.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Mapping
+
+import yaml
+
+from fedmoe_app.config import ConfigError, RunConfig, resolve_path
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """What one client may spend per round."""
+
+    tier: str
+    experts_held: int
+    top_k: int
+    batch_size: int
+    max_length: int
+    local_steps: int
+    lora_rank: int
+    ram_gb: float
+
+
+BUDGET_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceBudget) if f.name != "tier")
+
+
+@lru_cache(maxsize=8)
+def load_tiers(path: str) -> dict[str, DeviceBudget]:
+    """Read the tiers of a devices file into DeviceBudgets."""
+    data = yaml.safe_load(resolve_path(path).read_text()) or {}
+    tiers = {}
+    for name, values in (data.get("tiers") or {}).items():
+        given = {k.replace("-", "_"): v for k, v in (values or {}).items()}
+        missing = [f for f in BUDGET_FIELDS if f not in given]
+        unknown = [f for f in given if f not in BUDGET_FIELDS]
+        if missing or unknown:
+            raise ConfigError(
+                f"device tier '{name}' in {path}: missing {missing}, unknown {unknown}; "
+                f"fields: {', '.join(f.replace('_', '-') for f in BUDGET_FIELDS)}"
+            )
+        tiers[name] = DeviceBudget(tier=name, **given)
+    if not tiers:
+        raise ConfigError(f"devices file {path} defines no tiers")
+    return tiers
+
+
+def tiers_for_population(num_partitions: int, mix: Mapping[str, float]) -> list[str]:
+    """Tier of each partition id: counts by largest remainder of the mix, in mix order."""
+    total = sum(mix.values())
+    if total <= 0:
+        raise ConfigError("config key 'devices.simulation-mix' must have positive shares")
+    exact = {tier: num_partitions * share / total for tier, share in mix.items()}
+    counts = {tier: int(value) for tier, value in exact.items()}
+    by_remainder = sorted(mix, key=lambda t: (-(exact[t] - counts[t]), list(mix).index(t)))
+    for tier in by_remainder[: num_partitions - sum(counts.values())]:
+        counts[tier] += 1
+    return [tier for tier in mix for _ in range(counts[tier])]
+
+
+def check_mix(config: RunConfig) -> None:
+    """Fail early if the simulation mix names a tier the devices file lacks."""
+    tiers = load_tiers(config.devices.file)
+    for tier in config.devices.simulation_mix:
+        if tier not in tiers:
+            raise ConfigError(
+                f"config key 'devices.simulation-mix' names unknown tier '{tier}'; "
+                f"allowed: {', '.join(tiers)}"
+            )
+
+
+def resolve_budget(node_config: Mapping[str, Any], config: RunConfig) -> DeviceBudget:
+    """The budget of this node: `device-tier` from node_config (deployment) or from
+    `partition-id` by the simulation mix, then per-field node_config overrides
+    (`top-k=1`, `batch-size=4`, ...); experts held are capped at moe.num-experts."""
+    tiers = load_tiers(config.devices.file)
+    tier = node_config.get("device-tier")
+    if tier is None:
+        if "partition-id" not in node_config or "num-partitions" not in node_config:
+            raise ConfigError(
+                "node_config needs 'device-tier', or 'partition-id' and 'num-partitions'"
+            )
+        population = tiers_for_population(
+            int(node_config["num-partitions"]), config.devices.simulation_mix
+        )
+        tier = population[int(node_config["partition-id"])]
+    if tier not in tiers:
+        raise ConfigError(
+            f"node_config 'device-tier' is '{tier}'; allowed: {', '.join(tiers)}"
+        )
+    budget = tiers[tier]
+    overrides = {
+        f: type(getattr(budget, f))(node_config[f.replace("_", "-")])
+        for f in BUDGET_FIELDS
+        if f.replace("_", "-") in node_config
+    }
+    budget = dataclasses.replace(budget, **overrides)
+    held = min(budget.experts_held, config.moe.num_experts)
+    return dataclasses.replace(budget, experts_held=held, top_k=min(budget.top_k, held))

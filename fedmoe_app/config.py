@@ -1,0 +1,318 @@
+"""The run configuration: one typed object, loaded from YAML and validated once.
+
+`conf/base.yaml` holds every key with its default; a strategy file (`conf/fft_moe.yaml`)
+overrides some of them; `overrides` ("rounds=3 data.alpha=0.1") overrides single keys.
+YAML keys are kebab-case, like Flower's run config; fields are their snake_case twins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONF_DIR = APP_DIR / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and head."""
+
+    backbone: str = "minilm"  # 'minilm' (offline package), a hub id, a local path, or 'tiny-bert'
+    pooling: str = "mean"
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Sparse MoE adapters (FFT-MoE)."""
+
+    num_experts: int = 16
+    expert_hidden: int = 64
+    renormalize: bool = True  # renormalise the chosen top-k gate weights to sum to one
+    init_scale: float = 0.01  # std of the experts' output projection at initialisation
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """PEFT LoRA adapters (LoRA baselines)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Coefficients of the training loss terms; 0 switches a term off."""
+
+    balance: float = 0.01
+    heterogeneity: float = 0.01
+    z_loss: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    threads: int = 1  # torch threads per client process
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset source and federated partitioning."""
+
+    dataset: str = "auto"  # auto | ag_news | rotten_tomatoes | a hub id
+    data_dir: str = ""  # directory with train.csv and test.csv (text,label); '' = none
+    partitioner: str = "dirichlet"  # iid | dirichlet | pathological
+    alpha: float = 0.5
+    classes_per_partition: int = 2
+    holdout_fraction: float = 0.2
+    max_train_rows: int = 0  # 0 = all rows; else a seeded subsample of the train split
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Sampling and fault tolerance."""
+
+    fraction_train: float = 1.0
+    min_nodes: int = 2
+    round_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """Device tiers and the simulated mix."""
+
+    file: str = "conf/devices.yaml"
+    simulation_mix: dict[str, float] = field(
+        default_factory=lambda: {"rpi4": 0.4, "jetson-nano": 0.3, "jetson-orin": 0.3}
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Server-side and client-side evaluation."""
+
+    every: int = 1
+    test_samples: int = 1000
+    batch_size: int = 64
+    max_length: int = 128
+    client: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, server and clients alike."""
+
+    strategy: str = "fft_moe"
+    rounds: int = 5
+    seed: int = 0
+    run_name: str = ""  # '' = <strategy>-<timestamp>
+    results_dir: str = "results"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "model.pooling": ("mean", "cls"),
+    "data.partitioner": ("iid", "dirichlet", "pathological"),
+}
+
+
+def _to_key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_type(path: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{path}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{path}' must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{path}' must be a list of strings, got {value!r}")
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}")
+        return {str(k): _check_type(f"{path}.{k}", v, float) for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {annotation} for {path}")  # a bug, not input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a kebab-case mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {_to_key(f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' in {where}; "
+            f"allowed keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for key, f in fields.items():
+        if key not in values:
+            continue
+        path, annotation = prefix + key, hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(values[key], dict):
+                raise ConfigError(f"config key '{path}' must be a section (a mapping)")
+            kwargs[f.name] = _build(annotation, values[key], path + ".")
+        else:
+            kwargs[f.name] = _check_type(path, values[key], annotation)
+        if path in CHOICES and kwargs[f.name] not in CHOICES[path]:
+            raise ConfigError(
+                f"config key '{path}' is {kwargs[f.name]!r}; allowed: {', '.join(CHOICES[path])}"
+            )
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep-merge `update` into a copy of `base`."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse 'rounds=3 data.alpha=0.1' into a nested mapping; values are YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in text.split():
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. data.alpha=0.1)")
+        dotted, raw = item.split("=", 1)
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys")
+    return data
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Resolve a path given in config: absolute as is, relative to the app directory."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else APP_DIR / path
+
+
+def load_config(config_file: str = "conf/fft_moe.yaml", overrides: str | dict = "") -> RunConfig:
+    """Load base.yaml, then `config_file`, then `overrides`; validate; return the RunConfig."""
+    merged = _read_yaml(CONF_DIR / "base.yaml")
+    if config_file:
+        merged = _merge(merged, _read_yaml(resolve_path(config_file)))
+    extra = parse_overrides(overrides) if isinstance(overrides, str) else overrides
+    return config_from_dict(_merge(merged, extra))
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Validate a nested kebab-case mapping into a RunConfig."""
+    config = _build(RunConfig, values)
+    from strategies import STRATEGIES  # the registry; imported late to avoid a cycle
+
+    if config.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"config key 'strategy' is {config.strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
+        )
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(config: RunConfig) -> None:
+    positive = {
+        "rounds": config.rounds,
+        "moe.num-experts": config.moe.num_experts,
+        "moe.expert-hidden": config.moe.expert_hidden,
+        "lora.rank": config.lora.rank,
+        "eval.every": config.eval.every,
+        "eval.batch-size": config.eval.batch_size,
+        "federation.min-nodes": config.federation.min_nodes,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
+    if not 0.0 < config.federation.fraction_train <= 1.0:
+        raise ConfigError("config key 'federation.fraction-train' must be in (0, 1]")
+    if not 0.0 <= config.data.holdout_fraction < 1.0:
+        raise ConfigError("config key 'data.holdout-fraction' must be in [0, 1)")
+    if config.data.alpha <= 0:
+        raise ConfigError("config key 'data.alpha' must be > 0")
+    for key in ("balance", "heterogeneity", "z_loss"):
+        if getattr(config.loss, key) < 0:
+            raise ConfigError(f"config key 'loss.{_to_key(key)}' must be >= 0")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The kebab-case nested mapping of a config (inverse of config_from_dict)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = config_to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, types.MappingProxyType):
+            value = dict(value)
+        out[_to_key(f.name)] = value
+    return out
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML text (what results/<run>/config.yaml holds)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def config_from_yaml(text: str) -> RunConfig:
+    """Parse the YAML text written by config_to_yaml."""
+    return config_from_dict(yaml.safe_load(text))
