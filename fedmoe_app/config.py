@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -40,6 +40,7 @@ class MoEConfig:
     expert_hidden: int = 64
     renormalize: bool = True  # renormalise the chosen top-k gate weights to sum to one
     init_scale: float = 0.01  # std of the experts' output projection at initialisation
+    eval_top_k: int = 2  # top-k of the global model in server-side evaluation
 
 
 @dataclass(frozen=True)
@@ -247,24 +248,27 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else APP_DIR / path
 
 
-def load_config(config_file: str = "conf/fft_moe.yaml", overrides: str | dict = "") -> RunConfig:
-    """Load base.yaml, then `config_file`, then `overrides`; validate; return the RunConfig."""
+def load_config(
+    config_file: str = "conf/fft_moe.yaml", overrides: str | dict = "", environ: Mapping[str, str] | None = None
+) -> RunConfig:
+    """Load base.yaml, then `config_file`, then `overrides`; validate; return the RunConfig.
+
+    `environ` (the server's environment, read here and nowhere else) may name the data
+    directory in FEDMOE_DATA_DIR when the config leaves `data.data-dir` empty.
+    """
     merged = _read_yaml(CONF_DIR / "base.yaml")
     if config_file:
         merged = _merge(merged, _read_yaml(resolve_path(config_file)))
     extra = parse_overrides(overrides) if isinstance(overrides, str) else overrides
-    return config_from_dict(_merge(merged, extra))
+    merged = _merge(merged, extra)
+    if environ and environ.get("FEDMOE_DATA_DIR") and not (merged.get("data") or {}).get("data-dir"):
+        merged = _merge(merged, {"data": {"data-dir": environ["FEDMOE_DATA_DIR"]}})
+    return config_from_dict(merged)
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Validate a nested kebab-case mapping into a RunConfig."""
     config = _build(RunConfig, values)
-    from strategies import STRATEGIES  # the registry; imported late to avoid a cycle
-
-    if config.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"config key 'strategy' is {config.strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
-        )
     _check_ranges(config)
     return config
 
@@ -274,6 +278,7 @@ def _check_ranges(config: RunConfig) -> None:
         "rounds": config.rounds,
         "moe.num-experts": config.moe.num_experts,
         "moe.expert-hidden": config.moe.expert_hidden,
+        "moe.eval-top-k": config.moe.eval_top_k,
         "lora.rank": config.lora.rank,
         "eval.every": config.eval.every,
         "eval.batch-size": config.eval.batch_size,
@@ -316,3 +321,18 @@ def config_to_yaml(config: RunConfig) -> str:
 def config_from_yaml(text: str) -> RunConfig:
     """Parse the YAML text written by config_to_yaml."""
     return config_from_dict(yaml.safe_load(text))
+
+
+RUN_CONFIG_KEYS = ("config", "overrides", "results-dir", "data-dir")
+
+
+def config_from_run_config(run_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
+    """The RunConfig a Flower run asks for: its `config` file, then `results-dir` and
+    `data-dir` when given, then the `overrides` string (highest precedence)."""
+    launch: dict[str, Any] = {}
+    if run_config.get("results-dir"):
+        launch["results-dir"] = run_config["results-dir"]
+    if run_config.get("data-dir"):
+        launch["data"] = {"data-dir": run_config["data-dir"]}
+    extra = _merge(launch, parse_overrides(str(run_config.get("overrides", ""))))
+    return load_config(str(run_config.get("config", "conf/fft_moe.yaml")), extra, environ)

@@ -1,0 +1,44 @@
+"""fedmoe ClientApp: local MoE / LoRA fine-tuning under the node's compute budget."""
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmoe_app.client import client_task
+from fedmoe_app.records import from_record, record_nbytes, to_record
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's tier, budget and data size."""
+    task = client_task(msg.content["config"]["run-config"], context.node_config)
+    return Message(RecordDict({"node": ConfigRecord(task.describe())}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received tensors on local data; reply with only what was trained."""
+    config = msg.content["config"]
+    task = client_task(config["run-config"], context.node_config)
+    arrays, metrics, next_experts = task.train(
+        from_record(msg.content["arrays"]), config["adapter"], config["server-round"], config.get("global-usage")
+    )
+    reply_arrays = to_record(arrays)
+    metrics["bytes-down"] = record_nbytes(msg.content["arrays"])
+    metrics["bytes-up"] = record_nbytes(reply_arrays)
+    content = RecordDict({
+        "arrays": reply_arrays,
+        "metrics": MetricRecord(metrics),
+        "request": ConfigRecord({"next-experts": next_experts, "device-tier": task.budget.tier}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the personalised model on this node's held-out slice."""
+    config = msg.content["config"]
+    task = client_task(config["run-config"], context.node_config)
+    metrics = task.evaluate(from_record(msg.content["arrays"]), config["adapter"])
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

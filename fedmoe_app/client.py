@@ -1,0 +1,113 @@
+"""One client's work: its budget, its data, local training and personalised evaluation.
+
+The same code runs in simulation and on a device; only where the node's information
+comes from differs (node_config `partition-id` / `num-partitions` in simulation,
+`device-tier` / `data-path` on a device).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedmoe_app.budgets import resolve_budget
+from fedmoe_app.config import RunConfig, config_from_yaml
+from fedmoe_app.data import encode, iterate_batches, load_client_data
+from fedmoe_app.losses import heterogeneity_weight
+from fedmoe_app.model import build_model, load_backbone, load_state, state_to_numpy
+from fedmoe_app.records import flatten, held_experts, unflatten
+
+
+class ClientTask:
+    """A node's budget and data for one run, and what it does with global tensors."""
+
+    def __init__(self, config: RunConfig, node_config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.budget = resolve_budget(node_config, config)
+        self.partition_id = int(node_config.get("partition-id", 0))
+        self.data = load_client_data(
+            config.data,
+            config.seed,
+            self.partition_id,
+            int(node_config.get("num-partitions", 1)),
+            str(node_config.get("data-path", "")),
+        )
+        _, self.tokenizer = load_backbone(config.model.backbone)
+        self.train_set = encode(self.data.train, self.tokenizer, self.budget.max_length)
+        self.holdout_set = encode(self.data.holdout, self.tokenizer, self.budget.max_length)
+        self.num_layers = load_backbone(config.model.backbone)[0].config.num_hidden_layers
+
+    def describe(self) -> dict[str, Any]:
+        """What the server needs to tailor messages to this node."""
+        return {
+            "device-tier": self.budget.tier,
+            "experts-held": self.budget.experts_held,
+            "top-k": self.budget.top_k,
+            "lora-rank": self.budget.lora_rank,
+            "num-examples": len(self.data.train),
+        }
+
+    def _model(self, arrays: Mapping[str, np.ndarray], adapter: str):
+        num_labels = arrays["head.weight"].shape[0]
+        held = held_experts(list(arrays), self.num_layers) if adapter == "moe" else None
+        model = build_model(self.config, num_labels, adapter, held=held, top_k=self.budget.top_k)
+        load_state(model, arrays)
+        return model
+
+    def train(
+        self, arrays: Mapping[str, np.ndarray], adapter: str, server_round: int,
+        global_usage: Sequence[float] | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[int]]:
+        """Train on local data within the budget; return the trained tensors, the metrics,
+        and (MoE) the experts this node asks to hold next round, flattened [L * held]."""
+        from fedmoe_app.train import train_local  # heavy import kept off the query path
+
+        torch.set_num_threads(self.config.train.threads)
+        model = self._model(arrays, adapter)
+        batches = iterate_batches(
+            self.train_set, self.budget.batch_size, self.tokenizer.pad_token_id,
+            shuffle=True, seed=self.config.seed + 1000 * server_round + self.partition_id,
+            num_batches=self.budget.local_steps,
+        )
+        usage = torch.tensor(unflatten(global_usage, self.num_layers), dtype=torch.float32) if global_usage else None
+        het_weight = heterogeneity_weight(self.data.label_counts, self.budget.experts_held, self.config.moe.num_experts)
+        result = train_local(
+            model, batches, self.budget.local_steps, self.config.train.lr, self.config.train.weight_decay,
+            self.config.loss, het_weight if adapter == "moe" else 0.0, usage,
+        )
+        metrics: dict[str, Any] = {
+            "num-examples": result.num_examples,
+            "steps": result.steps,
+            "train-loss": result.loss,
+            "step-seconds": result.step_seconds,
+        }
+        next_experts: list[int] = []
+        if result.routing is not None:
+            metrics["routed-tokens"] = [int(x) for x in result.routing.routed_tokens.reshape(-1)]
+            metrics["gate-prob"] = flatten(result.routing.gate_prob)
+            next_experts = [e for layer in result.routing.preferred_experts(self.budget.experts_held) for e in layer]
+        return state_to_numpy(model), metrics, next_experts
+
+    def evaluate(self, arrays: Mapping[str, np.ndarray], adapter: str) -> dict[str, Any]:
+        """Accuracy of the personalised model (own experts and top-k) on the held-out slice."""
+        from fedmoe_app.train import evaluate
+
+        torch.set_num_threads(self.config.train.threads)
+        model = self._model(arrays, adapter)
+        batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id, shuffle=False)
+        result = evaluate(model, batches)
+        return {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
+
+
+@lru_cache(maxsize=16)
+def _cached_task(config_yaml: str, node_items: tuple) -> ClientTask:
+    return ClientTask(config_from_yaml(config_yaml), dict(node_items))
+
+
+def client_task(config_yaml: str, node_config: Mapping[str, Any]) -> ClientTask:
+    """The ClientTask of this run and node, built once per process (simulation runs many
+    nodes in one process, and tokenising a partition every round would be wasted work)."""
+    return _cached_task(config_yaml, tuple(sorted(node_config.items())))

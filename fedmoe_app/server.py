@@ -1,0 +1,91 @@
+"""Server-side pieces: global evaluation, the run directory, the console line of a round."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedmoe_app.config import RunConfig, resolve_path
+from fedmoe_app.data import encode, iterate_batches, load_test_set
+from fedmoe_app.model import AdapterClassifier, load_backbone, load_state
+from fedmoe_app.records import from_record
+from fedmoe_app.train import evaluate
+
+
+class GlobalEvaluator:
+    """Evaluates global arrays on a seeded subsample of the central test split."""
+
+    def __init__(self, config: RunConfig, model: AdapterClassifier) -> None:
+        self.config = config
+        self.model = model
+        _, self.tokenizer = load_backbone(config.model.backbone)
+        test = load_test_set(config.data, config.seed, config.eval.test_samples)
+        self.test_set = encode(test, self.tokenizer, config.eval.max_length)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Loss and accuracy of `arrays` on the test subsample."""
+        torch.set_num_threads(max(torch.get_num_threads(), 1))
+        load_state(self.model, from_record(arrays))
+        batches = iterate_batches(self.test_set, self.config.eval.batch_size, self.tokenizer.pad_token_id, shuffle=False)
+        result = evaluate(self.model, batches)
+        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples})
+
+
+def run_dir(config: RunConfig) -> Path:
+    """results/<run-name>/, the name defaulting to <strategy>-<date>-<time>."""
+    name = config.run_name or f"{config.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return resolve_path(config.results_dir) / name
+
+
+def _mb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:.2f} MB"
+
+
+def round_line(record: dict, num_rounds: int) -> str:
+    """One readable console line summarising a round record."""
+    parts = [f"round {record['round']:>2}/{num_rounds}"]
+    if record["global_accuracy"] is not None:
+        parts.append(f"global acc {record['global_accuracy']:.3f} loss {record['global_loss']:.3f}")
+    if record.get("client_accuracy_mean") is not None:
+        parts.append(f"client acc {record['client_accuracy_mean']:.3f} (worst {record['client_accuracy_worst']:.3f})")
+    if record.get("train_loss") is not None:
+        parts.append(f"train loss {record['train_loss']:.3f}")
+    if record["num_replies"]:
+        parts.append(f"down {_mb(sum(record['bytes_down'].values()))} up {_mb(sum(record['bytes_up'].values()))}")
+        steps = " ".join(f"{t} {s:.2f}s" for t, s in record["step_seconds"].items())
+        parts.append(f"step {steps}")
+        parts.append(f"{record['num_replies']} replies")
+    if record["failures"]:
+        parts.append(f"{record['failures']} failed")
+    parts.append(f"{record['wall_time_s']:.0f}s")
+    return " | ".join(parts)
+
+
+def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
+    """summary.json: the run's headline numbers, computed from its round records."""
+    trained = [r for r in rounds if r["round"] > 0]
+    evaluated = [r for r in rounds if r["global_accuracy"] is not None]
+    last = rounds[-1]
+    return {
+        "strategy": config.strategy,
+        "backbone": config.model.backbone,
+        "dataset": dataset,
+        "partitioner": config.data.partitioner,
+        "alpha": config.data.alpha,
+        "rounds": config.rounds,
+        "seed": config.seed,
+        "final_global_accuracy": last["global_accuracy"],
+        "final_global_loss": last["global_loss"],
+        "best_global_accuracy": max((r["global_accuracy"] for r in evaluated), default=None),
+        "initial_global_accuracy": rounds[0]["global_accuracy"],
+        "final_client_accuracy_mean": last.get("client_accuracy_mean"),
+        "final_client_accuracy_worst": last.get("client_accuracy_worst"),
+        "final_client_accuracy_by_tier": last.get("client_accuracy", {}),
+        "bytes_down_total": sum(sum(r["bytes_down"].values()) for r in trained),
+        "bytes_up_total": sum(sum(r["bytes_up"].values()) for r in trained),
+        "failures_total": sum(r["failures"] for r in trained),
+        "wall_time_s": last["wall_time_s"],
+    }

@@ -1,0 +1,17 @@
+"""Strategy registry: the `strategy` config key names one of these."""
+
+from fedmoe_app.config import ConfigError, RunConfig
+from strategies.base import SparseStrategy
+from strategies.fedavg_lora import FedAvgLoRA
+from strategies.fft_moe import FFTMoE
+
+STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, FedAvgLoRA)}
+
+
+def make_strategy(config: RunConfig, num_layers: int) -> SparseStrategy:
+    """The strategy named by `config.strategy`."""
+    if config.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"config key 'strategy' is {config.strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
+        )
+    return STRATEGIES[config.strategy](config, num_layers)

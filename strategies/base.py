@@ -1,0 +1,246 @@
+"""SparseStrategy: per-node messages, sparse key-wise aggregation, and the round loop.
+
+A concrete strategy says only what makes its method different, through four hooks:
+`arrays_for` (what a node receives), `config_for` (extra per-node config),
+`weights_for` (each reply's weight per tensor) and `update_state` (what it learns from
+the replies, e.g. the next expert subsets).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from fedmoe_app.config import RunConfig, config_to_yaml
+from fedmoe_app.records import from_record, record_nbytes, to_record, unflatten
+from strategies.core import Contribution, Weight, sparse_weighted_average
+
+
+@dataclass
+class NodeInfo:
+    """What the server knows of a node: its budget and data size (from the query round)."""
+
+    node_id: int
+    tier: str
+    experts_held: int
+    top_k: int
+    lora_rank: int
+    num_examples: int
+
+
+@dataclass
+class Reply:
+    """A successful train reply, decoded."""
+
+    node: NodeInfo
+    arrays: dict[str, np.ndarray]
+    metrics: MetricRecord
+    request: ConfigRecord
+
+
+class SparseStrategy(Strategy):
+    """Base of every fedmoe strategy (see the module docstring for the hooks)."""
+
+    name = "sparse"
+    adapter = "moe"  # which adapters the clients build: 'moe' or 'lora'
+
+    def __init__(self, config: RunConfig, num_layers: int) -> None:
+        self.config = config
+        self.num_layers = num_layers
+        self.nodes: dict[int, NodeInfo] = {}
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.random = random.Random(config.seed)
+        self.bytes_down: dict[str, int] = {}
+        self.failures = 0
+
+    # ---- hooks -------------------------------------------------------------------------
+    def arrays_for(self, node: NodeInfo, server_round: int) -> dict[str, np.ndarray]:
+        """The global tensors node `node` receives this round (default: all)."""
+        return self.global_arrays
+
+    def config_for(self, node: NodeInfo, server_round: int) -> dict:
+        """Extra per-node config entries (default: none)."""
+        return {}
+
+    def weights_for(self, reply: Reply) -> dict[str, Weight]:
+        """The weight of each of the reply's tensors in the average."""
+        raise NotImplementedError
+
+    def update_state(self, replies: list[Reply]) -> None:
+        """Learn from this round's replies (default: nothing)."""
+
+    # ---- Flower Strategy API -----------------------------------------------------------
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "Strategy %s (adapter: %s), %d rounds", self.name, self.adapter, self.config.rounds)
+
+    def _message(self, node: NodeInfo, server_round: int, kind: str, config: ConfigRecord) -> Message:
+        arrays = to_record(self.arrays_for(node, server_round))
+        self.bytes_down[str(node.node_id)] = self.bytes_down.get(str(node.node_id), 0) + record_nbytes(arrays)
+        node_config = ConfigRecord({**config, **self.config_for(node, server_round), "server-round": server_round})
+        content = RecordDict({"arrays": arrays, "config": node_config})
+        return Message(content=content, dst_node_id=node.node_id, message_type=kind)
+
+    def _sample(self, grid: Grid) -> list[NodeInfo]:
+        connected = list(grid.get_node_ids())
+        size = max(self.config.federation.min_nodes, math.ceil(self.config.federation.fraction_train * len(connected)))
+        sampled, _ = sample_nodes(grid, self.config.federation.min_nodes, min(size, max(len(connected), 1)))
+        self.discover(grid, sampled)
+        return [self.nodes[n] for n in sorted(sampled) if n in self.nodes]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """One message per sampled node, tailored by `arrays_for` and `config_for`."""
+        self.global_arrays = from_record(arrays)
+        return [self._message(node, server_round, MessageType.TRAIN, config) for node in self._sample(grid)]
+
+    def _decode(self, replies: Iterable[Message]) -> list[Reply]:
+        decoded = []
+        for message in replies:
+            node = self.nodes.get(message.metadata.src_node_id)
+            if message.has_error() or node is None:
+                self.failures += 1
+                reason = message.error.reason if message.has_error() else "unknown node"
+                log(WARNING, "node %s failed: %s", message.metadata.src_node_id, reason)
+                continue
+            content = message.content
+            decoded.append(Reply(node, from_record(content["arrays"]), content["metrics"], content.get("request", ConfigRecord())))
+        return decoded
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Sparse weighted average of the replies' tensors; metrics of the round."""
+        decoded = self._decode(replies)
+        self.last_replies = decoded
+        if not decoded:
+            return None, None
+        contributions = [Contribution(r.arrays, self.weights_for(r)) for r in decoded]
+        self.global_arrays = sparse_weighted_average(self.global_arrays, contributions)
+        self.update_state(decoded)
+        examples = sum(int(r.metrics["num-examples"]) for r in decoded)
+        loss = sum(float(r.metrics["train-loss"]) * int(r.metrics["num-examples"]) for r in decoded)
+        return to_record(self.global_arrays), MetricRecord({"train-loss": loss / max(examples, 1), "num-examples": examples})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Every known node evaluates its personalised model on its held-out slice."""
+        self.global_arrays = from_record(arrays)
+        connected = set(grid.get_node_ids())
+        return [self._message(n, server_round, MessageType.EVALUATE, config) for n in self.nodes.values() if n.node_id in connected]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean, worst, and per-tier personalised accuracy."""
+        results = []
+        for message in replies:
+            node = self.nodes.get(message.metadata.src_node_id)
+            if message.has_error() or node is None:
+                self.failures += 1
+                continue
+            metrics = message.content["metrics"]
+            if int(metrics["num-examples"]) > 0:
+                results.append((node.tier, int(metrics["num-examples"]), float(metrics["accuracy"])))
+        if not results:
+            return None
+        total = sum(n for _, n, _ in results)
+        record = MetricRecord({
+            "accuracy-mean": sum(n * a for _, n, a in results) / total,
+            "accuracy-worst": min(a for _, _, a in results),
+        })
+        for tier in sorted({t for t, _, _ in results}):
+            accs = [a for t, _, a in results if t == tier]
+            record[f"accuracy.{tier}"] = sum(accs) / len(accs)
+        return record
+
+    # ---- node discovery ----------------------------------------------------------------
+    def discover(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Ask nodes not yet known for their budget and data size (one query message each)."""
+        unknown = [n for n in node_ids if n not in self.nodes]
+        if not unknown:
+            return
+        content = RecordDict({"config": ConfigRecord({"run-config": config_to_yaml(self.config)})})
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=self.config.federation.round_timeout):
+            if reply.has_error():
+                log(WARNING, "query of node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            info = reply.content["node"]
+            self.nodes[reply.metadata.src_node_id] = NodeInfo(
+                node_id=reply.metadata.src_node_id,
+                tier=str(info["device-tier"]),
+                experts_held=int(info["experts-held"]),
+                top_k=int(info["top-k"]),
+                lora_rank=int(info["lora-rank"]),
+                num_examples=int(info["num-examples"]),
+            )
+
+    # ---- the round loop ----------------------------------------------------------------
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None],
+        on_round: Callable[[dict], None],
+    ) -> ArrayRecord:
+        """Run `num_rounds` rounds: train, client-side and server-side evaluation every
+        `eval.every` rounds (and after the last); `on_round` gets each round's record."""
+        self.summary()
+        run_config = ConfigRecord({"run-config": config_to_yaml(self.config), "adapter": self.adapter})
+        timeout = self.config.federation.round_timeout
+        t_start = time.time()
+        arrays = initial_arrays
+        on_round(self._round_record(0, t_start, evaluate_fn(0, arrays), None, []))
+        for server_round in range(1, num_rounds + 1):
+            self.bytes_down, self.failures, self.last_replies = {}, 0, []
+            replies = grid.send_and_receive(self.configure_train(server_round, arrays, run_config, grid), timeout=timeout)
+            new_arrays, _ = self.aggregate_train(server_round, replies)
+            if new_arrays is None:
+                log(WARNING, "round %d: no successful replies; the global model is unchanged", server_round)
+            else:
+                arrays = new_arrays
+            server_eval = client_eval = None
+            if server_round % self.config.eval.every == 0 or server_round == num_rounds:
+                if self.config.eval.client:
+                    eval_replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, run_config, grid), timeout=timeout)
+                    client_eval = self.aggregate_evaluate(server_round, eval_replies)
+                server_eval = evaluate_fn(server_round, arrays)
+            on_round(self._round_record(server_round, t_start, server_eval, client_eval, self.last_replies))
+        return arrays
+
+    def _round_record(self, server_round: int, t_start: float, server_eval: MetricRecord | None,
+                      client_eval: MetricRecord | None, replies: list[Reply]) -> dict:
+        client_eval = client_eval or {}
+        tiers = sorted({r.node.tier for r in replies})
+        examples = sum(int(r.metrics["num-examples"]) for r in replies)
+        return {
+            "round": server_round,
+            "wall_time_s": time.time() - t_start,
+            "global_accuracy": server_eval["accuracy"] if server_eval else None,
+            "global_loss": server_eval["loss"] if server_eval else None,
+            "client_accuracy": {k.split(".", 1)[1]: v for k, v in client_eval.items() if k.startswith("accuracy.")},
+            "client_accuracy_mean": client_eval.get("accuracy-mean"),
+            "client_accuracy_worst": client_eval.get("accuracy-worst"),
+            "train_loss": sum(float(r.metrics["train-loss"]) * int(r.metrics["num-examples"]) for r in replies) / examples if examples else None,
+            "expert_utilisation": self.utilisation(replies),
+            "bytes_down": {str(r.node.node_id): int(r.metrics["bytes-down"]) for r in replies},
+            "bytes_up": {str(r.node.node_id): int(r.metrics["bytes-up"]) for r in replies},
+            "step_seconds": {t: float(np.mean([float(r.metrics["step-seconds"]) for r in replies if r.node.tier == t])) for t in tiers},
+            "num_replies": len(replies),
+            "failures": self.failures,
+        }
+
+    def utilisation(self, replies: list[Reply]) -> list[list[float]] | None:
+        """[L][M] share of routed tokens per expert over this round's replies, or None."""
+        counts = [unflatten(r.metrics["routed-tokens"], self.num_layers) for r in replies if "routed-tokens" in r.metrics]
+        if not counts:
+            return None
+        total = np.sum(counts, axis=0)
+        return (total / np.maximum(total.sum(axis=1, keepdims=True), 1)).tolist()

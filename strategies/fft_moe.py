@@ -1,0 +1,74 @@
+"""FFT-MoE (arXiv 2508.18663): personalised expert subsets, expert-wise aggregation.
+
+- Each node receives the routers, the head and only the experts it holds. Round 1 spreads
+  subsets so every expert is held by some node; afterwards a node holds the subset it
+  asked for (its top experts by mean router probability on its own data).
+- Expert e is averaged over the nodes that held it, weighted by the tokens they routed to
+  e; router rows likewise (a node's rows for experts it did not hold get weight 0); the
+  head by examples.
+- The server broadcasts the global expert usage that the heterogeneity-aware loss pulls
+  each client's routing toward; it is a momentum average of the routed-token shares
+  (starting uniform), so an expert unused in one round is not written off at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmoe_app.records import expert_of, flatten, router_layer, select_keys, unflatten
+from strategies.base import NodeInfo, Reply, SparseStrategy
+from strategies.core import Weight
+
+USAGE_MOMENTUM = 0.5
+
+
+class FFTMoE(SparseStrategy):
+    """Sparse MoE adapters with personalised, budget-sized expert subsets."""
+
+    name = "fft_moe"
+    adapter = "moe"
+
+    def __init__(self, config, num_layers: int) -> None:
+        super().__init__(config, num_layers)
+        num_experts = config.moe.num_experts
+        self.subsets: dict[int, list[list[int]]] = {}
+        self.spread_cursor = 0
+        self.global_usage = np.full((num_layers, num_experts), 1.0 / num_experts)
+
+    def subset_of(self, node: NodeInfo) -> list[list[int]]:
+        """The experts per layer `node` holds; new nodes get the next experts in turn."""
+        if node.node_id not in self.subsets:
+            num_experts = self.config.moe.num_experts
+            experts = sorted((self.spread_cursor + i) % num_experts for i in range(node.experts_held))
+            self.spread_cursor = (self.spread_cursor + node.experts_held) % num_experts
+            self.subsets[node.node_id] = [experts] * self.num_layers
+        return self.subsets[node.node_id]
+
+    def arrays_for(self, node: NodeInfo, server_round: int) -> dict[str, np.ndarray]:
+        return select_keys(self.global_arrays, self.subset_of(node))
+
+    def config_for(self, node: NodeInfo, server_round: int) -> dict:
+        return {"global-usage": flatten(self.global_usage)}
+
+    def weights_for(self, reply: Reply) -> dict[str, Weight]:
+        routed = unflatten(reply.metrics["routed-tokens"], self.num_layers)
+        weights: dict[str, Weight] = {}
+        for key in reply.arrays:
+            expert, layer = expert_of(key), router_layer(key)
+            if expert is not None:
+                weights[key] = float(routed[expert])
+            elif layer is not None:
+                weights[key] = routed[layer]  # one weight per router row
+            else:
+                weights[key] = float(reply.metrics["num-examples"])
+        return weights
+
+    def update_state(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            requested = reply.request.get("next-experts")
+            if requested:
+                subset = np.asarray(requested, dtype=int).reshape(self.num_layers, -1)
+                self.subsets[reply.node.node_id] = [sorted(row.tolist()) for row in subset]
+        usage = self.utilisation(replies)
+        if usage is not None:
+            self.global_usage = USAGE_MOMENTUM * self.global_usage + (1 - USAGE_MOMENTUM) * np.asarray(usage)

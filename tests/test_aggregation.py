@@ -1,0 +1,133 @@
+"""Sparse key-wise aggregation, on small hand-made replies."""
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedmoe_app.config import load_config
+from fedmoe_app.records import from_record, to_record
+from strategies import make_strategy
+from strategies.base import NodeInfo
+from strategies.core import Contribution, sparse_weighted_average
+
+E0, E1, E2 = (f"layers.0.moe.experts.{e}.w_in.weight" for e in range(3))
+ROUTER = "layers.0.moe.router.weight"
+
+
+def test_expert_nobody_trained_keeps_global_value():
+    glob = {E0: np.zeros((2, 2)), E1: np.full((2, 2), 7.0)}
+    new = sparse_weighted_average(glob, [Contribution({E0: np.ones((2, 2))}, {E0: 5.0})])
+    np.testing.assert_array_equal(new[E1], np.full((2, 2), 7.0))
+    np.testing.assert_array_equal(new[E0], np.ones((2, 2)))
+
+
+def test_partial_holders_weighted():
+    glob = {E0: np.zeros(3), E1: np.zeros(3)}
+    a = Contribution({E0: np.full(3, 1.0), E1: np.full(3, 10.0)}, {E0: 3.0, E1: 1.0})
+    b = Contribution({E0: np.full(3, 5.0)}, {E0: 1.0})
+    new = sparse_weighted_average(glob, [a, b])
+    np.testing.assert_allclose(new[E0], (3 * 1 + 1 * 5) / 4)  # 2.0
+    np.testing.assert_allclose(new[E1], 10.0)  # only a held it
+
+
+def test_zero_weight_keeps_global():
+    glob = {E0: np.full(2, 4.0)}
+    new = sparse_weighted_average(glob, [Contribution({E0: np.full(2, 9.0)}, {E0: 0.0})])
+    np.testing.assert_array_equal(new[E0], np.full(2, 4.0))
+
+
+def test_router_rows_of_unheld_experts_not_averaged_in():
+    glob = {ROUTER: np.full((4, 2), -1.0)}
+    a = Contribution({ROUTER: np.array([[1.0, 1], [2, 2], [9, 9], [9, 9]])}, {ROUTER: np.array([3.0, 1, 0, 0])})
+    b = Contribution({ROUTER: np.array([[9.0, 9], [5, 5], [6, 6], [9, 9]])}, {ROUTER: np.array([0.0, 2, 2, 0])})
+    new = sparse_weighted_average(glob, [a, b])[ROUTER]
+    np.testing.assert_allclose(new[0], [1, 1])  # only a held expert 0
+    np.testing.assert_allclose(new[1], [(1 * 2 + 2 * 5) / 3] * 2)  # 4.0
+    np.testing.assert_allclose(new[2], [6, 6])  # only b
+    np.testing.assert_allclose(new[3], [-1, -1])  # nobody: global
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(KeyError, match="bogus"):
+        sparse_weighted_average({E0: np.zeros(1)}, [Contribution({"bogus": np.zeros(1)}, {"bogus": 1.0})])
+
+
+def reply(node_id, arrays, metrics, request=None):
+    message = Mock()
+    message.has_error.return_value = False
+    message.metadata.src_node_id = node_id
+    content = {"arrays": to_record(arrays), "metrics": MetricRecord(metrics)}
+    if request is not None:
+        content["request"] = ConfigRecord(request)
+    message.content = RecordDict(content)
+    return message
+
+
+def node(node_id, tier="rpi4", held=2):
+    return NodeInfo(node_id, tier, held, 1, 4, 100)
+
+
+def test_fft_moe_weights_experts_by_routed_tokens_and_head_by_examples():
+    config = load_config("conf/fft_moe.yaml", "moe.num-experts=3")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {
+        E0: np.zeros(2, np.float32), E1: np.zeros(2, np.float32), E2: np.full(2, 7, np.float32),
+        ROUTER: np.zeros((3, 2), np.float32), "head.weight": np.zeros(2, np.float32),
+    }
+    r1 = reply(1, {E0: np.full(2, 1, np.float32), E1: np.full(2, 2, np.float32), ROUTER: np.ones((3, 2), np.float32),
+                   "head.weight": np.full(2, 1, np.float32)},
+               {"num-examples": 30, "train-loss": 1.0, "routed-tokens": [6, 2, 0]}, {"next-experts": [0, 2]})
+    r2 = reply(2, {E1: np.full(2, 4, np.float32), ROUTER: np.full((3, 2), 3, np.float32),
+                   "head.weight": np.full(2, 4, np.float32)},
+               {"num-examples": 10, "train-loss": 2.0, "routed-tokens": [0, 6, 0]}, {"next-experts": [1, 2]})
+    arrays, metrics = strategy.aggregate_train(1, [r1, r2])
+    new = from_record(arrays)
+    np.testing.assert_allclose(new[E0], 1.0)
+    np.testing.assert_allclose(new[E1], (2 * 2 + 6 * 4) / 8)  # 3.5, by routed tokens
+    np.testing.assert_allclose(new[E2], 7.0)  # nobody held it
+    np.testing.assert_allclose(new[ROUTER], [[1, 1], [(2 * 1 + 6 * 3) / 8] * 2, [0, 0]])  # row 2: no tokens, global kept
+    np.testing.assert_allclose(new["head.weight"], (30 * 1 + 10 * 4) / 40)  # 1.75, by examples
+    assert metrics["train-loss"] == pytest.approx((30 * 1 + 10 * 2) / 40)
+    # next round: each node holds what it asked for
+    assert strategy.subsets == {1: [[0, 2]], 2: [[1, 2]]}
+    assert set(strategy.arrays_for(strategy.nodes[1], 2)) == {E0, E2, ROUTER, "head.weight"}
+
+
+def test_fft_moe_round_one_spreads_subsets_over_all_experts():
+    config = load_config("conf/fft_moe.yaml", "moe.num-experts=8")
+    strategy = make_strategy(config, num_layers=2)
+    nodes = [node(1, held=2), node(2, held=4), node(3, held=2)]
+    held = set()
+    for n in nodes:
+        subset = strategy.subset_of(n)
+        assert len(subset) == 2 and all(len(layer) == n.experts_held for layer in subset)
+        held |= set(subset[0])
+    assert held == set(range(8))
+
+
+def test_fedavg_lora_weights_everything_by_examples():
+    config = load_config("conf/fedavg_lora.yaml")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    key = "backbone.encoder.layer.0.attention.self.query.lora_A.default.weight"
+    strategy.global_arrays = {key: np.zeros(2, np.float32)}
+    r1 = reply(1, {key: np.full(2, 1, np.float32)}, {"num-examples": 1, "train-loss": 0.5})
+    r2 = reply(2, {key: np.full(2, 5, np.float32)}, {"num-examples": 3, "train-loss": 0.5})
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    np.testing.assert_allclose(from_record(arrays)[key], 4.0)
+
+
+def test_failed_reply_is_counted_and_skipped():
+    config = load_config("conf/fedavg_lora.yaml")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1)}
+    strategy.global_arrays = {E0: np.zeros(2, np.float32)}
+    failed = Mock()
+    failed.has_error.return_value = True
+    failed.metadata.src_node_id = 1
+    failed.error.reason = "node died"
+    assert strategy.aggregate_train(1, [failed]) == (None, None)
+    assert strategy.failures == 1

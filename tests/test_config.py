@@ -1,0 +1,80 @@
+"""Config loading, validation errors, device tiers and budgets."""
+
+import pytest
+
+from fedmoe_app.budgets import resolve_budget, tiers_for_population
+from fedmoe_app.config import ConfigError, config_from_run_config, config_from_yaml, config_to_yaml, load_config
+from strategies import make_strategy
+
+
+def test_strategy_files_resolve_over_base():
+    fft = load_config("conf/fft_moe.yaml")
+    lora = load_config("conf/fedavg_lora.yaml")
+    assert fft.strategy == "fft_moe" and lora.strategy == "fedavg_lora"
+    assert fft.moe.num_experts == 16 and lora.lora.rank == 8
+
+
+def test_overrides_key_by_key():
+    config = load_config("conf/fft_moe.yaml", "rounds=3 data.alpha=0.1 loss.heterogeneity=0 lora.target-modules=[query]")
+    assert config.rounds == 3 and config.data.alpha == 0.1 and config.loss.heterogeneity == 0.0
+    assert config.lora.target_modules == ("query",)
+
+
+def test_run_config_precedence_and_environment():
+    run_config = {"config": "conf/fedavg_lora.yaml", "overrides": "data.data-dir=/b", "results-dir": "/r", "data-dir": "/a"}
+    config = config_from_run_config(run_config, {"FEDMOE_DATA_DIR": "/env"})
+    assert config.strategy == "fedavg_lora" and config.results_dir == "/r" and config.data.data_dir == "/b"
+    assert config_from_run_config({"config": "conf/fft_moe.yaml"}, {"FEDMOE_DATA_DIR": "/env"}).data.data_dir == "/env"
+
+
+def test_yaml_round_trip():
+    config = load_config("conf/fft_moe.yaml", "rounds=2")
+    assert config_from_yaml(config_to_yaml(config)) == config
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ("rounds=2 bogus=1", "unknown config key 'bogus'.*allowed keys"),
+        ("data.alhpa=0.1", "unknown config key 'data.alhpa'.*alpha"),
+        ("rounds=many", "'rounds' must be an integer"),
+        ("data.partitioner=random", "'data.partitioner' is 'random'; allowed: iid, dirichlet, pathological"),
+        ("rounds=0", "'rounds' must be >= 1"),
+        ("moe.renormalize=3", "'moe.renormalize' must be true or false"),
+        ("rounds", "must look like key=value"),
+    ],
+)
+def test_bad_input_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("conf/fft_moe.yaml", overrides)
+
+
+def test_bad_strategy_and_missing_file():
+    with pytest.raises(ConfigError, match="'strategy' is 'fedsgd'; allowed: fedavg_lora, fft_moe"):
+        make_strategy(load_config("conf/fft_moe.yaml", "strategy=fedsgd"), 6)
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        load_config("conf/nope.yaml")
+
+
+def test_simulation_mix_is_deterministic_by_largest_remainder():
+    mix = {"rpi4": 0.4, "jetson-nano": 0.3, "jetson-orin": 0.3}
+    assert tiers_for_population(10, mix) == ["rpi4"] * 4 + ["jetson-nano"] * 3 + ["jetson-orin"] * 3
+    # 3 nodes: exact 1.2 / 0.9 / 0.9 -> 1, 0, 0 plus the two largest remainders (nano, orin)
+    assert tiers_for_population(3, mix) == ["rpi4", "jetson-nano", "jetson-orin"]
+    assert tiers_for_population(7, mix) == tiers_for_population(7, mix)
+
+
+def test_budget_from_partition_tier_and_overrides():
+    config = load_config("conf/fft_moe.yaml")
+    assert resolve_budget({"partition-id": 0, "num-partitions": 10}, config).tier == "rpi4"
+    assert resolve_budget({"partition-id": 9, "num-partitions": 10}, config).tier == "jetson-orin"
+    budget = resolve_budget({"partition-id": 0, "num-partitions": 10, "device-tier": "jetson-nano", "top-k": 1}, config)
+    assert (budget.tier, budget.experts_held, budget.top_k) == ("jetson-nano", 8, 1)
+    small = load_config("conf/fft_moe.yaml", "moe.num-experts=4")
+    assert resolve_budget({"device-tier": "jetson-orin"}, small).experts_held == 4
+
+
+def test_unknown_tier_is_a_clear_error():
+    config = load_config("conf/fft_moe.yaml")
+    with pytest.raises(ConfigError, match="'device-tier' is 'pi-zero'; allowed: rpi4, jetson-nano, jetson-orin"):
+        resolve_budget({"device-tier": "pi-zero"}, config)
