@@ -17,12 +17,15 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers.utils import logging as transformers_logging
 
 from fedmoe_app.config import RunConfig
 from fedmoe_app.moe import BottleneckExpert, RouterOutput, SparseMoE
 
+transformers_logging.disable_progress_bar()
+
 ADAPTERS = ("moe", "lora")
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
 def minilm_path() -> str:
@@ -37,13 +40,24 @@ def load_backbone(name: str) -> tuple[nn.Module, object]:
     """Load an encoder and its tokenizer: 'minilm' (offline package), 'tiny-bert' (random,
     seeded, for tests), or any Hugging Face model id or local path. Cached per process."""
     if name == "tiny-bert":
-        tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # every process must build the same frozen backbone
-            model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **TINY_BERT))
-        return model.eval(), tokenizer
+        return _tiny_bert()
     path = minilm_path() if name == "minilm" else name
     return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _tiny_bert() -> tuple[nn.Module, object]:
+    """A 2-layer BERT for tests: random layers (seeded, so every process builds the same
+    frozen backbone), word embeddings a fixed random projection of MiniLM's. Purely random
+    embeddings make text nearly unlearnable in the few steps a test can afford."""
+    minilm = AutoModel.from_pretrained(minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **TINY_BERT))
+        pretrained = minilm.embeddings.word_embeddings.weight.detach()
+        projection = torch.randn(pretrained.shape[1], TINY_BERT["hidden_size"]) / pretrained.shape[1] ** 0.5
+        model.embeddings.word_embeddings.weight.data.copy_(pretrained @ projection)
+    return model.eval(), tokenizer
 
 
 class RoutingTrace:

@@ -111,9 +111,8 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     stats = _routing_stats(model)
     model.train()
-    examples, loss_sum, seconds = 0, 0.0, 0.0
-    progress = tqdm(batches, total=steps, desc="local steps", leave=False, disable=not sys.stderr.isatty())
-    for batch in progress:
+    examples, loss_sum, seconds, done = 0, 0.0, 0.0, 0
+    for batch in tqdm(batches, total=steps, desc="local steps", leave=False, disable=not sys.stderr.isatty()):
         start = time.perf_counter()
         logits = model(batch["input_ids"], batch["attention_mask"])
         task = F.cross_entropy(logits, batch["labels"])
@@ -126,8 +125,8 @@ def train_local(
             stats.add(model.trace.routes)
         examples += len(batch["labels"])
         loss_sum += task.item() * len(batch["labels"])
+        done += 1
     model.train(False)
-    done = progress.n
     return TrainResult(
         num_examples=examples,
         steps=done,

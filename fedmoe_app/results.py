@@ -1,0 +1,125 @@
+"""The results directory of one run: results/<run-name>/.
+
+Files:
+    config.yaml           the resolved run config, as given
+    metrics.jsonl         one JSON object per round (the record below), appended as the run goes
+    summary.json          the run's headline numbers
+    adapter.safetensors   the final global adapter weights (+ string metadata)
+    accuracy.png, expert_utilisation.png   plots of metrics.jsonl (see plots.py)
+
+The round record (one line of metrics.jsonl):
+    round: int                          1..R (round 0 = before training, only global eval fields)
+    wall_time_s: float                  seconds since the run started
+    global_accuracy: float | None       server-side accuracy of the global model on the test split
+                                        (None if not evaluated this round)
+    global_loss: float | None
+    client_accuracy: dict[str, float]   tier name -> mean personalised accuracy of that tier's clients
+                                        on their held-out slices ({} if none)
+    client_accuracy_mean: float | None  example-weighted over all clients
+    client_accuracy_worst: float | None
+    train_loss: float | None
+    expert_utilisation: list[list[float]] | None
+                                        [layer][expert]: share of routed tokens per expert in that layer
+                                        this round (rows sum to 1); None for strategies without experts (LoRA)
+    bytes_down: dict[str, int]          node id (str) -> bytes sent to it this round
+    bytes_up: dict[str, int]            node id -> bytes received from it
+    step_seconds: dict[str, float]      tier -> mean seconds per local step
+    num_replies: int
+    failures: int
+
+Non-finite floats (NaN, inf) are written as null, so every line stays valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from fedmoe_app import plots
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+ADAPTER_FILE = "adapter.safetensors"
+ACCURACY_PLOT = "accuracy.png"
+UTILISATION_PLOT = "expert_utilisation.png"
+
+
+def to_json_safe(value: Any) -> Any:
+    """`value` with NaN/inf floats as None and NumPy scalars/arrays as plain Python values."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v) for v in value]
+    return value
+
+
+class RunResults:
+    """results/<run-name>/ of one run: config.yaml, metrics.jsonl, summary.json, adapter.safetensors, plots."""
+
+    def __init__(self, run_dir: Path, config_yaml: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        if self.metrics_path.exists():
+            raise FileExistsError(f"{self.metrics_path} already exists: choose another run-name; a run is never overwritten")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(config_yaml)
+
+    def log_round(self, record: dict) -> None:
+        """Append one round record to metrics.jsonl, on disk before returning."""
+        line = json.dumps(to_json_safe(record), allow_nan=False)
+        with open(self.metrics_path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rounds(self) -> list[dict]:
+        """The round records logged so far, in order."""
+        if not self.metrics_path.exists():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def write_summary(self, summary: dict) -> Path:
+        """Write summary.json; returns its path."""
+        path = self.run_dir / SUMMARY_FILE
+        path.write_text(json.dumps(to_json_safe(summary), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        return path
+
+    def save_adapter(self, arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> Path:
+        """Write the adapter weights and their metadata to adapter.safetensors; returns its path."""
+        path = self.run_dir / ADAPTER_FILE
+        tensors = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        save_file(tensors, str(path), metadata={str(k): str(v) for k, v in metadata.items()})
+        return path
+
+    def write_plots(self) -> list[Path]:
+        """Plot metrics.jsonl into the run dir; returns the PNG paths written."""
+        rounds = self.rounds()
+        title = self.run_dir.name
+        written = [plots.plot_accuracy(rounds, self.run_dir / ACCURACY_PLOT, title)]
+        utilisation = plots.plot_expert_utilisation(rounds, self.run_dir / UTILISATION_PLOT, title)
+        if utilisation is not None:
+            written.append(utilisation)
+        return written
+
+
+def load_adapter(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays and metadata of an adapter.safetensors file."""
+    arrays = load_file(str(path))
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+    return arrays, dict(metadata)
