@@ -106,6 +106,24 @@ def test_named_dataset_without_local_copy_or_hub_fails_naming_both(hub_offline):
         load_splits(DataConfig(dataset="someone/missing", data_dir=""), seed=0)
 
 
+def test_hub_dataset_needs_text_and_label_and_a_labelled_test_split(monkeypatch):
+    def split(texts, labels, text_column="text"):
+        return datasets.Dataset.from_dict({text_column: texts, "label": labels})
+
+    hub = {
+        "someone/glue-like": datasets.DatasetDict(
+            train=split(["a", "b"], [0, 1]), test=split(["hidden"], [-1]), validation=split(["v"], [1])
+        ),
+        "someone/sentences": datasets.DatasetDict(train=split(["a"], [0], "sentence"), test=split(["b"], [0], "sentence")),
+    }
+    monkeypatch.setattr(data, "_load_hub", hub.__getitem__)
+    splits = load_splits(DataConfig(dataset="someone/glue-like"), seed=0)
+    assert splits.source == "someone/glue-like from the Hugging Face hub (someone/glue-like)"
+    assert splits.test["text"][:] == ["v"] and splits.num_labels == 2  # unlabelled test: validation instead
+    with pytest.raises(DataError, match=r"needs 'text' and 'label' columns; split 'train' has \['sentence', 'label'\]"):
+        load_splits(DataConfig(dataset="someone/sentences"), seed=0)
+
+
 def test_data_dir_without_csv_files_names_the_files(tmp_path):
     with pytest.raises(DataError, match=rf"data\.data-dir is '{tmp_path}', which lacks train\.csv and test\.csv"):
         load_splits(DataConfig(dataset="ag_news", data_dir=str(tmp_path)), seed=0)
@@ -211,9 +229,11 @@ def test_holdout_fraction(ag_news_dir):
     assert (len(none.train), len(none.holdout)) == (200, 0)
 
 
-def test_partition_id_out_of_range(ag_news_dir):
+def test_partition_id_and_count_out_of_range(ag_news_dir):
     with pytest.raises(DataError, match=r"partition-id is 3; allowed: 0 to 2"):
         load_client_data(ag_news(ag_news_dir, max_train_rows=600), 0, 3, 3)
+    with pytest.raises(DataError, match=r"num-partitions is 601; allowed: 1 to 600"):
+        load_client_data(ag_news(ag_news_dir, max_train_rows=600), 0, 0, 601)
 
 
 def test_deployment_reads_only_the_devices_folder(tmp_path):
