@@ -19,6 +19,7 @@ from fedmoe_app.data import encode, iterate_batches, load_client_data
 from fedmoe_app.losses import heterogeneity_weight
 from fedmoe_app.model import build_model, load_backbone, load_state, state_to_numpy
 from fedmoe_app.records import flatten, held_experts, unflatten
+from fedmoe_app.train import evaluate, train_local
 
 
 class ClientTask:
@@ -63,8 +64,6 @@ class ClientTask:
     ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[int]]:
         """Train on local data within the budget; return the trained tensors, the metrics,
         and (MoE) the experts this node asks to hold next round, flattened [L * held]."""
-        from fedmoe_app.train import train_local  # heavy import kept off the query path
-
         torch.set_num_threads(self.config.train.threads)
         model = self._model(arrays, adapter)
         batches = iterate_batches(
@@ -93,8 +92,6 @@ class ClientTask:
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], adapter: str) -> dict[str, Any]:
         """Accuracy of the personalised model (own experts and top-k) on the held-out slice."""
-        from fedmoe_app.train import evaluate
-
         torch.set_num_threads(self.config.train.threads)
         model = self._model(arrays, adapter)
         batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id, shuffle=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fedmoe_app.config import RunConfig, resolve_path
@@ -27,7 +26,6 @@ class GlobalEvaluator:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Loss and accuracy of `arrays` on the test subsample."""
-        torch.set_num_threads(max(torch.get_num_threads(), 1))
         load_state(self.model, from_record(arrays))
         batches = iterate_batches(self.test_set, self.config.eval.batch_size, self.tokenizer.pad_token_id, shuffle=False)
         result = evaluate(self.model, batches)
