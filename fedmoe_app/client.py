@@ -17,7 +17,7 @@ from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.config import RunConfig, config_from_yaml
 from fedmoe_app.data import encode, iterate_batches, load_client_data
 from fedmoe_app.losses import heterogeneity_weight
-from fedmoe_app.model import build_model, load_backbone, load_state, state_to_numpy
+from fedmoe_app.model import build_model, load_backbone, load_state, num_layers, state_to_numpy
 from fedmoe_app.records import flatten, held_experts, unflatten
 from fedmoe_app.train import evaluate, train_local
 
@@ -39,7 +39,7 @@ class ClientTask:
         _, self.tokenizer = load_backbone(config.model.backbone)
         self.train_set = encode(self.data.train, self.tokenizer, self.budget.max_length)
         self.holdout_set = encode(self.data.holdout, self.tokenizer, self.budget.max_length)
-        self.num_layers = load_backbone(config.model.backbone)[0].config.num_hidden_layers
+        self.num_layers = num_layers(config)
 
     def describe(self) -> dict[str, Any]:
         """What the server needs to tailor messages to this node."""

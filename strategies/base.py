@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedmoe_app.config import RunConfig, config_to_yaml
-from fedmoe_app.records import from_record, record_nbytes, to_record, unflatten
+from fedmoe_app.records import from_record, to_record, unflatten
 from strategies.core import Contribution, Weight, sparse_weighted_average
 
 
@@ -61,8 +61,8 @@ class SparseStrategy(Strategy):
         self.nodes: dict[int, NodeInfo] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.random = random.Random(config.seed)
-        self.bytes_down: dict[str, int] = {}
         self.failures = 0
+        self.last_replies: list[Reply] = []
 
     # ---- hooks -------------------------------------------------------------------------
     def arrays_for(self, node: NodeInfo, server_round: int) -> dict[str, np.ndarray]:
@@ -87,7 +87,6 @@ class SparseStrategy(Strategy):
 
     def _message(self, node: NodeInfo, server_round: int, kind: str, config: ConfigRecord) -> Message:
         arrays = to_record(self.arrays_for(node, server_round))
-        self.bytes_down[str(node.node_id)] = self.bytes_down.get(str(node.node_id), 0) + record_nbytes(arrays)
         node_config = ConfigRecord({**config, **self.config_for(node, server_round), "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": node_config})
         return Message(content=content, dst_node_id=node.node_id, message_type=kind)
@@ -199,7 +198,7 @@ class SparseStrategy(Strategy):
         arrays = initial_arrays
         on_round(self._round_record(0, t_start, evaluate_fn(0, arrays), None, []))
         for server_round in range(1, num_rounds + 1):
-            self.bytes_down, self.failures, self.last_replies = {}, 0, []
+            self.failures, self.last_replies = 0, []
             replies = grid.send_and_receive(self.configure_train(server_round, arrays, run_config, grid), timeout=timeout)
             new_arrays, _ = self.aggregate_train(server_round, replies)
             if new_arrays is None:
