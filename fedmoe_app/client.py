@@ -19,6 +19,7 @@ from fedmoe_app.data import encode, iterate_batches, load_client_data
 from fedmoe_app.losses import heterogeneity_weight
 from fedmoe_app.model import build_model, load_backbone, load_state, num_layers, state_to_numpy
 from fedmoe_app.records import flatten, held_experts, unflatten
+from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.train import evaluate, train_local
 
 
@@ -82,6 +83,11 @@ class ClientTask:
             "steps": result.steps,
             "train-loss": result.loss,
             "step-seconds": result.step_seconds,
+            "batch-size": self.budget.batch_size,
+            "max-length": self.budget.max_length,
+            "top-k": self.budget.top_k,
+            "experts-held": self.budget.experts_held,
+            "peak-rss-mb": peak_rss_mb(),
         }
         next_experts: list[int] = []
         if result.routing is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
 
+from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, resolve_path
 from fedmoe_app.data import encode, iterate_batches, load_test_set
 from fedmoe_app.model import AdapterClassifier, load_backbone, load_state
@@ -55,11 +56,25 @@ def round_line(record: dict, num_rounds: int) -> str:
         parts.append(f"down {_mb(sum(record['bytes_down'].values()))} up {_mb(sum(record['bytes_up'].values()))}")
         steps = " ".join(f"{t} {s:.2f}s" for t, s in record["step_seconds"].items())
         parts.append(f"step {steps}")
+        rss = " ".join(f"{t} {mb:.0f}MB" for t, mb in record.get("peak_rss_mb", {}).items())
+        parts.append(f"peak rss {rss}")
         parts.append(f"{record['num_replies']} replies")
     if record["failures"]:
         parts.append(f"{record['failures']} failed")
     parts.append(f"{record['wall_time_s']:.0f}s")
     return " | ".join(parts)
+
+
+def memory_by_tier(config: RunConfig, rounds: list[dict]) -> dict[str, dict[str, float]]:
+    """Per tier: the largest peak resident memory a client process reported, and the
+    tier's RAM from the devices file (`ram-gb`, GiB as vendors mean it); both in MB (10^6 bytes)."""
+    tiers = load_tiers(config.devices.file)
+    peaks: dict[str, float] = {}
+    for record in rounds:
+        for tier, peak in record.get("peak_rss_mb", {}).items():
+            peaks[tier] = max(peaks.get(tier, 0.0), peak)
+    return {t: {"peak_rss_mb": round(p, 1), "ram_mb": round(tiers[t].ram_gb * 2**30 / 1e6, 1) if t in tiers else None}
+            for t, p in sorted(peaks.items())}
 
 
 def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
@@ -85,5 +100,6 @@ def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
         "bytes_down_total": sum(sum(r["bytes_down"].values()) for r in trained),
         "bytes_up_total": sum(sum(r["bytes_up"].values()) for r in trained),
         "failures_total": sum(r["failures"] for r in trained),
+        "memory_by_tier": memory_by_tier(config, trained),
         "wall_time_s": last["wall_time_s"],
     }

@@ -60,6 +60,19 @@ def train_loss(replies: list[Reply]) -> float:
     return sum(float(r.metrics["train-loss"]) * examples(r) for r in replies) / max(total, 1)
 
 
+def client_record(reply: Reply) -> dict:
+    """What one node did this round: its tier, the budget it trained with, and its costs."""
+    record = {"tier": reply.node.tier}
+    for key in CLIENT_METRICS:
+        if key in reply.metrics:
+            record[key.replace("-", "_")] = reply.metrics[key]
+    return record
+
+
+CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", "experts-held",
+                  "step-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
+
+
 class SparseStrategy(Strategy):
     """Base of every fedmoe strategy (see the module docstring for the hooks)."""
 
@@ -72,7 +85,9 @@ class SparseStrategy(Strategy):
         self.nodes: dict[int, NodeInfo] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.random = random.Random(config.seed)
-        self.failures = 0
+        self.failures: list[dict] = []  # this round's failed messages: node_id, tier, reason
+        self.asked: dict[str, int] = {}  # message id -> node id, of the last `_send`
+        self.num_sampled = 0
         self.last_replies: list[Reply] = []
 
     # ---- hooks -------------------------------------------------------------------------
@@ -103,9 +118,13 @@ class SparseStrategy(Strategy):
         return Message(content=content, dst_node_id=node.node_id, message_type=kind)
 
     def _sample(self, grid: Grid) -> list[NodeInfo]:
-        connected = list(grid.get_node_ids())
-        size = max(self.config.federation.min_nodes, math.ceil(self.config.federation.fraction_train * len(connected)))
-        sampled, _ = sample_nodes(grid, self.config.federation.min_nodes, min(size, max(len(connected), 1)))
+        """Wait for `min-nodes` connected nodes, then sample `fraction-train` of all connected
+        (at least `min-nodes`) with the run's seeded generator; query the new ones."""
+        federation = self.config.federation
+        _, connected = sample_nodes(grid, federation.min_nodes, 0)
+        size = min(len(connected), max(federation.min_nodes, math.ceil(federation.fraction_train * len(connected))))
+        sampled = self.random.sample(sorted(connected), size)
+        self.num_sampled = size
         self.discover(grid, sampled)
         return [self.nodes[n] for n in sorted(sampled) if n in self.nodes]
 
@@ -114,24 +133,48 @@ class SparseStrategy(Strategy):
         self.global_arrays = from_record(arrays)
         return [self._message(node, server_round, MessageType.TRAIN, config) for node in self._sample(grid)]
 
-    def _decode(self, replies: Iterable[Message]) -> list[Reply]:
-        decoded = []
+    def _send(self, grid: Grid, messages: list[Message]) -> list[Message]:
+        """Send the messages and wait for the replies (at most `federation.round-timeout`)."""
+        replies = list(grid.send_and_receive(messages, timeout=self.config.federation.round_timeout))
+        self.asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return replies
+
+    def _outcomes(self, replies: Iterable[Message]) -> list[tuple[int, RecordDict]]:
+        """(node id, content) of each successful reply to the last `_send`. Every other node
+        asked (error reply, e.g. the node died, or no reply in time) is logged and counted."""
+        succeeded, answered = [], set()
         for message in replies:
-            node = self.nodes.get(message.metadata.src_node_id)
-            if message.has_error() or node is None:
-                self.failures += 1
-                reason = message.error.reason if message.has_error() else "unknown node"
-                log(WARNING, "node %s failed: %s", message.metadata.src_node_id, reason)
-                continue
-            content = message.content
-            decoded.append(Reply(node, from_record(content["arrays"]), content["metrics"], content.get("request", ConfigRecord())))
-        return decoded
+            node_id = self.asked.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
+            answered.add(node_id)
+            if message.has_error():
+                self._failed(node_id, message.error.reason)
+            else:
+                succeeded.append((node_id, message.content))
+        for node_id in sorted(set(self.asked.values()) - answered):
+            self._failed(node_id, f"no reply within federation.round-timeout ({self.config.federation.round_timeout} s)")
+        return succeeded
+
+    def _failed(self, node_id: int, reason: str) -> None:
+        node = self.nodes.get(node_id)
+        tier = node.tier if node else "unknown"
+        self.failures.append({"node_id": str(node_id), "tier": tier, "reason": reason})
+        log(WARNING, "node %s (%s) failed: %s", node_id, tier, reason)
+
+    def _decode(self, replies: Iterable[Message]) -> list[Reply]:
+        return [
+            Reply(self.nodes[node_id], from_record(content["arrays"]), content["metrics"], content.get("request", ConfigRecord()))
+            for node_id, content in self._outcomes(replies)
+        ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sparse weighted average of the replies' tensors; metrics of the round."""
         decoded = self._decode(replies)
         self.last_replies = decoded
-        if not decoded:
+        sampled = max(self.num_sampled, len(self.asked))
+        needed = max(1, math.ceil(self.config.federation.min_reply_fraction * sampled))
+        if len(decoded) < needed:
+            log(WARNING, "round %d: %d of %d sampled nodes replied, federation.min-reply-fraction needs %d; "
+                "the global model is unchanged", server_round, len(decoded), sampled, needed)
             return None, None
         contributions = [Contribution(r.arrays, self.weights_for(r)) for r in decoded]
         self.global_arrays = sparse_weighted_average(self.global_arrays, contributions)
@@ -147,14 +190,10 @@ class SparseStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean, worst, and per-tier personalised accuracy."""
         results = []
-        for message in replies:
-            node = self.nodes.get(message.metadata.src_node_id)
-            if message.has_error() or node is None:
-                self.failures += 1
-                continue
-            metrics = message.content["metrics"]
+        for node_id, content in self._outcomes(replies):
+            metrics = content["metrics"]
             if int(metrics["num-examples"]) > 0:
-                results.append((node.tier, int(metrics["num-examples"]), float(metrics["accuracy"])))
+                results.append((self.nodes[node_id].tier, int(metrics["num-examples"]), float(metrics["accuracy"])))
         if not results:
             return None
         total = sum(n for _, n, _ in results)
@@ -175,13 +214,10 @@ class SparseStrategy(Strategy):
             return
         content = RecordDict({"config": ConfigRecord({"run-config": config_to_yaml(self.config)})})
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(messages, timeout=self.config.federation.round_timeout):
-            if reply.has_error():
-                log(WARNING, "query of node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
-                continue
-            info = reply.content["node"]
-            self.nodes[reply.metadata.src_node_id] = NodeInfo(
-                node_id=reply.metadata.src_node_id,
+        for node_id, reply in self._outcomes(self._send(grid, messages)):
+            info = reply["node"]
+            self.nodes[node_id] = NodeInfo(
+                node_id=node_id,
                 tier=str(info["device-tier"]),
                 experts_held=int(info["experts-held"]),
                 top_k=int(info["top-k"]),
@@ -202,13 +238,12 @@ class SparseStrategy(Strategy):
         `eval.every` rounds (and after the last); `on_round` gets each round's record."""
         self.summary()
         run_config = ConfigRecord({"run-config": config_to_yaml(self.config), "adapter": self.adapter})
-        timeout = self.config.federation.round_timeout
         t_start = time.time()
         arrays = initial_arrays
         on_round(self._round_record(0, t_start, evaluate_fn(0, arrays), None, []))
         for server_round in range(1, num_rounds + 1):
-            self.failures, self.last_replies = 0, []
-            replies = grid.send_and_receive(self.configure_train(server_round, arrays, run_config, grid), timeout=timeout)
+            self.failures, self.last_replies = [], []
+            replies = self._send(grid, list(self.configure_train(server_round, arrays, run_config, grid)))
             new_arrays, _ = self.aggregate_train(server_round, replies)
             if new_arrays is None:
                 log(WARNING, "round %d: no successful replies; the global model is unchanged", server_round)
@@ -217,7 +252,7 @@ class SparseStrategy(Strategy):
             server_eval = client_eval = None
             if server_round % self.config.eval.every == 0 or server_round == num_rounds:
                 if self.config.eval.client:
-                    eval_replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, run_config, grid), timeout=timeout)
+                    eval_replies = self._send(grid, list(self.configure_evaluate(server_round, arrays, run_config, grid)))
                     client_eval = self.aggregate_evaluate(server_round, eval_replies)
                 server_eval = evaluate_fn(server_round, arrays)
             on_round(self._round_record(server_round, t_start, server_eval, client_eval, self.last_replies))
@@ -240,8 +275,11 @@ class SparseStrategy(Strategy):
             "bytes_down": {str(r.node.node_id): int(r.metrics["bytes-down"]) for r in replies},
             "bytes_up": {str(r.node.node_id): int(r.metrics["bytes-up"]) for r in replies},
             "step_seconds": {t: float(np.mean([float(r.metrics["step-seconds"]) for r in replies if r.node.tier == t])) for t in tiers},
+            "peak_rss_mb": {t: max(float(r.metrics["peak-rss-mb"]) for r in replies if r.node.tier == t) for t in tiers},
+            "clients": {str(r.node.node_id): client_record(r) for r in replies},
             "num_replies": len(replies),
-            "failures": self.failures,
+            "failures": len(self.failures),
+            "failed_nodes": list(self.failures),
         }
 
     def utilisation(self, replies: list[Reply]) -> list[list[float]] | None:

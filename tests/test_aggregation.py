@@ -130,4 +130,4 @@ def test_failed_reply_is_counted_and_skipped():
     failed.metadata.src_node_id = 1
     failed.error.reason = "node died"
     assert strategy.aggregate_train(1, [failed]) == (None, None)
-    assert strategy.failures == 1
+    assert strategy.failures == [{"node_id": "1", "tier": "rpi4", "reason": "node died"}]
