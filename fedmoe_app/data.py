@@ -166,7 +166,8 @@ def _download_rotten_tomatoes() -> list[tuple[str, int]]:
     ]
 
 
-def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
+def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
+    """Write `text,label` rows to a CSV file, atomically."""
     # Write then rename, so a concurrent reader (another client process) never sees half a file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
@@ -186,8 +187,8 @@ def rotten_tomatoes_dir() -> Path:
     random.Random(0).shuffle(rows)  # fixed seed: the split must never change
     cut = int(0.8 * len(rows))
     target.mkdir(parents=True, exist_ok=True)
-    _write_csv(target / "train.csv", rows[:cut])
-    _write_csv(target / "test.csv", rows[cut:])
+    write_csv(target / "train.csv", rows[:cut])
+    write_csv(target / "test.csv", rows[cut:])
     return target
 
 
@@ -346,10 +347,15 @@ def load_client_data(
     if data_path:
         rows, num_labels = _device_rows(data_path)
         return _with_holdout(rows, data, seed, num_labels)
+    rows = load_partition(data, seed, partition_id, num_partitions)
+    return _with_holdout(rows, data, seed, load_splits(data, seed).num_labels)
+
+
+def load_partition(data: DataConfig, seed: int, partition_id: int, num_partitions: int) -> datasets.Dataset:
+    """Partition `partition_id` of `num_partitions` of the train split, by `data.partitioner`."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id is {partition_id}; allowed: 0 to {num_partitions - 1} (num-partitions={num_partitions})")
-    rows = _partitioner(data, seed, num_partitions).load_partition(partition_id)
-    return _with_holdout(rows, data, seed, load_splits(data, seed).num_labels)
+    return _partitioner(data, seed, num_partitions).load_partition(partition_id)
 
 
 # ---------------------------------------------------------------------------- batches

@@ -240,6 +240,9 @@ class SparseStrategy(Strategy):
         run_config = ConfigRecord({"run-config": config_to_yaml(self.config), "adapter": self.adapter})
         t_start = time.time()
         arrays = initial_arrays
+        # Learn every node's budget up front (nodes that join later are asked when sampled).
+        _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
+        self.discover(grid, connected)
         on_round(self._round_record(0, t_start, evaluate_fn(0, arrays), None, []))
         for server_round in range(1, num_rounds + 1):
             self.failures, self.last_replies = [], []

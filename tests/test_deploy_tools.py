@@ -1,0 +1,67 @@
+"""Deployment tooling without processes: per-device data folders, certificates, node keys."""
+
+import ipaddress
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
+
+from flwr.common.config import parse_config_args
+
+from fedmoe_app.client import ClientTask
+from fedmoe_app.config import load_config
+from fedmoe_app.data import load_client_data, read_csv
+from fedmoe_app.deploy.credentials import write_node_key, write_tls_certificates
+from fedmoe_app.deploy.device_data import split_for_devices
+from fedmoe_app.deploy.local_federation import NodeSpec
+
+
+def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):
+    config = load_config("conf/fft_moe.yaml", "data.alpha=0.1 data.max-train-rows=600", {"FEDMOE_DATA_DIR": str(ag_news_dir)})
+    folders = split_for_devices(config, 3, tmp_path)
+    assert [f.name for f in folders] == ["device-0", "device-1", "device-2"]
+    total_test = 0
+    for index, folder in enumerate(folders):
+        simulated = load_client_data(config.data, config.seed, index, 3)
+        deployed = load_client_data(config.data, config.seed, 0, 1, str(folder))
+        # same rows, same held-out slice, same label histogram: deployment = simulation client i
+        assert list(deployed.train["text"][:]) == list(simulated.train["text"][:])
+        assert list(deployed.holdout["label"][:]) == list(simulated.holdout["label"][:])
+        assert deployed.label_counts == simulated.label_counts and deployed.num_labels == 4
+        total_test += len(read_csv(folder / "test.csv"))
+    assert sum(len(read_csv(f / "train.csv")) for f in folders) == 600
+    assert total_test == 7600
+
+
+def test_client_task_reads_tier_and_data_path_from_node_config(tmp_path, ag_news_dir):
+    config = load_config("conf/fft_moe.yaml", "model.backbone=tiny-bert data.max-train-rows=300",
+                         {"FEDMOE_DATA_DIR": str(ag_news_dir)})
+    folder = split_for_devices(config, 3, tmp_path)[1]
+    node = NodeSpec(1, "jetson-nano", folder, port=0)
+    node_config = parse_config_args([node.node_config(3)])  # as flower-supernode parses --node-config
+    assert node_config["data-path"] == str(folder) and node_config["partition-id"] == 1
+    task = ClientTask(config, node_config)
+    assert task.budget.tier == "jetson-nano" and task.budget.top_k == 2
+    assert len(task.data.train) + len(task.data.holdout) == len(read_csv(folder / "train.csv"))
+
+
+def test_server_certificate_is_signed_by_the_ca_for_each_host(tmp_path):
+    files = write_tls_certificates(tmp_path, ["127.0.0.1", "superlink.lan"])
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.lan"]
+    key = load_pem_private_key(files.server_key.read_bytes(), password=None)
+    assert key.public_key().public_numbers() == server.public_key().public_numbers()
+    assert files.server_key.stat().st_mode & 0o077 == 0  # private keys: owner only
+
+
+def test_node_key_pair_is_p384_openssh(tmp_path):
+    key = write_node_key(tmp_path, "node-0")
+    private = load_ssh_private_key(key.private_key.read_bytes(), password=None)
+    public = load_ssh_public_key(key.public_key.read_bytes())
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert key.private_key.stat().st_mode & 0o077 == 0
