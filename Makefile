@@ -17,7 +17,15 @@ CONFIG ?= conf/fft_moe.yaml
 OVERRIDES ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test stop clean flwr-config
+# Deployment on this machine (see docs/DEPLOY.md): one SuperNode per tier, `tls` or `insecure`.
+DEPLOY_MODE ?= tls
+DEPLOY_TIERS ?= rpi4,jetson-nano,jetson-orin
+# Credentials for real devices: the names / IPs the SuperLink is reached at, and how many nodes.
+CERTS_DIR ?= $(CURDIR)/.deploy/credentials
+SUPERLINK_HOSTS ?= 127.0.0.1,localhost
+NODES ?= 3
+
+.PHONY: install run test stop clean flwr-config deploy-local certs device-data
 
 install: $(STAMP)
 
@@ -41,9 +49,23 @@ run: install flwr-config
 test: install flwr-config
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
+deploy-local: install flwr-config
+	$(BIN)/python -m fedmoe_app.deploy.local_federation --mode $(DEPLOY_MODE) --tiers $(DEPLOY_TIERS) \
+	  --config $(CONFIG) --overrides "$(OVERRIDES)" --data-dir "$(DATA_DIR)" --results-dir $(RESULTS_DIR)
+
+# TLS certificates for the SuperLink and key pairs for NODES SuperNodes (real devices).
+certs: install
+	$(BIN)/python -m fedmoe_app.deploy.credentials --out $(CERTS_DIR) --hosts $(SUPERLINK_HOSTS) --nodes $(NODES)
+
+# Split the configured dataset into NODES per-device folders (copy one to each device).
+device-data: install
+	$(BIN)/python -m fedmoe_app.deploy.device_data --config $(CONFIG) --overrides "$(OVERRIDES)" \
+	  --data-dir "$(DATA_DIR)" --devices $(NODES) --out $(CURDIR)/.deploy/devices
+
 # Stop the local SuperLink that `flwr run` started (it outlives the command).
 stop:
 	-pkill -f "flower-superlink.*$(FLWR_HOME)/local-superlink" && echo "local SuperLink stopped"
 
 clean: stop
-	rm -rf $(VENV) $(FLWR_HOME) .pytest_cache
+	rm -rf $(VENV) $(FLWR_HOME) .pytest_cache .deploy

@@ -2,10 +2,10 @@
 
 import ipaddress
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
-
 from flwr.common.config import parse_config_args
 
 from fedmoe_app.client import ClientTask
@@ -13,7 +13,7 @@ from fedmoe_app.config import load_config
 from fedmoe_app.data import load_client_data, read_csv
 from fedmoe_app.deploy.credentials import write_node_key, write_tls_certificates
 from fedmoe_app.deploy.device_data import split_for_devices
-from fedmoe_app.deploy.local_federation import NodeSpec
+from fedmoe_app.deploy.local_federation import LocalFederation, NodeSpec, main
 
 
 def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):
@@ -65,3 +65,14 @@ def test_node_key_pair_is_p384_openssh(tmp_path):
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     assert private.public_key().public_numbers() == public.public_numbers()
     assert key.private_key.stat().st_mode & 0o077 == 0
+
+
+def test_bad_deployment_input_names_the_field_and_the_allowed_values(tmp_path, capsys):
+    with pytest.raises(ValueError, match="mode is 'ssl'; allowed: insecure, tls"):
+        LocalFederation(tmp_path, ["rpi4"], [tmp_path], mode="ssl")
+    with pytest.raises(ValueError, match="2 tiers but 1 device folders"):
+        LocalFederation(tmp_path, ["rpi4", "rpi4"], [tmp_path])
+    with pytest.raises(SystemExit):
+        main(["--tiers", "rpi4,jetson-xavier", "--work-dir", str(tmp_path)])
+    assert "--tiers has ['jetson-xavier']; allowed: rpi4, jetson-nano, jetson-orin" in capsys.readouterr().err
+    assert not (tmp_path / "devices").exists()  # refused before anything was written

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import psutil
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
+from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import APP_DIR, load_config
 from fedmoe_app.deploy.credentials import NodeKey, TlsFiles, write_node_key, write_tls_certificates
 from fedmoe_app.deploy.device_data import split_for_devices
@@ -266,24 +268,30 @@ class LocalFederation:
             time.sleep(0.5)
         raise DeploymentError(f"{name} is not listening on {HOST}:{port} after {timeout_s:.0f} s")
 
-    def run_app(self, run_config: str, on_line: Callable[[str], None] = print, timeout_s: float = 3600.0) -> dict:
+    def run_app(self, run_config: str, on_line: Callable[[str], None], timeout_s: float = 3600.0) -> dict:
         """`flwr run . <connection> --stream` with `run_config`; every output line goes to
         `on_line`. Returns the run's `flwr ls` record; raises if it did not complete."""
         args = [str(BIN / "flwr"), "run", ".", self.connection, "--stream", "--run-config", run_config]
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
                                    cwd=APP_DIR, start_new_session=True)
         self.processes["flwr-run"] = process
+        # `flwr run --stream` may go quiet for long; a timer, not the read loop, enforces the limit.
+        watchdog = threading.Timer(timeout_s, _stop_tree, args=(process,))
+        started = time.time()
+        watchdog.start()
         run_id = None
-        deadline = time.time() + timeout_s
-        assert process.stdout is not None
-        for line in process.stdout:
-            on_line(line.rstrip("\n"))
-            if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                run_id = match.group(1)
-            if time.time() > deadline:
-                raise DeploymentError(f"the run took longer than {timeout_s:.0f} s")
-        process.wait()
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                on_line(line.rstrip("\n"))
+                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
+                    run_id = match.group(1)
+            process.wait()
+        finally:
+            watchdog.cancel()
         self.processes.pop("flwr-run")
+        if time.time() - started >= timeout_s:
+            raise DeploymentError(f"the run took longer than {timeout_s:.0f} s; `flwr run` was stopped")
         if run_id is None:
             raise DeploymentError(f"`flwr run` did not start a run (exit code {process.returncode})")
         runs = self.flwr("ls", self.connection, "--run-id", run_id).get("runs", [])
@@ -310,16 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
 
-    # Ctrl-C or a SIGTERM from `make` / CI: unwind through `with`, which stops every process.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     environ = {**os.environ, "FEDMOE_DATA_DIR": args.data_dir} if args.data_dir else dict(os.environ)
     config = load_config(args.config, args.overrides, environ)
+    known = load_tiers(config.devices.file)
+    unknown = [t for t in tiers if t not in known]
+    if unknown or not tiers:
+        parser.error(f"--tiers has {unknown or 'no tiers'}; allowed: {', '.join(known)} (from {config.devices.file})")
     device_dirs = split_for_devices(config, len(tiers), args.work_dir / "devices")
     flwr_home = Path(os.environ["FLWR_HOME"]) if "FLWR_HOME" in os.environ else None
-    print(f"fedmoe deploy: {args.mode}, {len(tiers)} SuperNodes ({', '.join(tiers)}); logs in {args.work_dir / 'logs'}")
+    print(f"fedmoe deploy: {args.mode}, {len(tiers)} SuperNodes ({', '.join(tiers)}); logs in {args.work_dir / 'logs'}", flush=True)
+    # Ctrl-C or a SIGTERM from `make` / CI: unwind through `with`, which stops every process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with LocalFederation(args.work_dir, tiers, device_dirs, args.mode, flwr_home) as federation:
-        print(f"fedmoe deploy: SuperLink on {HOST}:{federation.port}, connection '{federation.connection}'")
-        run = federation.run_app(run_config_string(args.config, args.overrides, args.results_dir, args.data_dir))
+        print(f"fedmoe deploy: SuperLink on {HOST}:{federation.port}, connection '{federation.connection}'", flush=True)
+        run = federation.run_app(run_config_string(args.config, args.overrides, args.results_dir, args.data_dir),
+                                 on_line=lambda line: print(line, flush=True))
     print(f"fedmoe deploy: run {run['run-id']} {run['status']}, {run['elapsed']:.0f} s; all processes stopped")
     return 0
 
