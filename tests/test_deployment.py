@@ -121,3 +121,14 @@ def test_tls_deployment_refuses_strangers_and_survives_a_dead_node(tmp_path, ag_
     assert set(summary["memory_by_tier"]) == set(tiers)
     assert summary["memory_by_tier"]["rpi4"]["ram_mb"] == pytest.approx(4 * 2**30 / 1e6, abs=0.1)
     assert_all_stopped(pids, [federation.port] + [n.port for n in federation.nodes])
+
+
+@pytest.mark.slow
+def test_every_process_stops_when_the_caller_fails(tmp_path, ag_news_dir):
+    federation = federation_for(tmp_path, ag_news_dir, "conf/fft_moe.yaml", TINY, ["rpi4"], "insecure")
+    with pytest.raises(RuntimeError, match="caller failed"):
+        with federation:
+            pids = all_pids(federation)
+            assert len(federation.online_nodes()) == 1
+            raise RuntimeError("caller failed")
+    assert_all_stopped(pids, [federation.port, federation.nodes[0].port])
