@@ -328,11 +328,20 @@ def main(argv: list[str] | None = None) -> int:
     flwr_home = Path(os.environ["FLWR_HOME"]) if "FLWR_HOME" in os.environ else None
     print(f"fedmoe deploy: {args.mode}, {len(tiers)} SuperNodes ({', '.join(tiers)}); logs in {args.work_dir / 'logs'}", flush=True)
     # Ctrl-C or a SIGTERM from `make` / CI: unwind through `with`, which stops every process.
+    # (SIGINT is restored explicitly: shells start background jobs with it ignored.)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with LocalFederation(args.work_dir, tiers, device_dirs, args.mode, flwr_home) as federation:
-        print(f"fedmoe deploy: SuperLink on {HOST}:{federation.port}, connection '{federation.connection}'", flush=True)
-        run = federation.run_app(run_config_string(args.config, args.overrides, args.results_dir, args.data_dir),
-                                 on_line=lambda line: print(line, flush=True))
+    try:
+        with LocalFederation(args.work_dir, tiers, device_dirs, args.mode, flwr_home) as federation:
+            print(f"fedmoe deploy: SuperLink on {HOST}:{federation.port}, connection '{federation.connection}'", flush=True)
+            run = federation.run_app(run_config_string(args.config, args.overrides, args.results_dir, args.data_dir),
+                                     on_line=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("fedmoe deploy: interrupted; all processes stopped", file=sys.stderr)
+        return 130
+    except DeploymentError as error:
+        print(f"fedmoe deploy: {error}; all processes stopped", file=sys.stderr)
+        return 1
     print(f"fedmoe deploy: run {run['run-id']} {run['status']}, {run['elapsed']:.0f} s; all processes stopped")
     return 0
 
