@@ -60,17 +60,15 @@ def train_loss(replies: list[Reply]) -> float:
     return sum(float(r.metrics["train-loss"]) * examples(r) for r in replies) / max(total, 1)
 
 
+CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", "experts-held",
+                  "step-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
+
+
 def client_record(reply: Reply) -> dict:
     """What one node did this round: its tier, the budget it trained with, and its costs."""
     record = {"tier": reply.node.tier}
-    for key in CLIENT_METRICS:
-        if key in reply.metrics:
-            record[key.replace("-", "_")] = reply.metrics[key]
+    record.update({k.replace("-", "_"): reply.metrics[k] for k in CLIENT_METRICS if k in reply.metrics})
     return record
-
-
-CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", "experts-held",
-                  "step-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
 
 
 class SparseStrategy(Strategy):
