@@ -25,7 +25,7 @@ CERTS_DIR ?= $(CURDIR)/.deploy/credentials
 SUPERLINK_HOSTS ?= 127.0.0.1,localhost
 NODES ?= 3
 
-.PHONY: install run test stop clean flwr-config deploy-local certs device-data
+.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench
 
 install: $(STAMP)
 
@@ -48,6 +48,15 @@ run: install flwr-config
 
 test: install flwr-config
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Benchmarks (docs/RESULTS.md): results/bench/<suite>.json, .md and plots. Finished runs
+# under results/bench/<suite>-runs/ are reused; BENCH_ARGS="--fresh" reruns them.
+BENCH_ARGS ?=
+bench-quick: install
+	$(BIN)/python -m fedmoe_app.bench --suite quick --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
+
+bench: install
+	$(BIN)/python -m fedmoe_app.bench --suite full --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
 
 # Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
 deploy-local: install flwr-config

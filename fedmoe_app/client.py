@@ -7,6 +7,7 @@ comes from differs (node_config `partition-id` / `num-partitions` in simulation,
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -65,12 +66,13 @@ class ClientTask:
     ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[int]]:
         """Train on local data within the budget; return the trained tensors, the metrics,
         and (MoE) the experts this node asks to hold next round, flattened [L * held]."""
+        start = time.perf_counter()
         torch.set_num_threads(self.config.train.threads)
         model = self._model(arrays, adapter)
         batches = iterate_batches(
             self.train_set, self.budget.batch_size, self.tokenizer.pad_token_id,
             shuffle=True, seed=self.config.seed + 1000 * server_round + self.partition_id,
-            num_batches=self.budget.local_steps,
+            num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
         )
         usage = torch.tensor(unflatten(global_usage, self.num_layers), dtype=torch.float32) if global_usage else None
         het_weight = heterogeneity_weight(self.data.label_counts, self.budget.experts_held, self.config.moe.num_experts)
@@ -94,13 +96,16 @@ class ClientTask:
             metrics["routed-tokens"] = [int(x) for x in result.routing.routed_tokens.reshape(-1)]
             metrics["gate-prob"] = flatten(result.routing.gate_prob)
             next_experts = [e for layer in result.routing.preferred_experts(self.budget.experts_held) for e in layer]
-        return state_to_numpy(model), metrics, next_experts
+        trained = state_to_numpy(model)
+        metrics["train-seconds"] = time.perf_counter() - start
+        return trained, metrics, next_experts
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], adapter: str) -> dict[str, Any]:
         """Accuracy of the personalised model (own experts and top-k) on the held-out slice."""
         torch.set_num_threads(self.config.train.threads)
         model = self._model(arrays, adapter)
-        batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id, shuffle=False)
+        batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
+                                  shuffle=False, group_by_length=True)
         result = evaluate(model, batches)
         return {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
 

@@ -69,6 +69,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     threads: int = 1  # torch threads per client process
+    group_by_length: bool = True  # batches of rows of similar length: less padding, same data
 
 
 @dataclass(frozen=True)

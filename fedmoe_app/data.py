@@ -387,12 +387,37 @@ def _pad(rows: list[list[int]], labels: list[int], pad_token_id: int) -> dict[st
     }
 
 
+# Rows are grouped by length within windows of this many batches (as Hugging Face
+# Trainer's group_by_length does): batches stay random, padding mostly goes.
+GROUP_WINDOW_BATCHES = 50
+
+
+def _epoch_order(encoded: EncodedSet, batch_size: int, shuffle: bool, group_by_length: bool,
+                 rng: random.Random) -> list[int]:
+    """Row order of one epoch. Grouped by length: without shuffle, longest first; with
+    shuffle, sorted within shuffled windows whose batches are then shuffled."""
+    order = list(range(len(encoded.labels)))
+    length = lambda i: len(encoded.input_ids[i])  # noqa: E731
+    if shuffle:
+        rng.shuffle(order)
+    if not group_by_length:
+        return order
+    if not shuffle:
+        return sorted(order, key=length, reverse=True)
+    window = batch_size * GROUP_WINDOW_BATCHES
+    grouped = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=length, reverse=True)]
+    batches = [grouped[s:s + batch_size] for s in range(0, len(grouped), batch_size)]
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch]
+
+
 def iterate_batches(
     encoded: EncodedSet, batch_size: int, pad_token_id: int, *, shuffle: bool, seed: int = 0,
-    num_batches: int | None = None,
+    num_batches: int | None = None, group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of input_ids, attention_mask and labels, each padded to its longest row:
-    one pass over the data, or exactly `num_batches` cycling over reshuffled epochs."""
+    one pass over the data, or exactly `num_batches` cycling over reshuffled epochs.
+    `group_by_length` puts rows of similar length together, so less compute goes to padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(encoded.labels)
@@ -400,9 +425,7 @@ def iterate_batches(
         return
     produced, epoch = 0, 0
     while num_batches is None or produced < num_batches:
-        order = list(range(n))
-        if shuffle:
-            random.Random(seed + epoch).shuffle(order)
+        order = _epoch_order(encoded, batch_size, shuffle, group_by_length, random.Random(seed + epoch))
         for start in range(0, n, batch_size):
             if num_batches is not None and produced == num_batches:
                 return

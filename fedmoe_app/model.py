@@ -1,7 +1,7 @@
 """The model: a frozen Hugging Face encoder, trainable adapters, a classification head.
 
-Adapters are either sparse MoE adapters in parallel to every layer's FFN (`moe`) or PEFT
-LoRA (`lora`). Trainable tensors have stable names that a message can carry in any subset:
+Adapters are either sparse MoE adapters in parallel to every layer's FFN (`moe`), PEFT
+LoRA (`lora`), or none (`head`: only the classification head trains). Trainable tensors have stable names that a message can carry in any subset:
 `layers.3.moe.experts.7.w_in.weight`, `layers.3.moe.router.weight`, `head.weight`,
 `backbone.encoder.layer.0.attention.self.query.lora_A.default.weight`.
 """
@@ -24,7 +24,7 @@ from fedmoe_app.moe import BottleneckExpert, RouterOutput, SparseMoE
 
 transformers_logging.disable_progress_bar()
 
-ADAPTERS = ("moe", "lora")
+ADAPTERS = ("moe", "lora", "head")
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
 
@@ -192,7 +192,7 @@ def build_model(
     top_k: int | None = None,
     lora_rank: int | None = None,
 ) -> AdapterClassifier:
-    """A fresh classifier with `adapter` ('moe' or 'lora') on a copy of the cached backbone.
+    """A fresh classifier with `adapter` ('moe', 'lora' or 'head') on a copy of the cached backbone.
 
     For 'moe', `held` lists the experts each layer holds (default: all) and `top_k` the
     experts per token (default: moe.eval-top-k). For 'lora', `lora_rank` defaults to
@@ -208,7 +208,7 @@ def build_model(
             every = list(range(config.moe.num_experts))
             held = held if held is not None else [every] * backbone.config.num_hidden_layers
             _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
-        else:
+        elif adapter == "lora":
             _add_lora_adapters(model, config, lora_rank or config.lora.rank)
     return model.train(False)
 

@@ -10,6 +10,8 @@ Files:
 The round record (one line of metrics.jsonl):
     round: int                          1..R (round 0 = before training, only global eval fields)
     wall_time_s: float                  seconds since the run started
+    phase_seconds: dict[str, float]     wall seconds of this round's phases: train (send, wait,
+                                        aggregate), client_eval, server_eval (those that ran)
     global_accuracy: float | None       server-side accuracy of the global model on the test split
                                         (None if not evaluated this round)
     global_loss: float | None
@@ -24,8 +26,14 @@ The round record (one line of metrics.jsonl):
     bytes_down: dict[str, int]          node id (str) -> bytes sent to it this round
     bytes_up: dict[str, int]            node id -> bytes received from it
     step_seconds: dict[str, float]      tier -> mean seconds per local step
+    peak_rss_mb: dict[str, float]       tier -> largest peak resident memory of a client process
+    server_peak_rss_mb: float           peak resident memory of the ServerApp process so far
+    clients: dict[str, dict]            node id -> tier, num_examples, steps, batch_size,
+                                        max_length, top_k, experts_held, step_seconds,
+                                        train_seconds (whole local round), peak_rss_mb,
+                                        bytes_down, bytes_up
     num_replies: int
-    failures: int
+    failures: int                       failed messages; failed_nodes names them (node_id, tier, reason)
 
 Non-finite floats (NaN, inf) are written as null, so every line stays valid JSON.
 """

@@ -28,7 +28,8 @@ class GlobalEvaluator:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Loss and accuracy of `arrays` on the test subsample."""
         load_state(self.model, from_record(arrays))
-        batches = iterate_batches(self.test_set, self.config.eval.batch_size, self.tokenizer.pad_token_id, shuffle=False)
+        batches = iterate_batches(self.test_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
+                                  shuffle=False, group_by_length=True)
         result = evaluate(self.model, batches)
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples})
 

@@ -4,8 +4,9 @@ from fedmoe_app.config import ConfigError, RunConfig
 from strategies.base import SparseStrategy
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.fft_moe import FFTMoE
+from strategies.head_only import HeadOnly
 
-STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, FedAvgLoRA)}
+STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, FedAvgLoRA, HeadOnly)}
 
 
 def make_strategy(config: RunConfig, num_layers: int) -> SparseStrategy:

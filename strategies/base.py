@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedmoe_app.config import RunConfig, config_to_yaml
 from fedmoe_app.records import from_record, to_record, unflatten
+from fedmoe_app.system import peak_rss_mb
 from strategies.core import Contribution, Weight, sparse_weighted_average
 
 
@@ -61,7 +62,14 @@ def train_loss(replies: list[Reply]) -> float:
 
 
 CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", "experts-held",
-                  "step-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
+                  "step-seconds", "train-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
+
+
+def timed(function: Callable, *args):
+    """`function(*args)` and the seconds it took."""
+    start = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - start
 
 
 def client_record(reply: Reply) -> dict:
@@ -238,14 +246,16 @@ class SparseStrategy(Strategy):
         run_config = ConfigRecord({"run-config": config_to_yaml(self.config), "adapter": self.adapter})
         t_start = time.time()
         arrays = initial_arrays
-        # Learn every node's budget up front (nodes that join later are asked when sampled).
-        _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
-        self.discover(grid, connected)
-        on_round(self._round_record(0, t_start, evaluate_fn(0, arrays), None, []))
+        # Nodes are queried for their budget when first sampled, so the server's cost per
+        # round does not grow with the number of connected nodes.
+        server_eval, seconds = timed(evaluate_fn, 0, arrays)
+        on_round(self._round_record(0, t_start, server_eval, None, [], {"server_eval": seconds}))
         for server_round in range(1, num_rounds + 1):
             self.failures, self.last_replies = [], []
+            t_train = time.perf_counter()
             replies = self._send(grid, list(self.configure_train(server_round, arrays, run_config, grid)))
             new_arrays, _ = self.aggregate_train(server_round, replies)
+            phases = {"train": time.perf_counter() - t_train}
             if new_arrays is None:
                 log(WARNING, "round %d: no successful replies; the global model is unchanged", server_round)
             else:
@@ -253,19 +263,22 @@ class SparseStrategy(Strategy):
             server_eval = client_eval = None
             if server_round % self.config.eval.every == 0 or server_round == num_rounds:
                 if self.config.eval.client:
+                    t_eval = time.perf_counter()
                     eval_replies = self._send(grid, list(self.configure_evaluate(server_round, arrays, run_config, grid)))
                     client_eval = self.aggregate_evaluate(server_round, eval_replies)
-                server_eval = evaluate_fn(server_round, arrays)
-            on_round(self._round_record(server_round, t_start, server_eval, client_eval, self.last_replies))
+                    phases["client_eval"] = time.perf_counter() - t_eval
+                server_eval, phases["server_eval"] = timed(evaluate_fn, server_round, arrays)
+            on_round(self._round_record(server_round, t_start, server_eval, client_eval, self.last_replies, phases))
         return arrays
 
     def _round_record(self, server_round: int, t_start: float, server_eval: MetricRecord | None,
-                      client_eval: MetricRecord | None, replies: list[Reply]) -> dict:
+                      client_eval: MetricRecord | None, replies: list[Reply], phases: dict[str, float]) -> dict:
         client_eval = client_eval or {}
         tiers = sorted({r.node.tier for r in replies})
         return {
             "round": server_round,
             "wall_time_s": time.time() - t_start,
+            "phase_seconds": phases,
             "global_accuracy": server_eval["accuracy"] if server_eval else None,
             "global_loss": server_eval["loss"] if server_eval else None,
             "client_accuracy": {k.split(".", 1)[1]: v for k, v in client_eval.items() if k.startswith("accuracy.")},
@@ -277,6 +290,7 @@ class SparseStrategy(Strategy):
             "bytes_up": {str(r.node.node_id): int(r.metrics["bytes-up"]) for r in replies},
             "step_seconds": {t: float(np.mean([float(r.metrics["step-seconds"]) for r in replies if r.node.tier == t])) for t in tiers},
             "peak_rss_mb": {t: max(float(r.metrics["peak-rss-mb"]) for r in replies if r.node.tier == t) for t in tiers},
+            "server_peak_rss_mb": peak_rss_mb(),
             "clients": {str(r.node.node_id): client_record(r) for r in replies},
             "num_replies": len(replies),
             "failures": len(self.failures),

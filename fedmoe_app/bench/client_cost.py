@@ -1,0 +1,102 @@
+"""What one client of a tier pays for one round of a strategy, measured in a fresh process
+(so its peak resident memory is its own): seconds per local step, FLOPs per step counted
+by torch's FLOP counter, bytes down and up, and their ratio to the full adapter set.
+
+Usage: python -m fedmoe_app.bench.client_cost --strategy fft_moe --tier rpi4 [--data-dir DIR]
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedmoe_app.client import ClientTask
+from fedmoe_app.config import APP_DIR, LossConfig, load_config
+from fedmoe_app.data import iterate_batches, load_splits
+from fedmoe_app.model import build_model, num_layers, state_to_numpy
+from fedmoe_app.records import record_nbytes, to_record
+from fedmoe_app.system import peak_rss_mb
+from fedmoe_app.train import auxiliary_loss
+from strategies import make_strategy
+from strategies.base import NodeInfo
+
+FLOP_BATCHES = 2
+
+
+def step_flops(model, batches, loss_config: LossConfig) -> float:
+    """Mean FLOPs of one training step (forward, losses, backward) over `batches`."""
+    model.train()
+    total = 0
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = F.cross_entropy(logits, batch["labels"]) + auxiliary_loss(model.trace.routes, loss_config)
+            loss.backward()
+        total += counter.get_total_flops()
+        model.zero_grad(set_to_none=True)
+    model.train(False)
+    return total / len(batches)
+
+
+def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10) -> dict:
+    """One client of `tier` training one round of `strategy_name` from the initial global model."""
+    config = load_config(f"conf/{strategy_name}.yaml", overrides)
+    strategy = make_strategy(config, num_layers(config))
+    task = ClientTask(config, {"device-tier": tier, "partition-id": 0, "num-partitions": num_clients})
+    model = build_model(config, load_splits(config.data, config.seed).num_labels, strategy.adapter)
+    strategy.global_arrays = state_to_numpy(model)
+    budget = task.budget
+    node = NodeInfo(1, tier, budget.experts_held, budget.top_k, budget.lora_rank, len(task.data.train))
+    down = strategy.arrays_for(node, 1)
+    usage = strategy.config_for(node, 1).get("global-usage")
+    task.train(down, strategy.adapter, 0, usage)  # warm-up round: allocator, caches, lazy imports
+    trained, metrics, _ = task.train(down, strategy.adapter, 1, usage)
+    batches = list(iterate_batches(task.train_set, budget.batch_size, task.tokenizer.pad_token_id, shuffle=True,
+                                   seed=config.seed, num_batches=FLOP_BATCHES,
+                                   group_by_length=config.train.group_by_length))
+    flops = step_flops(task._model(down, strategy.adapter), batches, config.loss)
+    full = record_nbytes(to_record(strategy.global_arrays))
+    up = record_nbytes(to_record(trained))
+    down_bytes = record_nbytes(to_record(down))
+    return {
+        "strategy": strategy_name, "tier": tier, "threads": config.train.threads,
+        "batch_size": budget.batch_size, "max_length": budget.max_length, "local_steps": budget.local_steps,
+        "experts_held": budget.experts_held, "top_k": budget.top_k,
+        "step_seconds": float(metrics["step-seconds"]), "train_seconds": float(metrics["train-seconds"]),
+        "step_gflops": flops / 1e9, "achieved_gflops_per_s": flops / 1e9 / float(metrics["step-seconds"]),
+        "bytes_down": down_bytes, "bytes_up": up, "full_adapter_bytes": full,
+        "bytes_up_ratio": up / full, "bytes_down_ratio": down_bytes / full,
+        "trainable_params": sum(a.size for a in trained.values()),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def measure_in_subprocess(strategy: str, tier: str, overrides: str, timeout_s: float = 900) -> dict:
+    """`measure` in a fresh Python process (its own peak memory); the JSON it prints."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fedmoe_app.bench.client_cost", "--strategy", strategy, "--tier", tier,
+         "--overrides", overrides], cwd=APP_DIR, capture_output=True, text=True, timeout=timeout_s,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"client cost of {strategy} / {tier} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: measure one (strategy, tier) and print the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--tier", required=True)
+    parser.add_argument("--overrides", default="")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.strategy, args.tier, args.overrides)))
+
+
+if __name__ == "__main__":
+    main()

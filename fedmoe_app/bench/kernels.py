@@ -1,0 +1,70 @@
+"""Micro-benchmarks: the CPU's measured matmul peak, and the sparse MoE layer against a
+dense layer doing the same k experts' work."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from fedmoe_app.moe import BottleneckExpert, SparseMoE
+
+
+def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2) -> float:
+    """Fastest wall time of `repeats` calls of `work` (after `warmup` calls)."""
+    for _ in range(warmup):
+        work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 10) -> float:
+    """Measured float32 matmul throughput (GFLOP/s) with `threads` torch threads: the
+    physical ceiling a training step on this CPU can approach."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        seconds = best_seconds(lambda: torch.mm(a, b), repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size**3 / seconds / 1e9
+
+
+def moe_and_dense(hidden: int, expert_hidden: int, num_experts: int, top_k: int, seed: int = 0):
+    """A SparseMoE holding all `num_experts` experts with top-`top_k` routing, and the dense
+    layer that does the same expert work for every token: one bottleneck of width k * h."""
+    torch.manual_seed(seed)
+    experts = {e: BottleneckExpert(hidden, expert_hidden, init_scale=0.02) for e in range(num_experts)}
+    moe = SparseMoE(hidden, num_experts, experts, top_k)
+    dense = BottleneckExpert(hidden, top_k * expert_hidden, init_scale=0.02)
+    return moe, dense
+
+
+def dispatch_ratio(hidden: int, expert_hidden: int, num_experts: int, top_k: int, tokens: int,
+                   threads: int = 1, repeats: int = 10) -> dict[str, float]:
+    """Forward+backward seconds of the sparse MoE (k of M experts) and of the dense
+    equivalent on `tokens` tokens, and their ratio (1.0 = dispatch costs nothing)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        moe, dense = moe_and_dense(hidden, expert_hidden, num_experts, top_k)
+        x = torch.randn(tokens, hidden, requires_grad=True)
+
+        def moe_step() -> None:
+            out, _ = moe(x)
+            out.sum().backward()
+
+        def dense_step() -> None:
+            dense(x).sum().backward()
+
+        moe_s, dense_s = best_seconds(moe_step, repeats), best_seconds(dense_step, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return {"num_experts": num_experts, "top_k": top_k, "tokens": tokens, "moe_ms": moe_s * 1e3,
+            "dense_ms": dense_s * 1e3, "ratio": moe_s / dense_s}

@@ -1,0 +1,205 @@
+"""Markdown tables and PNG plots of a benchmark results dict (<suite>.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _mb(value) -> str:
+    return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline_table(results: dict) -> str:
+    """Per strategy: the headline cell's accuracies (mean +- std over seeds) and the ceiling."""
+    rows = []
+    for name, s in results["strategies"].items():
+        std = f" ± {100 * s['accuracy_std']:.1f}" if len(s["seeds"]) > 1 else ""
+        rows.append([name, f"{_pct(s['accuracy'])}{std}", _pct(s["client_accuracy_mean"]), _pct(s["client_accuracy_worst"]),
+                     _pct(s["ceiling_accuracy"]), s["rounds_to_target"] or "not reached", _mb(s["bytes_total"]),
+                     ",".join(map(str, s["seeds"]))])
+    target = _pct(results["settings"]["target_accuracy"])
+    return table(["strategy", "global acc %", "personalised mean %", "worst client %", "centralised ceiling %",
+                  f"rounds to {target}%", "MB moved", "seeds"], rows)
+
+
+def matrix_table(results: dict) -> str:
+    """Every learning run."""
+    rows = [[c["strategy"], c["partition"], c["mix"], c["seed"], _pct(c["final_global_accuracy"]),
+             _pct(c["client_accuracy_mean"]), _pct(c["client_accuracy_worst"]), c["rounds_to_target"] or "-",
+             _num(c["time_to_target_s"], 0), _mb(c["bytes_total"]), _num(c["wall_time_s"], 0)]
+            for c in results["cells"]]
+    return table(["strategy", "split", "tiers", "seed", "global %", "personalised %", "worst %", "rounds to target",
+                  "s to target", "MB moved", "wall s"], rows)
+
+
+def ceiling_table(results: dict) -> str:
+    """The centralised ceilings."""
+    rows = [[c["strategy"], c["mix"], c["sample_steps"], c["steps"], _pct(c["accuracy"]), _num(c["train_seconds"], 0)]
+            for c in results["ceilings"]]
+    return table(["strategy", "tiers matched", "sample-steps", "steps (batch 32)", "accuracy %", "train s"], rows)
+
+
+def cost_table(results: dict) -> str:
+    """Per strategy and tier: step time, FLOPs, share of the matmul peak, bytes, memory."""
+    peak = results["matmul_peak_gflops"]
+    rows = [[c["strategy"], c["tier"], c["batch_size"], _num(c["step_seconds"]), _num(c["step_gflops"], 1),
+             _num(c["achieved_gflops_per_s"], 1), _pct(c["achieved_gflops_per_s"] / peak), _mb(c["bytes_down"]),
+             _mb(c["bytes_up"]), _num(c["bytes_up_ratio"], 3), _num(c["peak_rss_mb"], 0)]
+            for c in results["client_cost"]]
+    return table(["strategy", "tier", "batch", "s/step", "GFLOP/step", "GFLOP/s", "% of peak", "MB down", "MB up",
+                  "up / full set", "peak RSS MB"], rows)
+
+
+def kernel_table(results: dict) -> str:
+    """Sparse MoE against the dense layer doing the same k experts' work."""
+    rows = [[r["num_experts"], r["top_k"], r["tokens"], _num(r["moe_ms"], 1), _num(r["dense_ms"], 1), _num(r["ratio"])]
+            for r in results["kernel"]["cases"]]
+    return table(["experts M", "top-k", "tokens", "MoE fwd+bwd ms", "dense (k experts' work) ms", "ratio"], rows)
+
+
+def scale_table(results: dict) -> str:
+    """Server cost against population."""
+    rows = [[r["strategy"], r["num_clients"], r["sampled"], _num(r["round_seconds"], 1), _num(r["train_phase_seconds"], 1),
+             _num(r["server_peak_rss_mb"], 0)] for r in results["scale"]]
+    return table(["strategy", "virtual clients", "sampled", "round s", "train phase s", "server peak RSS MB"], rows)
+
+
+def speedup_table(results: dict) -> str:
+    """Before/after of the optimisations."""
+    s = results.get("speedups")
+    if not s:
+        return ""
+    ev, tr = s["evaluation"], s["training_step"]
+    rows = [
+        ["global evaluation (s)", _num(ev["before"]["seconds"]), _num(ev["after"]["seconds"]), _num(ev["speedup"]),
+         f"{_pct(ev['before']['real_token_share'])} -> {_pct(ev['after']['real_token_share'])}"],
+        [f"training step, {tr['tier']} (s)", _num(tr["before"]["step_seconds"]), _num(tr["after"]["step_seconds"]),
+         _num(tr["speedup"]), f"{_pct(tr['before']['real_token_share'])} -> {_pct(tr['after']['real_token_share'])}"],
+    ]
+    return table(["what", "before", "after", "speedup", "real (non-pad) tokens %"], rows)
+
+
+def plot_accuracy(results: dict, path: Path) -> Path:
+    """Global accuracy by round of the headline cell (seed 0) per strategy, ceilings dashed."""
+    head = results["settings"]["headline"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in results["cells"]:
+        if (c["partition"], c["mix"], c["seed"]) == (head["partition"], head["mix"], 0):
+            line, = ax.plot(range(len(c["accuracy_by_round"])), c["accuracy_by_round"], marker="o", label=c["strategy"])
+            ceiling = next((x for x in results["ceilings"] if x["strategy"] == c["strategy"] and x["mix"] == head["mix"]), None)
+            if ceiling:
+                ax.axhline(ceiling["accuracy"], ls="--", color=line.get_color(), lw=1)
+    ax.set(xlabel="round", ylabel="global test accuracy",
+           title=f"{head['partition']}, {head['mix']} tiers (dashed: centralised ceiling)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_matrix(results: dict, path: Path) -> Path:
+    """Final global accuracy of every (split, tiers) cell per strategy, seed 0."""
+    cells = [c for c in results["cells"] if c["seed"] == 0]
+    groups = list(dict.fromkeys((c["partition"], c["mix"]) for c in cells))
+    strategies = list(results["strategies"])
+    width = 0.8 / len(strategies)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
+    for i, strategy in enumerate(strategies):
+        values = [next((c["final_global_accuracy"] for c in cells if c["strategy"] == strategy
+                        and (c["partition"], c["mix"]) == g), 0.0) or 0.0 for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=strategy)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{p}\n{m}" for p, m in groups])
+    ax.set(ylabel="final global accuracy", ylim=(0, 1), title="learning matrix (seed 0)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_costs(results: dict, path: Path) -> Path:
+    """Seconds per local step and MB up per round, per tier and strategy."""
+    costs = results["client_cost"]
+    tiers = list(dict.fromkeys(c["tier"] for c in costs))
+    strategies = list(dict.fromkeys(c["strategy"] for c in costs))
+    width = 0.8 / len(strategies)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, strategy in enumerate(strategies):
+        mine = {c["tier"]: c for c in costs if c["strategy"] == strategy}
+        xs = [j + i * width for j in range(len(tiers))]
+        axes[0].bar(xs, [mine[t]["step_seconds"] for t in tiers], width, label=strategy)
+        axes[1].bar(xs, [mine[t]["bytes_up"] / 1e6 for t in tiers], width, label=strategy)
+    for ax, label in zip(axes, ("seconds per local step", "MB up per round")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tiers))], tiers)
+        ax.set(ylabel=label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_kernel(results: dict, path: Path) -> Path:
+    """Sparse MoE / dense time ratio for each (M, k)."""
+    cases = results["kernel"]["cases"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([f"M={r['num_experts']}\nk={r['top_k']}" for r in cases], [r["ratio"] for r in cases])
+    ax.axhline(1.0, color="k", lw=1)
+    ax.set(ylabel="MoE / dense fwd+bwd time", title="sparse dispatch cost (1.0 = free)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(results: dict, out_dir: Path) -> Path:
+    """<suite>.md with every table, and <suite>_*.png; returns the Markdown path."""
+    name = results["suite"]
+    plots = {
+        "accuracy": plot_accuracy(results, out_dir / f"{name}_accuracy.png"),
+        "matrix": plot_matrix(results, out_dir / f"{name}_matrix.png"),
+        "costs": plot_costs(results, out_dir / f"{name}_costs.png"),
+        "kernel": plot_kernel(results, out_dir / f"{name}_kernel.png"),
+    }
+    m = results["machine"]
+    sections = [
+        f"# fedmoe benchmark: {name}",
+        f"{results['date']}; {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}, "
+        f"flwr {m['flwr']}; {results['settings']['rounds']} rounds, {results['settings']['num_clients']} clients; "
+        f"suite took {results['seconds'] / 60:.0f} min.",
+        "## Headline: Dirichlet 0.1, mixed tiers", headline_table(results), f"![accuracy]({plots['accuracy'].name})",
+        "## Learning matrix", matrix_table(results), f"![matrix]({plots['matrix'].name})",
+        "## Centralised ceilings (same backbone and adapters, all data, same sample-steps)", ceiling_table(results),
+        f"## Client cost per tier (one client process, {results['settings']['client_threads']} thread; "
+        f"matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s)", cost_table(results), f"![costs]({plots['costs'].name})",
+        "## Sparse MoE dispatch", kernel_table(results), f"![kernel]({plots['kernel'].name})",
+    ]
+    if results["scale"]:
+        sections += ["## Server cost against population", scale_table(results)]
+    if results.get("speedups"):
+        sections += ["## Optimisations, before and after (one run)", speedup_table(results)]
+    path = out_dir / f"{name}.md"
+    path.write_text("\n\n".join(sections) + "\n")
+    return path

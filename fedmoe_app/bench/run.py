@@ -1,0 +1,160 @@
+"""Run a benchmark suite and write results/bench/<suite>.json, <suite>.md and PNG plots.
+
+Usage: python -m fedmoe_app.bench --suite quick|full [--data-dir DIR] [--out results/bench]
+       [--strategies fft_moe,fedavg_lora] [--fresh]
+
+Finished learning runs, ceilings and scale runs are kept under <out>/<suite>-runs/ and
+reused by the next invocation (so a long suite can be resumed); --fresh reruns them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from statistics import mean, pstdev
+
+import flwr
+import torch
+
+from fedmoe_app.bench import kernels, report
+from fedmoe_app.bench.client_cost import measure_in_subprocess
+from fedmoe_app.bench.learning import run_ceilings, run_cells
+from fedmoe_app.bench.scale import run_scale
+from fedmoe_app.bench.speedups import measure_speedups
+from fedmoe_app.bench.suites import HEADLINE, SUITES, Suite
+from fedmoe_app.budgets import load_tiers
+from fedmoe_app.config import ConfigError, load_config, resolve_path
+from fedmoe_app.results import to_json_safe
+from strategies import STRATEGIES
+
+KERNEL_HIDDEN = 384  # MiniLM's hidden size
+HEADLINE_KERNEL = (16, 2)  # M and k of the jetson-orin budget with the default 16 experts
+
+
+def machine() -> dict:
+    """The machine the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
+            "os": platform.platform()}
+
+
+def headline(cells: list[dict], strategy: str) -> dict:
+    """Mean and spread over seeds of the headline cell (Dirichlet 0.1, mixed tiers)."""
+    runs = [c for c in cells if c["strategy"] == strategy and (c["partition"], c["mix"]) == HEADLINE]
+    out = {"seeds": [c["seed"] for c in runs]}
+    for key in ("final_global_accuracy", "client_accuracy_mean", "client_accuracy_worst"):
+        values = [c[key] for c in runs if c[key] is not None]
+        out[key] = mean(values) if values else None
+        out[f"{key}_std"] = pstdev(values) if len(values) > 1 else 0.0
+    return out
+
+
+def strategy_entry(strategy: str, cells: list[dict], ceilings: list[dict], costs: list[dict],
+                   peak: float) -> dict:
+    """The per-strategy headline numbers of <suite>.json."""
+    head = headline(cells, strategy)
+    seed0 = next(c for c in cells if c["strategy"] == strategy and (c["partition"], c["mix"]) == HEADLINE)
+    ceiling = next((c for c in ceilings if c["strategy"] == strategy and c["mix"] == HEADLINE[1]), None)
+    mine = {c["tier"]: c for c in costs if c["strategy"] == strategy}
+    per_tier = lambda key: {tier: cost[key] for tier, cost in mine.items()}  # noqa: E731
+    return {
+        "accuracy": head["final_global_accuracy"],
+        "accuracy_std": head["final_global_accuracy_std"],
+        "seeds": head["seeds"],
+        "client_accuracy_mean": head["client_accuracy_mean"],
+        "client_accuracy_worst": head["client_accuracy_worst"],
+        "ceiling_accuracy": ceiling["accuracy"] if ceiling else None,
+        "rounds_to_target": seed0["rounds_to_target"],
+        "bytes_total": seed0["bytes_total"],
+        "overhead_ratio": seed0["overhead_ratio"],
+        "step_seconds": per_tier("step_seconds"),
+        "step_gflops": per_tier("step_gflops"),
+        "achieved_gflops_per_s": per_tier("achieved_gflops_per_s"),
+        "peak_fraction": {t: c["achieved_gflops_per_s"] / peak for t, c in mine.items()},
+        "bytes_down": per_tier("bytes_down"),
+        "bytes_up": per_tier("bytes_up"),
+        "bytes_up_ratio": per_tier("bytes_up_ratio"),
+        "full_adapter_bytes": next(iter(mine.values()))["full_adapter_bytes"] if mine else None,
+        "peak_rss_mb": per_tier("peak_rss_mb"),
+        "matmul_peak_gflops": peak,
+    }
+
+
+def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str, fresh: bool) -> dict:
+    """Every section of `suite`; the results dict (also written to <out>/<suite>.json)."""
+    runs_dir = out_dir / f"{suite.name}-runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    log = lambda text: print(f"[{time.time() - started:6.0f} s] {text}", flush=True)  # noqa: E731
+    base_overrides = " ".join(filter(None, [f"data.data-dir={data_dir}" if data_dir else "", suite.overrides]))
+    config = load_config(f"conf/{strategies[0]}.yaml", base_overrides)
+    tiers = list(load_tiers(config.devices.file))
+
+    log("bench: matmul peak and sparse MoE kernel")
+    peak = kernels.matmul_peak_gflops(threads=config.train.threads)
+    peak_all = kernels.matmul_peak_gflops(threads=os.cpu_count() or 1)
+    kernel_rows = [kernels.dispatch_ratio(KERNEL_HIDDEN, config.moe.expert_hidden, m, k, suite.kernel_tokens,
+                                          threads=config.train.threads) for m, k in suite.kernel_cases]
+    log("bench: client cost per strategy and tier")
+    costs = [measure_in_subprocess(s, t, base_overrides) for s in strategies for t in tiers]
+    speedups = None
+    if suite.speedups:
+        log("bench: before/after of the optimisations")
+        speedups = measure_speedups(config, tiers[-1])
+    cells = run_cells(suite, strategies, runs_dir, data_dir, fresh, log)
+    ceilings = run_ceilings(suite, strategies, cells, runs_dir, data_dir, fresh, log)
+    scale = run_scale(suite, strategies, runs_dir, data_dir, fresh, log)
+    headline_kernel = next((r for r in kernel_rows if (r["num_experts"], r["top_k"]) == HEADLINE_KERNEL), kernel_rows[0])
+    results = {
+        "suite": suite.name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "settings": {"rounds": suite.rounds, "num_clients": suite.num_clients, "target_accuracy": suite.target_accuracy,
+                     "headline": {"partition": HEADLINE[0], "mix": HEADLINE[1]}, "overrides": suite.overrides,
+                     "client_threads": config.train.threads, "tiers": tiers},
+        "matmul_peak_gflops": peak,
+        "matmul_peak_gflops_all_cores": peak_all,
+        "strategies": {s: strategy_entry(s, cells, ceilings, costs, peak) for s in strategies},
+        "kernel": {"moe_dispatch_ratio": headline_kernel["ratio"], "hidden": KERNEL_HIDDEN,
+                   "expert_hidden": config.moe.expert_hidden, "cases": kernel_rows},
+        "cells": cells,
+        "ceilings": ceilings,
+        "client_cost": costs,
+        "scale": scale,
+        "speedups": speedups,
+        "seconds": time.time() - started,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{suite.name}.json").write_text(json.dumps(to_json_safe(results), indent=2) + "\n")
+    report.write(results, out_dir)
+    log(f"bench: wrote {out_dir / (suite.name + '.json')} and {out_dir / (suite.name + '.md')}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="quick")
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--strategies", default="", help="comma-separated; default: every registered strategy")
+    parser.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
+    args = parser.parse_args(argv)
+    if args.suite not in SUITES:
+        raise ConfigError(f"--suite is {args.suite!r}; allowed: {', '.join(SUITES)}")
+    strategies = [s for s in args.strategies.split(",") if s] or list(STRATEGIES)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ConfigError(f"--strategies names {unknown}; allowed: {', '.join(STRATEGIES)}")
+    run_suite(SUITES[args.suite], strategies, resolve_path(args.out), args.data_dir, args.fresh)
+    return 0

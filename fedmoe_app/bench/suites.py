@@ -1,0 +1,57 @@
+"""What each benchmark suite runs: `quick` (minutes, the headline cell) and `full` (the matrix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Data splits of the learning matrix: name -> run-config overrides.
+PARTITIONS = {
+    "iid": "data.partitioner=iid",
+    "dir0.5": "data.partitioner=dirichlet data.alpha=0.5",
+    "dir0.1": "data.partitioner=dirichlet data.alpha=0.1",
+}
+# Device populations: `mixed` is devices.simulation-mix of the config; `high` puts every
+# client on the tier with the largest budget.
+MIXES = ("mixed", "high")
+HEADLINE = ("dir0.1", "mixed")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark suite's sizes."""
+
+    name: str
+    rounds: int
+    partitions: tuple[str, ...]
+    mixes: tuple[str, ...]
+    seeds: tuple[int, ...] = (0,)  # every cell
+    headline_seeds: tuple[int, ...] = (0,)  # the headline cell (dir0.1, mixed)
+    num_clients: int = 10
+    target_accuracy: float = 0.8  # rounds and wall time to reach it
+    scale_populations: tuple[int, ...] = ()  # virtual clients, 10 sampled per round
+    scale_rounds: int = 2
+    kernel_cases: tuple[tuple[int, int], ...] = ((16, 2),)  # (experts M, top-k)
+    kernel_tokens: int = 2048
+    speedups: bool = False  # measure the optimisations before/after
+    overrides: str = ""  # applied to every run of the suite
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(partition, mix, seed) of every learning run, headline first."""
+        cells = [(*HEADLINE, seed) for seed in self.headline_seeds]
+        for partition in self.partitions:
+            for mix in self.mixes:
+                cells += [(partition, mix, s) for s in self.seeds if (partition, mix, s) not in cells]
+        return cells
+
+
+SUITES = {
+    "quick": Suite(
+        name="quick", rounds=2, partitions=(HEADLINE[0],), mixes=(HEADLINE[1],),
+        kernel_cases=((4, 1), (16, 1), (16, 2), (16, 4)),
+    ),
+    "full": Suite(
+        name="full", rounds=4, partitions=tuple(PARTITIONS), mixes=MIXES, headline_seeds=(0, 1, 2),
+        scale_populations=(10, 100, 1000), speedups=True,
+        kernel_cases=((4, 1), (8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (64, 2)),
+    ),
+}
