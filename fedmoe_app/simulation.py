@@ -22,7 +22,7 @@ FLWR = Path(sys.executable).parent / "flwr"
 CONNECTION = "local-simulation"
 
 
-def connection_toml(num_supernodes: int, cpus_per_client: float = 1.0) -> str:
+def connection_toml(num_supernodes: int, cpus_per_client: int = 1) -> str:
     """A Flower config.toml whose default connection simulates `num_supernodes` nodes."""
     return (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -37,7 +37,7 @@ def connection_toml(num_supernodes: int, cpus_per_client: float = 1.0) -> str:
 class LocalSimulation:
     """A private Flower home for simulated runs; use as a context manager (stops the SuperLink)."""
 
-    def __init__(self, flwr_home: Path, num_supernodes: int, cpus_per_client: float = 1.0) -> None:
+    def __init__(self, flwr_home: Path, num_supernodes: int, cpus_per_client: int = 1) -> None:
         self.flwr_home = Path(flwr_home)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(connection_toml(num_supernodes, cpus_per_client))

@@ -1,0 +1,139 @@
+"""Benchmark plumbing: the cells and overrides it runs, the figures it derives from round
+records (checked against hand-computed values), the kernel comparison's fairness, and the
+report it writes."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fedmoe_app.bench import report
+from fedmoe_app.bench.kernels import moe_and_dense
+from fedmoe_app.bench.learning import cell_overrides, first_reaching, mix_overrides, overhead_ratio, sample_steps
+from fedmoe_app.bench.run import headline, strategy_entry
+from fedmoe_app.bench.suites import HEADLINE, SUITES
+from fedmoe_app.budgets import tiers_for_population
+from fedmoe_app.config import load_config
+from fedmoe_app.data import EncodedSet, iterate_batches
+from strategies import STRATEGIES
+
+
+def test_high_tier_mix_puts_every_client_on_the_largest_budget():
+    config = load_config("conf/fft_moe.yaml")
+    high = load_config("conf/fft_moe.yaml", mix_overrides(config, "high"))
+    assert tiers_for_population(10, high.devices.simulation_mix) == ["jetson-orin"] * 10
+    assert mix_overrides(config, "mixed") == ""
+
+
+def test_every_registered_strategy_gets_every_cell_headline_seeds_first():
+    suite = SUITES["full"]
+    cells = suite.cells()
+    assert cells[:3] == [(*HEADLINE, 0), (*HEADLINE, 1), (*HEADLINE, 2)]
+    assert len(cells) == len(set(cells)) == 3 * 2 + 2  # 3 splits x 2 populations, 2 extra headline seeds
+    assert {"fft_moe", "fedavg_lora", "head_only"} <= set(STRATEGIES)
+    overrides = cell_overrides(suite, "fedavg_lora", "dir0.1", "high", 2, "/data")
+    config = load_config("conf/fedavg_lora.yaml", overrides)
+    assert (config.seed, config.rounds, config.data.alpha, config.data.data_dir) == (2, suite.rounds, 0.1, "/data")
+    assert config.run_name == "fedavg_lora-dir0.1-high-s2"
+
+
+def record(round_, accuracy, train_s, clients):
+    return {"round": round_, "global_accuracy": accuracy, "wall_time_s": 10.0 * round_,
+            "phase_seconds": {"train": train_s},
+            "clients": {str(i): {"num_examples": n, "train_seconds": s} for i, (n, s) in enumerate(clients)}}
+
+
+def test_round_record_figures_match_hand_computation():
+    rounds = [record(1, 0.5, 6.0, [(64, 2.0), (96, 4.0)]), record(2, 0.81, 3.0, [(64, 1.0), (96, 2.0)]),
+              record(3, 0.9, 4.0, [(64, 1.0)])]
+    assert first_reaching(rounds, 0.8)["round"] == 2
+    assert first_reaching(rounds, 0.95) is None
+    assert sample_steps(rounds) == 64 + 96 + 64 + 96 + 64
+    assert overhead_ratio(rounds) == pytest.approx((6 / 6 + 3 / 3 + 4 / 1) / 3)
+
+
+def test_headline_is_the_mean_and_spread_over_seeds():
+    cells = [{"strategy": "s", "partition": HEADLINE[0], "mix": HEADLINE[1], "seed": seed, "final_global_accuracy": a,
+              "client_accuracy_mean": 0.9, "client_accuracy_worst": None} for seed, a in enumerate([0.6, 0.7, 0.8])]
+    cells.append({**cells[0], "partition": "iid", "final_global_accuracy": 0.1})  # another cell: ignored
+    out = headline(cells, "s")
+    assert out["seeds"] == [0, 1, 2]
+    assert out["final_global_accuracy"] == pytest.approx(0.7)
+    assert out["final_global_accuracy_std"] == pytest.approx((2 * 0.1**2 / 3) ** 0.5)
+    assert out["client_accuracy_worst"] is None
+
+
+def test_dense_reference_does_the_same_expert_work_as_the_sparse_layer():
+    """The kernel ratio is fair: the dense layer's FLOPs equal the sparse layer's expert FLOPs
+    (all that differs is the router, counted by hand)."""
+    tokens, d, h, m, k = 64, 32, 8, 8, 2
+    moe, dense = moe_and_dense(d, h, m, k)
+    x = torch.randn(tokens, d)
+    with FlopCounterMode(display=False) as sparse_count:
+        moe(x)
+    with FlopCounterMode(display=False) as dense_count:
+        dense(x)
+    router = 2 * tokens * d * m
+    assert sparse_count.get_total_flops() - router == dense_count.get_total_flops() == 2 * tokens * k * 2 * d * h
+
+
+def test_length_grouped_batches_keep_the_data_and_cut_padding():
+    lengths = [3, 17, 5, 12, 9, 2, 16, 7, 11, 4, 15, 6] * 4
+    encoded = EncodedSet([[1] * n for n in lengths], list(range(len(lengths))))
+    pad = lambda batches: sum(b["attention_mask"].numel() - int(b["attention_mask"].sum()) for b in batches)  # noqa: E731
+    plain = list(iterate_batches(encoded, 4, 0, shuffle=True, seed=1))
+    grouped = list(iterate_batches(encoded, 4, 0, shuffle=True, seed=1, group_by_length=True))
+    assert sorted(int(i) for b in grouped for i in b["labels"]) == list(range(len(lengths)))  # every row once
+    assert pad(grouped) < pad(plain)
+    assert [b["labels"].tolist() for b in grouped] == [
+        b["labels"].tolist() for b in iterate_batches(encoded, 4, 0, shuffle=True, seed=1, group_by_length=True)]
+    in_order = list(iterate_batches(encoded, 4, 0, shuffle=False, group_by_length=True))
+    widths = [b["input_ids"].shape[1] for b in in_order]
+    assert widths == sorted(widths, reverse=True) and pad(in_order) <= pad(grouped)
+
+
+def results_fixture():
+    cost = lambda s, t, step: {"strategy": s, "tier": t, "batch_size": 8, "step_seconds": step, "step_gflops": 10.0,  # noqa: E731
+                               "achieved_gflops_per_s": 10.0 / step, "bytes_down": 4e6, "bytes_up": 2e6,
+                               "full_adapter_bytes": 8e6, "bytes_up_ratio": 0.25, "peak_rss_mb": 900.0}
+    cells = [{"strategy": s, "partition": HEADLINE[0], "mix": HEADLINE[1], "seed": 0, "final_global_accuracy": a,
+              "client_accuracy_mean": a, "client_accuracy_worst": a - 0.1, "rounds_to_target": None,
+              "time_to_target_s": None, "bytes_total": 1e7, "wall_time_s": 100.0, "overhead_ratio": 0.6,
+              "accuracy_by_round": [0.25, a]} for s, a in (("fft_moe", 0.8), ("fedavg_lora", 0.7))]
+    costs = [cost(s, t, 0.5) for s in ("fft_moe", "fedavg_lora") for t in ("rpi4", "jetson-orin")]
+    ceilings = [{"strategy": s, "mix": HEADLINE[1], "sample_steps": 100, "steps": 4, "accuracy": 0.88, "train_seconds": 9.0}
+                for s in ("fft_moe", "fedavg_lora")]
+    return {
+        "suite": "unit", "date": "2026-11-21 00:00", "seconds": 60.0,
+        "machine": {"cpu": "cpu", "cores": 2, "gpu": None, "torch": "x", "flwr": "y"},
+        "settings": {"rounds": 1, "num_clients": 10, "target_accuracy": 0.85, "client_threads": 1,
+                     "headline": {"partition": HEADLINE[0], "mix": HEADLINE[1]}},
+        "matmul_peak_gflops": 50.0,
+        "strategies": {s: strategy_entry(s, cells, ceilings, costs, 50.0) for s in ("fft_moe", "fedavg_lora")},
+        "kernel": {"cases": [{"num_experts": 16, "top_k": 2, "tokens": 64, "moe_ms": 3.0, "dense_ms": 1.0, "ratio": 3.0}]},
+        "cells": cells, "ceilings": ceilings, "client_cost": costs, "scale": [], "speedups": None,
+    }
+
+
+def test_report_writes_tables_and_plots(tmp_path):
+    results = results_fixture()
+    entry = results["strategies"]["fft_moe"]
+    assert entry["step_seconds"] == {"rpi4": 0.5, "jetson-orin": 0.5}
+    assert entry["peak_fraction"]["rpi4"] == pytest.approx(20.0 / 50.0)
+    assert entry["ceiling_accuracy"] == 0.88 and entry["overhead_ratio"] == 0.6
+    json.dumps(results)  # the results dict is plain JSON
+    path = report.write(results, tmp_path)
+    text = path.read_text()
+    assert "| fft_moe | 80.0 | 80.0 | 70.0 | 88.0 | not reached |" in text
+    assert "| fft_moe | rpi4 | 8 | 0.50 | 10.0 | 20.0 | 40.0 |" in text
+    for name in ("unit_accuracy.png", "unit_matrix.png", "unit_costs.png", "unit_kernel.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_head_only_baseline_trains_and_sends_only_the_classifier():
+    from fedmoe_app.model import build_model, trainable_state
+
+    config = load_config("conf/head_only.yaml", "model.backbone=tiny-bert")
+    model = build_model(config, 4, STRATEGIES["head_only"].adapter)
+    assert set(trainable_state(model)) == {"head.weight", "head.bias"}
