@@ -246,8 +246,10 @@ class SparseStrategy(Strategy):
         run_config = ConfigRecord({"run-config": config_to_yaml(self.config), "adapter": self.adapter})
         t_start = time.time()
         arrays = initial_arrays
-        # Nodes are queried for their budget when first sampled, so the server's cost per
-        # round does not grow with the number of connected nodes.
+        # Learn every node's budget up front, so a node that dies later is still named with
+        # its tier (nodes that join later are asked when sampled). A one-time cost per node.
+        _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
+        self.discover(grid, connected)
         server_eval, seconds = timed(evaluate_fn, 0, arrays)
         on_round(self._round_record(0, t_start, server_eval, None, [], {"server_eval": seconds}))
         for server_round in range(1, num_rounds + 1):
