@@ -53,7 +53,8 @@ class ClientTask:
             "num-examples": len(self.data.train),
         }
 
-    def _model(self, arrays: Mapping[str, np.ndarray], adapter: str):
+    def model(self, arrays: Mapping[str, np.ndarray], adapter: str):
+        """This node's model (its experts and top-k) holding `arrays`."""
         num_labels = arrays["head.weight"].shape[0]
         held = held_experts(list(arrays), self.num_layers) if adapter == "moe" else None
         model = build_model(self.config, num_labels, adapter, held=held, top_k=self.budget.top_k)
@@ -68,7 +69,7 @@ class ClientTask:
         and (MoE) the experts this node asks to hold next round, flattened [L * held]."""
         start = time.perf_counter()
         torch.set_num_threads(self.config.train.threads)
-        model = self._model(arrays, adapter)
+        model = self.model(arrays, adapter)
         batches = iterate_batches(
             self.train_set, self.budget.batch_size, self.tokenizer.pad_token_id,
             shuffle=True, seed=self.config.seed + 1000 * server_round + self.partition_id,
@@ -103,7 +104,7 @@ class ClientTask:
     def evaluate(self, arrays: Mapping[str, np.ndarray], adapter: str) -> dict[str, Any]:
         """Accuracy of the personalised model (own experts and top-k) on the held-out slice."""
         torch.set_num_threads(self.config.train.threads)
-        model = self._model(arrays, adapter)
+        model = self.model(arrays, adapter)
         batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
                                   shuffle=False, group_by_length=True)
         result = evaluate(model, batches)

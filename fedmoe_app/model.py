@@ -1,7 +1,8 @@
 """The model: a frozen Hugging Face encoder, trainable adapters, a classification head.
 
 Adapters are either sparse MoE adapters in parallel to every layer's FFN (`moe`), PEFT
-LoRA (`lora`), or none (`head`: only the classification head trains). Trainable tensors have stable names that a message can carry in any subset:
+LoRA (`lora`), or none (`head`: only the classification head trains). Trainable tensors
+have stable names that a message can carry in any subset:
 `layers.3.moe.experts.7.w_in.weight`, `layers.3.moe.router.weight`, `head.weight`,
 `backbone.encoder.layer.0.attention.self.query.lora_A.default.weight`.
 """

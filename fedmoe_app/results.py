@@ -96,10 +96,7 @@ class RunResults:
 
     def rounds(self) -> list[dict]:
         """The round records logged so far, in order."""
-        if not self.metrics_path.exists():
-            return []
-        lines = self.metrics_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_rounds(self.run_dir)
 
     def write_summary(self, summary: dict) -> Path:
         """Write summary.json; returns its path."""
@@ -123,6 +120,14 @@ class RunResults:
         if utilisation is not None:
             written.append(utilisation)
         return written
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """The round records in a run directory's metrics.jsonl, in order ([] if none yet)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_adapter(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:

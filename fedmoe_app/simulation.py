@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from fedmoe_app.config import APP_DIR
-from fedmoe_app.deploy.local_federation import free_port, run_config_string
+from fedmoe_app.deploy.local_federation import free_port, run_config_string, stop_process_tree
 
 FLWR = Path(sys.executable).parent / "flwr"
 CONNECTION = "local-simulation"
@@ -72,10 +72,4 @@ class LocalSimulation:
         for process in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if "flower-superlink" in cmdline and home in cmdline:
-                tree = process.children(recursive=True) + [process]
-                for proc in tree:
-                    try:
-                        proc.terminate()
-                    except psutil.NoSuchProcess:
-                        pass
-                psutil.wait_procs(tree, timeout=10)
+                stop_process_tree(process.pid)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -65,11 +66,12 @@ CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", 
                   "step-seconds", "train-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
 
 
-def timed(function: Callable, *args):
-    """`function(*args)` and the seconds it took."""
+@contextmanager
+def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall seconds of the `with` block in `phases[name]`."""
     start = time.perf_counter()
-    result = function(*args)
-    return result, time.perf_counter() - start
+    yield
+    phases[name] = time.perf_counter() - start
 
 
 def client_record(reply: Reply) -> dict:
@@ -250,14 +252,15 @@ class SparseStrategy(Strategy):
         # its tier (nodes that join later are asked when sampled). A one-time cost per node.
         _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
         self.discover(grid, connected)
-        server_eval, seconds = timed(evaluate_fn, 0, arrays)
-        on_round(self._round_record(0, t_start, server_eval, None, [], {"server_eval": seconds}))
+        phases: dict[str, float] = {}
+        with timed(phases, "server_eval"):
+            server_eval = evaluate_fn(0, arrays)
+        on_round(self._round_record(0, t_start, server_eval, None, [], phases))
         for server_round in range(1, num_rounds + 1):
-            self.failures, self.last_replies = [], []
-            t_train = time.perf_counter()
-            replies = self._send(grid, list(self.configure_train(server_round, arrays, run_config, grid)))
-            new_arrays, _ = self.aggregate_train(server_round, replies)
-            phases = {"train": time.perf_counter() - t_train}
+            self.failures, self.last_replies, phases = [], [], {}
+            with timed(phases, "train"):
+                replies = self._send(grid, list(self.configure_train(server_round, arrays, run_config, grid)))
+                new_arrays, _ = self.aggregate_train(server_round, replies)
             if new_arrays is None:
                 log(WARNING, "round %d: no successful replies; the global model is unchanged", server_round)
             else:
@@ -265,11 +268,11 @@ class SparseStrategy(Strategy):
             server_eval = client_eval = None
             if server_round % self.config.eval.every == 0 or server_round == num_rounds:
                 if self.config.eval.client:
-                    t_eval = time.perf_counter()
-                    eval_replies = self._send(grid, list(self.configure_evaluate(server_round, arrays, run_config, grid)))
-                    client_eval = self.aggregate_evaluate(server_round, eval_replies)
-                    phases["client_eval"] = time.perf_counter() - t_eval
-                server_eval, phases["server_eval"] = timed(evaluate_fn, server_round, arrays)
+                    with timed(phases, "client_eval"):
+                        eval_replies = self._send(grid, list(self.configure_evaluate(server_round, arrays, run_config, grid)))
+                        client_eval = self.aggregate_evaluate(server_round, eval_replies)
+                with timed(phases, "server_eval"):
+                    server_eval = evaluate_fn(server_round, arrays)
             on_round(self._round_record(server_round, t_start, server_eval, client_eval, self.last_replies, phases))
         return arrays
 

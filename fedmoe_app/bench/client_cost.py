@@ -60,7 +60,7 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
     batches = list(iterate_batches(task.train_set, budget.batch_size, task.tokenizer.pad_token_id, shuffle=True,
                                    seed=config.seed, num_batches=FLOP_BATCHES,
                                    group_by_length=config.train.group_by_length))
-    flops = step_flops(task._model(down, strategy.adapter), batches, config.loss)
+    flops = step_flops(task.model(down, strategy.adapter), batches, config.loss)
     full = record_nbytes(to_record(strategy.global_arrays))
     up = record_nbytes(to_record(trained))
     down_bytes = record_nbytes(to_record(down))

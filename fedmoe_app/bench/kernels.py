@@ -4,11 +4,23 @@ dense layer doing the same k experts' work."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 from fedmoe_app.moe import BottleneckExpert, SparseMoE
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the `with` block with `threads` torch threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2) -> float:
@@ -26,13 +38,9 @@ def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2) -> flo
 def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 10) -> float:
     """Measured float32 matmul throughput (GFLOP/s) with `threads` torch threads: the
     physical ceiling a training step on this CPU can approach."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         a, b = torch.randn(size, size), torch.randn(size, size)
         seconds = best_seconds(lambda: torch.mm(a, b), repeats)
-    finally:
-        torch.set_num_threads(previous)
     return 2 * size**3 / seconds / 1e9
 
 
@@ -50,9 +58,7 @@ def dispatch_ratio(hidden: int, expert_hidden: int, num_experts: int, top_k: int
                    threads: int = 1, repeats: int = 10) -> dict[str, float]:
     """Forward+backward seconds of the sparse MoE (k of M experts) and of the dense
     equivalent on `tokens` tokens, and their ratio (1.0 = dispatch costs nothing)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         moe, dense = moe_and_dense(hidden, expert_hidden, num_experts, top_k)
         x = torch.randn(tokens, hidden, requires_grad=True)
 
@@ -64,7 +70,5 @@ def dispatch_ratio(hidden: int, expert_hidden: int, num_experts: int, top_k: int
             dense(x).sum().backward()
 
         moe_s, dense_s = best_seconds(moe_step, repeats), best_seconds(dense_step, repeats)
-    finally:
-        torch.set_num_threads(previous)
     return {"num_experts": num_experts, "top_k": top_k, "tokens": tokens, "moe_ms": moe_s * 1e3,
             "dense_ms": dense_s * 1e3, "ratio": moe_s / dense_s}

@@ -12,13 +12,13 @@ from pathlib import Path
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, load_config
 from fedmoe_app.data import encode, iterate_batches, load_splits
-from fedmoe_app.model import build_model, load_backbone, num_layers, state_to_numpy
+from fedmoe_app.model import build_model, load_backbone, state_to_numpy
 from fedmoe_app.records import to_record
-from fedmoe_app.results import METRICS_FILE, SUMMARY_FILE
+from fedmoe_app.results import SUMMARY_FILE, read_rounds
 from fedmoe_app.server import GlobalEvaluator
 from fedmoe_app.simulation import LocalSimulation
 from fedmoe_app.train import train_local
-from strategies import make_strategy
+from strategies import STRATEGIES
 
 from fedmoe_app.bench.suites import PARTITIONS, Suite
 
@@ -58,9 +58,7 @@ def cell_overrides(suite: Suite, strategy: str, partition: str, mix: str, seed: 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """summary.json and the round records of a finished run."""
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    rounds = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
-    return summary, rounds
+    return json.loads((run_dir / SUMMARY_FILE).read_text()), read_rounds(run_dir)
 
 
 def first_reaching(rounds: list[dict], target: float) -> dict | None:
@@ -174,8 +172,7 @@ def run_ceilings(suite: Suite, strategies: list[str], cells: list[dict], runs_di
                 log(f"bench: centralised ceiling {strategy} {mix} ({cell['sample_steps']} sample-steps)")
                 config = load_config(strategy_file(strategy), " ".join(filter(None, [
                     f"data.data-dir={data_dir}" if data_dir else "", suite.overrides])))
-                adapter = make_strategy(config, num_layers(config)).adapter
                 steps = math.ceil(cell["sample_steps"] / CEILING_BATCH_SIZE)
-                path.write_text(json.dumps(train_centralised(config, adapter, steps)))
+                path.write_text(json.dumps(train_centralised(config, STRATEGIES[strategy].adapter, steps)))
             ceilings.append({"strategy": strategy, "mix": mix, **json.loads(path.read_text())})
     return ceilings

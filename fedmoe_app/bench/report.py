@@ -99,6 +99,23 @@ def speedup_table(results: dict) -> str:
     return table(["what", "before", "after", "speedup", "real (non-pad) tokens %"], rows)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, list[float]], ylabel: str) -> None:
+    """One bar per (group, series), the series side by side within each group."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(groups))], values, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups)
+    ax.set(ylabel=ylabel)
+    ax.legend(fontsize=8)
+
+
 def plot_accuracy(results: dict, path: Path) -> Path:
     """Global accuracy by round of the headline cell (seed 0) per strategy, ceilings dashed."""
     head = results["settings"]["headline"]
@@ -113,52 +130,31 @@ def plot_accuracy(results: dict, path: Path) -> Path:
            title=f"{head['partition']}, {head['mix']} tiers (dashed: centralised ceiling)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_matrix(results: dict, path: Path) -> Path:
     """Final global accuracy of every (split, tiers) cell per strategy, seed 0."""
     cells = [c for c in results["cells"] if c["seed"] == 0]
     groups = list(dict.fromkeys((c["partition"], c["mix"]) for c in cells))
-    strategies = list(results["strategies"])
-    width = 0.8 / len(strategies)
+    accuracy = {(c["strategy"], c["partition"], c["mix"]): c["final_global_accuracy"] or 0.0 for c in cells}
+    series = {s: [accuracy.get((s, *g), 0.0) for g in groups] for s in results["strategies"]}
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4))
-    for i, strategy in enumerate(strategies):
-        values = [next((c["final_global_accuracy"] for c in cells if c["strategy"] == strategy
-                        and (c["partition"], c["mix"]) == g), 0.0) or 0.0 for g in groups]
-        ax.bar([j + i * width for j in range(len(groups))], values, width, label=strategy)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{p}\n{m}" for p, m in groups])
-    ax.set(ylabel="final global accuracy", ylim=(0, 1), title="learning matrix (seed 0)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    grouped_bars(ax, [f"{p}\n{m}" for p, m in groups], series, "final global accuracy")
+    ax.set(ylim=(0, 1), title="learning matrix (seed 0)")
+    return _save(fig, path)
 
 
 def plot_costs(results: dict, path: Path) -> Path:
     """Seconds per local step and MB up per round, per tier and strategy."""
-    costs = results["client_cost"]
-    tiers = list(dict.fromkeys(c["tier"] for c in costs))
-    strategies = list(dict.fromkeys(c["strategy"] for c in costs))
-    width = 0.8 / len(strategies)
+    costs = {(c["strategy"], c["tier"]): c for c in results["client_cost"]}
+    tiers = list(dict.fromkeys(t for _, t in costs))
+    strategies = list(dict.fromkeys(s for s, _ in costs))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for i, strategy in enumerate(strategies):
-        mine = {c["tier"]: c for c in costs if c["strategy"] == strategy}
-        xs = [j + i * width for j in range(len(tiers))]
-        axes[0].bar(xs, [mine[t]["step_seconds"] for t in tiers], width, label=strategy)
-        axes[1].bar(xs, [mine[t]["bytes_up"] / 1e6 for t in tiers], width, label=strategy)
-    for ax, label in zip(axes, ("seconds per local step", "MB up per round")):
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tiers))], tiers)
-        ax.set(ylabel=label)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    for ax, (key, scale, label) in zip(axes, (("step_seconds", 1, "seconds per local step"),
+                                              ("bytes_up", 1e6, "MB up per round"))):
+        grouped_bars(ax, tiers, {s: [costs[s, t][key] / scale for t in tiers] for s in strategies}, label)
+    return _save(fig, path)
 
 
 def plot_kernel(results: dict, path: Path) -> Path:
@@ -168,10 +164,7 @@ def plot_kernel(results: dict, path: Path) -> Path:
     ax.bar([f"M={r['num_experts']}\nk={r['top_k']}" for r in cases], [r["ratio"] for r in cases])
     ax.axhline(1.0, color="k", lw=1)
     ax.set(ylabel="MoE / dense fwd+bwd time", title="sparse dispatch cost (1.0 = free)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write(results: dict, out_dir: Path) -> Path:

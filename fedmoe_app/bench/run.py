@@ -22,7 +22,7 @@ import torch
 
 from fedmoe_app.bench import kernels, report
 from fedmoe_app.bench.client_cost import measure_in_subprocess
-from fedmoe_app.bench.learning import run_ceilings, run_cells
+from fedmoe_app.bench.learning import run_ceilings, run_cells, strategy_file
 from fedmoe_app.bench.scale import run_scale
 from fedmoe_app.bench.speedups import measure_speedups
 from fedmoe_app.bench.suites import HEADLINE, SUITES, Suite
@@ -80,7 +80,6 @@ def strategy_entry(strategy: str, cells: list[dict], ceilings: list[dict], costs
         "step_seconds": per_tier("step_seconds"),
         "step_gflops": per_tier("step_gflops"),
         "achieved_gflops_per_s": per_tier("achieved_gflops_per_s"),
-        "peak_fraction": {t: c["achieved_gflops_per_s"] / peak for t, c in mine.items()},
         "bytes_down": per_tier("bytes_down"),
         "bytes_up": per_tier("bytes_up"),
         "bytes_up_ratio": per_tier("bytes_up_ratio"),
@@ -97,7 +96,7 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     started = time.time()
     log = lambda text: print(f"[{time.time() - started:6.0f} s] {text}", flush=True)  # noqa: E731
     base_overrides = " ".join(filter(None, [f"data.data-dir={data_dir}" if data_dir else "", suite.overrides]))
-    config = load_config(f"conf/{strategies[0]}.yaml", base_overrides)
+    config = load_config(strategy_file(strategies[0]), base_overrides)
     tiers = list(load_tiers(config.devices.file))
 
     log("bench: matmul peak and sparse MoE kernel")

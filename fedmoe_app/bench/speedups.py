@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
+from fedmoe_app.bench.kernels import torch_threads
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig
 from fedmoe_app.data import encode, iterate_batches, load_splits, load_test_set
@@ -63,9 +62,5 @@ def training_step_speedup(config: RunConfig, tier: str, steps: int = 12) -> dict
 
 def measure_speedups(config: RunConfig, tier: str) -> dict:
     """Both before/after measurements, with one torch thread as a client uses."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.train.threads)
-    try:
+    with torch_threads(config.train.threads):
         return {"evaluation": evaluation_speedup(config), "training_step": training_step_speedup(config, tier)}
-    finally:
-        torch.set_num_threads(previous)

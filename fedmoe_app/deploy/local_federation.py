@@ -77,10 +77,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_tree(process: subprocess.Popen, kill: bool = False, grace_s: float = 10.0) -> None:
+def stop_process_tree(pid: int, kill: bool = False, grace_s: float = 10.0) -> None:
     """Stop a process and all its descendants (SIGTERM, then SIGKILL after `grace_s`)."""
     try:
-        root = psutil.Process(process.pid)
+        root = psutil.Process(pid)
         tree = root.children(recursive=True) + [root]
     except psutil.NoSuchProcess:
         tree = []
@@ -95,6 +95,11 @@ def _stop_tree(process: subprocess.Popen, kill: bool = False, grace_s: float = 1
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def _stop_tree(process: subprocess.Popen, kill: bool = False, grace_s: float = 10.0) -> None:
+    """Stop a started process with its descendants, and reap it."""
+    stop_process_tree(process.pid, kill, grace_s)
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
