@@ -90,6 +90,7 @@ class FederationConfig:
     """Sampling and fault tolerance."""
 
     fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
     min_nodes: int = 2
     min_reply_fraction: float = 0.5
     round_timeout: float = 3600.0
@@ -291,6 +292,8 @@ def _check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1, got {value}")
     if not 0.0 < config.federation.fraction_train <= 1.0:
         raise ConfigError("config key 'federation.fraction-train' must be in (0, 1]")
+    if not 0.0 < config.federation.fraction_evaluate <= 1.0:
+        raise ConfigError("config key 'federation.fraction-evaluate' must be in (0, 1]")
     if not 0.0 < config.federation.min_reply_fraction <= 1.0:
         raise ConfigError("config key 'federation.min-reply-fraction' must be in (0, 1]")
     if not 0.0 <= config.data.holdout_fraction < 1.0:

@@ -125,21 +125,22 @@ class SparseStrategy(Strategy):
         content = RecordDict({"arrays": arrays, "config": node_config})
         return Message(content=content, dst_node_id=node.node_id, message_type=kind)
 
-    def _sample(self, grid: Grid) -> list[NodeInfo]:
-        """Wait for `min-nodes` connected nodes, then sample `fraction-train` of all connected
-        (at least `min-nodes`) with the run's seeded generator; query the new ones."""
-        federation = self.config.federation
-        _, connected = sample_nodes(grid, federation.min_nodes, 0)
-        size = min(len(connected), max(federation.min_nodes, math.ceil(federation.fraction_train * len(connected))))
-        sampled = self.random.sample(sorted(connected), size)
-        self.num_sampled = size
-        self.discover(grid, sampled)
-        return [self.nodes[n] for n in sorted(sampled) if n in self.nodes]
+    def _draw(self, node_ids: Iterable[int], fraction: float) -> list[int]:
+        """`fraction` of `node_ids` (at least `min-nodes`, at most all), drawn with the run's
+        seeded generator; sorted."""
+        node_ids = sorted(node_ids)
+        size = min(len(node_ids), max(self.config.federation.min_nodes, math.ceil(fraction * len(node_ids))))
+        return sorted(self.random.sample(node_ids, size)) if size < len(node_ids) else node_ids
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """One message per sampled node, tailored by `arrays_for` and `config_for`."""
+        """Wait for `min-nodes` connected nodes, sample `fraction-train` of them (querying the
+        new ones), and send each a message tailored by `arrays_for` and `config_for`."""
         self.global_arrays = from_record(arrays)
-        return [self._message(node, server_round, MessageType.TRAIN, config) for node in self._sample(grid)]
+        _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
+        sampled = self._draw(connected, self.config.federation.fraction_train)
+        self.num_sampled = len(sampled)
+        self.discover(grid, sampled)
+        return [self._message(self.nodes[n], server_round, MessageType.TRAIN, config) for n in sampled if n in self.nodes]
 
     def _send(self, grid: Grid, messages: list[Message]) -> list[Message]:
         """Send the messages and wait for the replies (at most `federation.round-timeout`)."""
@@ -190,10 +191,12 @@ class SparseStrategy(Strategy):
         return to_record(self.global_arrays), MetricRecord({"train-loss": train_loss(decoded), "num-examples": sum(examples(r) for r in decoded)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Every known node evaluates its personalised model on its held-out slice."""
+        """`fraction-evaluate` of the connected nodes with a known budget evaluate their
+        personalised model on their held-out slice."""
         self.global_arrays = from_record(arrays)
-        connected = set(grid.get_node_ids())
-        return [self._message(n, server_round, MessageType.EVALUATE, config) for n in self.nodes.values() if n.node_id in connected]
+        known = [n for n in grid.get_node_ids() if n in self.nodes]
+        sampled = self._draw(known, self.config.federation.fraction_evaluate)
+        return [self._message(self.nodes[n], server_round, MessageType.EVALUATE, config) for n in sampled]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean, worst, and per-tier personalised accuracy."""

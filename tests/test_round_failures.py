@@ -1,7 +1,8 @@
 """The round loop under node failures, on an in-process fake Grid: a node that dies is
 counted and named, the round completes with the replies it has (or keeps the global model
 below `federation.min-reply-fraction`), a node that comes back takes part again, and the
-sample is drawn from the nodes connected when the round starts."""
+sample is drawn from the nodes connected when the round starts, training and evaluation
+each asking only their configured fraction."""
 
 import numpy as np
 import pytest
@@ -142,3 +143,12 @@ def test_sample_covers_nodes_that_connected_while_waiting():
     grid.get_node_ids = connect_later
     _, records = run(grid, "federation.min-nodes=3 federation.fraction-train=1.0")
     assert records[1]["num_replies"] == 3
+
+
+def test_training_and_evaluation_ask_only_their_sampled_fraction():
+    grid = FakeGrid([11, 12, 13, 14])
+    run(grid, "federation.min-nodes=1 federation.fraction-train=0.5 federation.fraction-evaluate=0.25")
+    sent = lambda kind: [n for k, n in grid.sent if k == kind]  # noqa: E731
+    assert len(sent(MessageType.QUERY)) == 4  # every node's budget is learnt once, up front
+    assert len(sent(MessageType.TRAIN)) == 2  # ceil(0.5 * 4)
+    assert len(sent(MessageType.EVALUATE)) == 1  # ceil(0.25 * 4), not every known node

@@ -1,5 +1,6 @@
-"""Server cost against population size: the same rounds with 10 clients sampled out of
-N virtual clients; round time and the ServerApp's peak memory should not grow with N."""
+"""Server cost against population size: the same rounds with 10 clients sampled (for
+training and for evaluation) out of N virtual clients; round time and the ServerApp's
+peak memory should not grow with N."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def scale_overrides(suite: Suite, population: int, run_name: str, data_dir: str)
     on an IID split (a Dirichlet split of 6,000 rows over 1,000 clients leaves some empty)."""
     return " ".join(filter(None, [
         f"rounds={suite.scale_rounds} run-name={run_name} data.partitioner=iid",
-        f"federation.fraction-train={SAMPLED / population} federation.min-nodes={SAMPLED}",
+        f"federation.fraction-train={SAMPLED / population} federation.fraction-evaluate={SAMPLED / population}",
+        f"federation.min-nodes={SAMPLED}",
         f"data.data-dir={data_dir}" if data_dir else "", suite.overrides,
     ]))
 

@@ -50,7 +50,7 @@ SUITES = {
         kernel_cases=((4, 1), (16, 1), (16, 2), (16, 4)),
     ),
     "full": Suite(
-        name="full", rounds=4, partitions=tuple(PARTITIONS), mixes=MIXES, headline_seeds=(0, 1, 2),
+        name="full", rounds=3, partitions=tuple(PARTITIONS), mixes=MIXES, headline_seeds=(0, 1, 2),
         scale_populations=(10, 100, 1000), speedups=True,
         kernel_cases=((4, 1), (8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (64, 2)),
     ),
