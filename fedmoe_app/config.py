@@ -8,6 +8,7 @@ YAML keys are kebab-case, like Flower's run config; fields are their snake_case 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     threads: int = 1  # torch threads per client process
+    device: str = "auto"  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
     group_by_length: bool = True  # batches of rows of similar length: less padding, same data
 
 
@@ -298,6 +300,8 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError("config key 'federation.min-reply-fraction' must be in (0, 1]")
     if not 0.0 <= config.data.holdout_fraction < 1.0:
         raise ConfigError("config key 'data.holdout-fraction' must be in [0, 1)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.train.device):
+        raise ConfigError(f"config key 'train.device' is {config.train.device!r}; allowed: auto, cpu, cuda, cuda:N")
     if config.data.alpha <= 0:
         raise ConfigError("config key 'data.alpha' must be > 0")
     for key in ("balance", "heterogeneity", "z_loss"):

@@ -22,6 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from fedmoe_app.config import RunConfig
 from fedmoe_app.moe import BottleneckExpert, RouterOutput, SparseMoE
+from fedmoe_app.system import torch_device
 
 transformers_logging.disable_progress_bar()
 
@@ -197,7 +198,8 @@ def build_model(
 
     For 'moe', `held` lists the experts each layer holds (default: all) and `top_k` the
     experts per token (default: moe.eval-top-k). For 'lora', `lora_rank` defaults to
-    lora.rank. Initial values are seeded by `config.seed`.
+    lora.rank. Initial values are seeded by `config.seed` (the same on every device); the
+    model is on `train.device`.
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter is {adapter!r}; allowed: {', '.join(ADAPTERS)}")
@@ -211,7 +213,7 @@ def build_model(
             _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
         elif adapter == "lora":
             _add_lora_adapters(model, config, lora_rank or config.lora.rank)
-    return model.train(False)
+    return model.to(torch_device(config.train.device)).train(False)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import torch
 
 from fedmoe_app.config import APP_DIR
 from fedmoe_app.deploy.local_federation import free_port, run_config_string, stop_process_tree
@@ -22,7 +23,15 @@ FLWR = Path(sys.executable).parent / "flwr"
 CONNECTION = "local-simulation"
 
 
-def connection_toml(num_supernodes: int, cpus_per_client: int = 1) -> str:
+def gpu_share(cpus_per_client: int) -> float:
+    """The share of the GPUs each simulated client gets: all of them split over as many
+    clients as the CPUs run at once (0 without a GPU; Ray then hides GPUs from clients)."""
+    if not torch.cuda.is_available():
+        return 0.0
+    return min(1.0, torch.cuda.device_count() * cpus_per_client / (os.cpu_count() or 1))
+
+
+def connection_toml(num_supernodes: int, cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> str:
     """A Flower config.toml whose default connection simulates `num_supernodes` nodes."""
     return (
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -30,17 +39,19 @@ def connection_toml(num_supernodes: int, cpus_per_client: int = 1) -> str:
         'address = ":local:"\n'
         f"options.num-supernodes = {num_supernodes}\n"
         f"options.backend.client-resources.num-cpus = {cpus_per_client}\n"
-        "options.backend.client-resources.num-gpus = 0.0\n"
+        f"options.backend.client-resources.num-gpus = {gpus_per_client}\n"
     )
 
 
 class LocalSimulation:
-    """A private Flower home for simulated runs; use as a context manager (stops the SuperLink)."""
+    """A private Flower home for simulated runs; use as a context manager (stops the SuperLink).
+    Clients share the GPUs when there are any (`gpu_share`)."""
 
     def __init__(self, flwr_home: Path, num_supernodes: int, cpus_per_client: int = 1) -> None:
         self.flwr_home = Path(flwr_home)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(connection_toml(num_supernodes, cpus_per_client))
+        toml = connection_toml(num_supernodes, cpus_per_client, gpu_share(cpus_per_client))
+        (self.flwr_home / "config.toml").write_text(toml)
         self.env = dict(os.environ)
         self.env.update(
             FLWR_HOME=str(self.flwr_home),

@@ -1,10 +1,31 @@
-"""What a client process costs the machine it runs on."""
+"""The machine a process runs on: the torch device it computes on, and what it costs."""
 
 import resource
 import sys
+
+import torch
+
+from fedmoe_app.config import ConfigError
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (10^6 bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # macOS: bytes, Linux: KiB
+
+
+def torch_device(name: str) -> torch.device:
+    """The device `train.device` names; `auto` is the first visible GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'train.device' is {name!r} but this process sees no GPU; allowed here: auto, cpu")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (GPU kernels run asynchronously), so wall
+    times measure the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

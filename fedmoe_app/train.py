@@ -17,6 +17,7 @@ from fedmoe_app.config import LossConfig
 from fedmoe_app.losses import heterogeneity_loss, load_balancing_loss, router_z_loss
 from fedmoe_app.model import AdapterClassifier, trainable_state
 from fedmoe_app.moe import RouterOutput
+from fedmoe_app.system import synchronize
 
 
 @dataclass
@@ -38,9 +39,9 @@ class RoutingStats:
         """Accumulate one forward pass's routing."""
         with torch.no_grad():
             for layer, route in enumerate(routes):
-                self.routed_tokens[layer] += route.tokens_per_expert.numpy()
-                self.gate_prob_sum[layer] += route.probs.float().sum(0).numpy()
-                self.full_prob_sum[layer] += torch.softmax(route.logits.float(), -1).sum(0).numpy()
+                self.routed_tokens[layer] += route.tokens_per_expert.cpu().numpy()
+                self.gate_prob_sum[layer] += route.probs.float().sum(0).cpu().numpy()
+                self.full_prob_sum[layer] += torch.softmax(route.logits.float(), -1).sum(0).cpu().numpy()
             self.tokens += routes[0].probs.shape[0]
 
     @property
@@ -78,9 +79,9 @@ def auxiliary_loss(
 ) -> torch.Tensor:
     """The weighted routing losses, each averaged over layers: a_bal * L_bal +
     a_het * w_n * L_het (needs `global_usage` [L, M]) + a_z * L_z."""
-    total = torch.zeros(())
     if not routes:
-        return total
+        return torch.zeros(())
+    total = torch.zeros((), device=routes[0].logits.device)
     if loss.balance > 0:
         total = total + loss.balance * torch.stack([load_balancing_loss(r) for r in routes]).mean()
     if loss.heterogeneity > 0 and het_weight > 0 and global_usage is not None:
@@ -89,6 +90,11 @@ def auxiliary_loss(
     if loss.z_loss > 0:
         total = total + loss.z_loss * torch.stack([router_z_loss(r) for r in routes]).mean()
     return total
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device`."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _routing_stats(model: AdapterClassifier) -> RoutingStats | None:
@@ -106,20 +112,24 @@ def train_local(
     het_weight: float = 0.0,
     global_usage: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train the model's trainable tensors with AdamW for `steps` batches."""
+    """Train the model's trainable tensors with AdamW for `steps` batches (on the model's device)."""
     params = list(trainable_state(model).values())
+    device = params[0].device
+    global_usage = global_usage.to(device) if global_usage is not None else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     stats = _routing_stats(model)
     model.train()
     examples, loss_sum, seconds, done = 0, 0.0, 0.0, 0
     for batch in tqdm(batches, total=steps, desc="local steps", leave=False, disable=not sys.stderr.isatty()):
         start = time.perf_counter()
+        batch = to_device(batch, device)
         logits = model(batch["input_ids"], batch["attention_mask"])
         task = F.cross_entropy(logits, batch["labels"])
         total = task + auxiliary_loss(model.trace.routes, loss, het_weight, global_usage)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
+        synchronize(device)
         seconds += time.perf_counter() - start
         if stats is not None:
             stats.add(model.trace.routes)
@@ -148,11 +158,13 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
-    """Mean cross-entropy and accuracy over `batches`."""
+    """Mean cross-entropy and accuracy over `batches` (on the model's device)."""
     model.train(False)
+    device = next(model.parameters()).device
     stats = _routing_stats(model)
     examples, correct, loss_sum = 0, 0, 0.0
     for batch in batches:
+        batch = to_device(batch, device)
         logits = model(batch["input_ids"], batch["attention_mask"])
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()

@@ -42,6 +42,8 @@ def test_yaml_round_trip():
         ("rounds=0", "'rounds' must be >= 1"),
         ("moe.renormalize=3", "'moe.renormalize' must be true or false"),
         ("rounds", "must look like key=value"),
+        ("train.device=gpu", "'train.device' is 'gpu'; allowed: auto, cpu, cuda, cuda:N"),
+        ("federation.fraction-evaluate=0", "'federation.fraction-evaluate' must be in \\(0, 1\\]"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

@@ -22,7 +22,7 @@ from fedmoe_app.data import iterate_batches, load_splits
 from fedmoe_app.model import build_model, num_layers, state_to_numpy
 from fedmoe_app.records import record_nbytes, to_record
 from fedmoe_app.system import peak_rss_mb
-from fedmoe_app.train import auxiliary_loss
+from fedmoe_app.train import auxiliary_loss, to_device
 from strategies import make_strategy
 from strategies.base import NodeInfo
 
@@ -32,8 +32,10 @@ FLOP_BATCHES = 2
 def step_flops(model, batches, loss_config: LossConfig) -> float:
     """Mean FLOPs of one training step (forward, losses, backward) over `batches`."""
     model.train()
+    device = next(model.parameters()).device
     total = 0
     for batch in batches:
+        batch = to_device(batch, device)
         with FlopCounterMode(display=False) as counter:
             logits = model(batch["input_ids"], batch["attention_mask"])
             loss = F.cross_entropy(logits, batch["labels"]) + auxiliary_loss(model.trace.routes, loss_config)

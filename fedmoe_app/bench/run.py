@@ -29,6 +29,7 @@ from fedmoe_app.bench.suites import HEADLINE, SUITES, Suite
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config, resolve_path
 from fedmoe_app.results import to_json_safe
+from fedmoe_app.system import torch_device
 from strategies import STRATEGIES
 
 KERNEL_HIDDEN = 384  # MiniLM's hidden size
@@ -99,11 +100,12 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     config = load_config(strategy_file(strategies[0]), base_overrides)
     tiers = list(load_tiers(config.devices.file))
 
-    log("bench: matmul peak and sparse MoE kernel")
-    peak = kernels.matmul_peak_gflops(threads=config.train.threads)
-    peak_all = kernels.matmul_peak_gflops(threads=os.cpu_count() or 1)
+    device = torch_device(config.train.device)
+    log(f"bench: matmul peak and sparse MoE kernel on {device}")
+    peak = kernels.matmul_peak_gflops(threads=config.train.threads, device=device)
+    peak_all = kernels.matmul_peak_gflops(threads=os.cpu_count() or 1, device=device)
     kernel_rows = [kernels.dispatch_ratio(KERNEL_HIDDEN, config.moe.expert_hidden, m, k, suite.kernel_tokens,
-                                          threads=config.train.threads) for m, k in suite.kernel_cases]
+                                          threads=config.train.threads, device=device) for m, k in suite.kernel_cases]
     log("bench: client cost per strategy and tier")
     costs = [measure_in_subprocess(s, t, base_overrides) for s in strategies for t in tiers]
     speedups = None
@@ -120,7 +122,7 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
         "machine": machine(),
         "settings": {"rounds": suite.rounds, "num_clients": suite.num_clients, "target_accuracy": suite.target_accuracy,
                      "headline": {"partition": HEADLINE[0], "mix": HEADLINE[1]}, "overrides": suite.overrides,
-                     "client_threads": config.train.threads, "tiers": tiers},
+                     "client_threads": config.train.threads, "device": str(device), "tiers": tiers},
         "matmul_peak_gflops": peak,
         "matmul_peak_gflops_all_cores": peak_all,
         "strategies": {s: strategy_entry(s, cells, ceilings, costs, peak) for s in strategies},
