@@ -21,6 +21,9 @@ def torch_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'train.device' is {name!r} but this process sees no GPU; allowed here: auto, cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        allowed = ", ".join(["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+        raise ConfigError(f"config key 'train.device' is {name!r}; allowed here: {allowed}")
     return device
 
 

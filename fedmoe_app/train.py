@@ -92,6 +92,11 @@ def auxiliary_loss(
     return total
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's tensors are on."""
+    return next(model.parameters()).device
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch's tensors on `device`."""
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
@@ -114,7 +119,7 @@ def train_local(
 ) -> TrainResult:
     """Train the model's trainable tensors with AdamW for `steps` batches (on the model's device)."""
     params = list(trainable_state(model).values())
-    device = params[0].device
+    device = model_device(model)
     global_usage = global_usage.to(device) if global_usage is not None else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     stats = _routing_stats(model)
@@ -160,7 +165,7 @@ class EvalResult:
 def evaluate(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
     """Mean cross-entropy and accuracy over `batches` (on the model's device)."""
     model.train(False)
-    device = next(model.parameters()).device
+    device = model_device(model)
     stats = _routing_stats(model)
     examples, correct, loss_sum = 0, 0, 0.0
     for batch in batches:

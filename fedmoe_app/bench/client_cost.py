@@ -22,7 +22,7 @@ from fedmoe_app.data import iterate_batches, load_splits
 from fedmoe_app.model import build_model, num_layers, state_to_numpy
 from fedmoe_app.records import record_nbytes, to_record
 from fedmoe_app.system import peak_rss_mb
-from fedmoe_app.train import auxiliary_loss, to_device
+from fedmoe_app.train import auxiliary_loss, model_device, to_device
 from strategies import make_strategy
 from strategies.base import NodeInfo
 
@@ -32,7 +32,7 @@ FLOP_BATCHES = 2
 def step_flops(model, batches, loss_config: LossConfig) -> float:
     """Mean FLOPs of one training step (forward, losses, backward) over `batches`."""
     model.train()
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = 0
     for batch in batches:
         batch = to_device(batch, device)

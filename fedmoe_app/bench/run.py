@@ -103,7 +103,8 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     device = torch_device(config.train.device)
     log(f"bench: matmul peak and sparse MoE kernel on {device}")
     peak = kernels.matmul_peak_gflops(threads=config.train.threads, device=device)
-    peak_all = kernels.matmul_peak_gflops(threads=os.cpu_count() or 1, device=device)
+    # every core only means something on a CPU; a GPU's one figure is `peak`
+    peak_all = kernels.matmul_peak_gflops(threads=os.cpu_count() or 1) if device.type == "cpu" else None
     kernel_rows = [kernels.dispatch_ratio(KERNEL_HIDDEN, config.moe.expert_hidden, m, k, suite.kernel_tokens,
                                           threads=config.train.threads, device=device) for m, k in suite.kernel_cases]
     log("bench: client cost per strategy and tier")
