@@ -4,7 +4,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe_app.client import client_task
-from fedmoe_app.records import from_record, record_nbytes, to_record
+from fedmoe_app.records import from_record, record_nbytes, to_record, updates_from
 
 app = ClientApp()
 
@@ -18,13 +18,15 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received tensors on local data; reply with only what was trained."""
+    """Train the received tensors on local data; reply with the updates of only what was
+    trained (trained minus received), in the run's wire dtype."""
     config = msg.content["config"]
     task = client_task(config["run-config"], context.node_config)
+    received = from_record(msg.content["arrays"])
     arrays, metrics, next_experts = task.train(
-        from_record(msg.content["arrays"]), config["adapter"], config["server-round"], config.get("global-usage")
+        received, config["adapter"], config["server-round"], config.get("global-usage")
     )
-    reply_arrays = to_record(arrays)
+    reply_arrays = to_record(updates_from(arrays, received), task.config.federation.wire_dtype)
     metrics["bytes-down"] = record_nbytes(msg.content["arrays"])
     metrics["bytes-up"] = record_nbytes(reply_arrays)
     content = RecordDict({

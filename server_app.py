@@ -29,6 +29,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedmoe: strategy %s | dataset: %s", config.strategy, splits.source)
 
     model = build_model(config, splits.num_labels, strategy.adapter)
+    log(INFO, "fedmoe: precision %s (%s); each client resolves train.precision on its own hardware",
+        model.precision.name, model.precision.reason)
     results = RunResults(run_dir(config), config_to_yaml(config))
     log(INFO, "fedmoe: results go to %s", results.run_dir)
 

@@ -42,6 +42,7 @@ class MoEConfig:
     renormalize: bool = True  # renormalise the chosen top-k gate weights to sum to one
     init_scale: float = 0.01  # std of the experts' output projection at initialisation
     eval_top_k: int = 2  # top-k of the global model in server-side evaluation
+    dispatch: str = "auto"  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainConfig:
     threads: int = 1  # torch threads per client process
     device: str = "auto"  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
     group_by_length: bool = True  # batches of rows of similar length: less padding, same data
+    precision: str = "auto"  # auto (bf16 / fp16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class FederationConfig:
     min_nodes: int = 2
     min_reply_fraction: float = 0.5
     round_timeout: float = 3600.0
+    wire_dtype: str = "fp16"  # tensors on the wire: fp32 | fp16 | bf16 (aggregation is float32)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,9 @@ class RunConfig:
 CHOICES = {
     "model.pooling": ("mean", "cls"),
     "data.partitioner": ("iid", "dirichlet", "pathological"),
+    "federation.wire-dtype": ("fp32", "fp16", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "moe.dispatch": ("auto", "loop", "grouped_mm", "segmented"),
 }
 
 

@@ -21,7 +21,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.utils import logging as transformers_logging
 
 from fedmoe_app.config import RunConfig
-from fedmoe_app.moe import BottleneckExpert, RouterOutput, SparseMoE
+from fedmoe_app.moe import BottleneckExperts, RouterOutput, SparseMoE
+from fedmoe_app.precision import Precision, resolve_precision
 from fedmoe_app.system import torch_device
 
 transformers_logging.disable_progress_bar()
@@ -114,13 +115,15 @@ class AdapterSlot(nn.Module):
 class AdapterClassifier(nn.Module):
     """Frozen encoder + adapters + linear head on the pooled output."""
 
-    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "mean") -> None:
+    def __init__(self, backbone: nn.Module, num_labels: int, pooling: str = "mean",
+                 precision: Precision = Precision("fp32", "default")) -> None:
         super().__init__()
         # `layers` is registered before `backbone` so shared MoE modules take its names.
         self.layers = nn.ModuleList()
         self.trace = RoutingTrace()
         self.backbone = backbone
         self.pooling = pooling
+        self.precision = precision  # training and evaluation autocast to it
         self.head = nn.Linear(backbone.config.hidden_size, num_labels)
         self.backbone.requires_grad_(False)
 
@@ -144,7 +147,7 @@ class AdapterClassifier(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.head(pooled)
+        return self.head(pooled).float()
 
 
 def _add_moe_adapters(
@@ -160,12 +163,10 @@ def _add_moe_adapters(
         raise ValueError(f"held experts given for {len(held)} layers, the model has {len(layers)}")
     hidden = model.backbone.config.hidden_size
     for layer, layer_held in zip(layers, held):
-        experts = {
-            e: BottleneckExpert(hidden, config.moe.expert_hidden, config.moe.init_scale)
-            for e in layer_held
-        }
+        experts = BottleneckExperts(hidden, config.moe.expert_hidden, layer_held, config.moe.init_scale)
         moe = SparseMoE(
-            hidden, config.moe.num_experts, experts, min(top_k, len(experts)), config.moe.renormalize
+            hidden, config.moe.num_experts, experts, min(top_k, len(layer_held)), config.moe.renormalize,
+            config.moe.dispatch,
         )
         model.layers.append(AdapterSlot(moe))
         layer.output = ParallelMoEOutput(layer.output, moe, model.trace)
@@ -179,6 +180,9 @@ def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int) -
         target_modules=list(config.lora.target_modules),
     )
     inject_adapter_in_model(lora, model.backbone)
+    for param in model.backbone.parameters():  # PEFT gives adapters the base layer's dtype
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 def num_layers(config: RunConfig) -> int:
@@ -199,26 +203,59 @@ def build_model(
     For 'moe', `held` lists the experts each layer holds (default: all) and `top_k` the
     experts per token (default: moe.eval-top-k). For 'lora', `lora_rank` defaults to
     lora.rank. Initial values are seeded by `config.seed` (the same on every device); the
-    model is on `train.device`.
+    model is on `train.device` and computes in `train.precision` (the frozen backbone held
+    in that precision, the trainable tensors in float32).
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter is {adapter!r}; allowed: {', '.join(ADAPTERS)}")
-    backbone, _ = load_backbone(config.model.backbone)
+    device = torch_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device)
+    backbone = frozen_backbone(config.model.backbone, device, precision.dtype)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        model = AdapterClassifier(copy.deepcopy(backbone), num_labels, config.model.pooling)
+        model = AdapterClassifier(_share_weights_copy(backbone), num_labels, config.model.pooling, precision)
         if adapter == "moe":
             every = list(range(config.moe.num_experts))
             held = held if held is not None else [every] * backbone.config.num_hidden_layers
             _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
         elif adapter == "lora":
             _add_lora_adapters(model, config, lora_rank or config.lora.rank)
-    return model.to(torch_device(config.train.device)).train(False)
+    return model.to(device).train(False)
+
+
+@lru_cache(maxsize=2)
+def frozen_backbone(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The cached backbone on `device`, held in `dtype`. Cached per process: models built
+    from it share its frozen tensors."""
+    backbone = copy.deepcopy(load_backbone(name)[0]).to(device=device, dtype=dtype)
+    # On a CPU, torch's fused attention back-propagates slowly (in bf16 3.4x slower than
+    # plain matmul + softmax attention for a MiniLM batch); on a GPU the fused kernel wins.
+    backbone.set_attn_implementation("eager" if device.type == "cpu" else "sdpa")
+    return backbone
+
+
+def _share_weights_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose structure is new (adapters can be injected into it) and
+    whose tensors are the original's: frozen weights are never copied."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors by their stable names."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors by their stable names; a stacked expert module's tensors
+    appear expert by expert (`layers.3.moe.experts.7.w_in.weight`), as views."""
+    state = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, BottleneckExperts):
+            state.update({f"{prefix}.{name}": view for name, view in module.expert_state().items()})
+    stacked = {id(p) for m in model.modules() if isinstance(m, BottleneckExperts) for p in m.parameters()}
+    state.update({name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in stacked})
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimiser updates."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:

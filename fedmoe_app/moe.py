@@ -1,17 +1,33 @@
 """Sparse Mixture-of-Experts: a top-k router over a held expert subset and sparse dispatch.
 
-The router and the dispatch make no assumption about what an expert is: any module that
-maps [n, d] -> [n, d] works, so the same code serves adapter experts (FFT-MoE) and
-backbone experts (slices of a frozen FFN, HFedMoE / UB-SMoE).
+A layer's held experts live in one module with stacked weights (`BottleneckExperts`), so
+their work can run as grouped matrix products; each expert's tensors are still exposed
+one by one (`expert_state`) under stable names, so a message can carry any subset.
+
+Dispatch (`SparseMoE.dispatch`):
+- `loop`: the reference: for each expert, gather its tokens, run it, scatter back.
+- `grouped_mm`: slots sorted by expert, both projections as one `torch._grouped_mm` each.
+- `segmented`: slots sorted by expert, one matrix product per expert over its contiguous
+  segment (the weights unbound, so no per-expert full-size gradient buffers).
+- `auto`: the fastest of these measured for the device and compute dtype
+  (`pick_dispatch`; figures in docs/RESULTS.md, `make bench-quick`).
+Every implementation computes exactly the k chosen experts per token: compute scales
+with k, not with M.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fedmoe_app.config import CHOICES
+
+DISPATCHES = CHOICES["moe.dispatch"]
 
 
 @dataclass
@@ -43,79 +59,177 @@ class TopKRouter(nn.Module):
     ) -> RouterOutput:
         """Route tokens `x` [N, d] to `top_k` of the held experts."""
         logits = F.linear(x, self.weight)
-        masked = logits.masked_fill(~held_mask, float("-inf"))
-        probs = torch.softmax(masked.float(), dim=-1).to(x.dtype)
+        masked = logits.float().masked_fill(~held_mask, float("-inf"))
+        probs = torch.softmax(masked, dim=-1)
         topk_weight, topk_index = torch.topk(probs, top_k, dim=-1)
         if renormalize:
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         return RouterOutput(logits, probs, topk_index, topk_weight, held_mask)
 
 
-class BottleneckExpert(nn.Module):
-    """Adapter expert: a two-layer bottleneck FFN d -> h -> d."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on `x` run in: autocast's, where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    def __init__(self, hidden_size: int, expert_hidden: int, init_scale: float = 0.01) -> None:
+
+def _aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` takes these operands: rows of a multiple of 16 bytes."""
+    return all(size * x.element_size() % 16 == 0 for size in weight.shape[1:])
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int], dispatch: str) -> torch.Tensor:
+    """`x` [S, in] holds consecutive segments of `counts[e]` rows; row r of segment e
+    becomes `weight[e] @ x[r]` (weight: [E, out, in]). One grouped product or one
+    product per segment (`dispatch`: grouped_mm, where the sizes suit it, | segmented)."""
+    if dispatch == "grouped_mm" and _aligned(x, weight):
+        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    outs = [F.linear(part, w) for part, w, n in zip(x.split(list(counts)), weight.unbind(0), counts) if n]
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
+class BottleneckExperts(nn.Module):
+    """The held adapter experts of one layer: expert `held[i]` is the two-layer bottleneck
+    FFN d -> h -> d with weights w_in[i] [h, d], b_in[i], w_out[i] [d, h], b_out[i]."""
+
+    def __init__(self, hidden_size: int, expert_hidden: int, held: Sequence[int], init_scale: float = 0.01) -> None:
         super().__init__()
-        self.w_in = nn.Linear(hidden_size, expert_hidden)
-        self.w_out = nn.Linear(expert_hidden, hidden_size)
-        nn.init.normal_(self.w_out.weight, std=init_scale)
-        nn.init.zeros_(self.w_out.bias)
+        self.held = sorted(int(e) for e in held)
+        count = len(self.held)
+        bound = 1 / math.sqrt(hidden_size)  # nn.Linear's default initialisation
+        self.w_in = nn.Parameter(torch.empty(count, expert_hidden, hidden_size).uniform_(-bound, bound))
+        self.b_in = nn.Parameter(torch.empty(count, expert_hidden).uniform_(-bound, bound))
+        self.w_out = nn.Parameter(torch.empty(count, hidden_size, expert_hidden).normal_(std=init_scale))
+        self.b_out = nn.Parameter(torch.zeros(count, hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the expert to tokens `x` [n, d]."""
-        return self.w_out(F.gelu(self.w_in(x)))
+    def expert_state(self) -> dict[str, torch.Tensor]:
+        """Each held expert's tensors, as views named `<expert>.w_in.weight` and so on."""
+        state = {}
+        for i, expert in enumerate(self.held):
+            state[f"{expert}.w_in.weight"] = self.w_in[i]
+            state[f"{expert}.w_in.bias"] = self.b_in[i]
+            state[f"{expert}.w_out.weight"] = self.w_out[i]
+            state[f"{expert}.w_out.bias"] = self.b_out[i]
+        return state
+
+    def forward_one(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Held expert number `i` (local index) on tokens `x` [n, d]."""
+        return F.linear(F.gelu(F.linear(x, self.w_in[i], self.b_in[i])), self.w_out[i], self.b_out[i])
+
+    def forward_sorted(self, x: torch.Tensor, counts: Sequence[int], local: torch.Tensor, gate: torch.Tensor,
+                       token_gates: torch.Tensor, dispatch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts on slots sorted by expert. `x` [S, d]: slot inputs, `counts`: slots per
+        held expert, `local` [S]: each slot's local expert, `gate` [S]: its gate weight,
+        `token_gates` [N, E]: every token's gate per held expert. Returns the gated slot
+        outputs without output bias [S, d] and the tokens' gated output bias [N, d]
+        (applied per token, a [N, E] @ [E, d] product, instead of per slot)."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        hidden = grouped_linear(x, self.w_in.to(dtype), counts, dispatch) + self.b_in.to(dtype)[local]
+        # the gate scales the narrow hidden activations, not the wide outputs
+        hidden = F.gelu(hidden) * gate.to(dtype)[:, None]
+        out = grouped_linear(hidden, self.w_out.to(dtype), counts, dispatch)
+        return out, token_gates.to(dtype) @ self.b_out.to(dtype)
+
+
+def pick_dispatch(device: torch.device, dtype: torch.dtype) -> str:
+    """The fastest dispatch measured for this device and compute dtype (`grouped_mm` needs
+    torch >= 2.8 and, on CUDA, a Hopper-class GPU; elsewhere `segmented`)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "segmented"
+    if device.type == "cuda":
+        return "grouped_mm" if torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16 else "segmented"
+    return GROUPED_MM_ON_CPU.get(dtype, "segmented")
+
+
+# Measured with `python -m fedmoe_app.bench.kernels` (forward + backward, 2,048 tokens,
+# d = 384, h = 64, M = 16, k = 1, 2, 4, one thread; docs/RESULTS.md).
+GROUPED_MM_ON_CPU: dict[torch.dtype, str] = {torch.float32: "grouped_mm", torch.bfloat16: "grouped_mm"}
 
 
 class SparseMoE(nn.Module):
     """Top-k mixture over the experts a client holds, computed sparsely.
 
-    `experts` maps a global expert index to its module; only those are built and held.
-    Each expert runs on exactly the tokens routed to it, so expert compute scales with
-    k, not with M.
+    Only the held experts are built (`experts`, one stacked module). Each expert runs on
+    exactly the tokens routed to it, so expert compute scales with k, not with M.
     """
 
     def __init__(
         self,
         hidden_size: int,
         num_experts: int,
-        experts: dict[int, nn.Module],
+        experts: BottleneckExperts,
         top_k: int,
         renormalize: bool = True,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
-        if not experts:
+        if not experts.held:
             raise ValueError("a SparseMoE needs at least one held expert")
-        if not 1 <= top_k <= len(experts):
-            raise ValueError(f"top_k={top_k} must be in [1, {len(experts)}] (experts held)")
+        if not 1 <= top_k <= len(experts.held):
+            raise ValueError(f"top_k={top_k} must be in [1, {len(experts.held)}] (experts held)")
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch is {dispatch!r}; allowed: {', '.join(DISPATCHES)}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
+        self.dispatch = dispatch
         self.router = TopKRouter(hidden_size, num_experts)
-        self.experts = nn.ModuleDict({str(e): experts[e] for e in sorted(experts)})
+        self.experts = experts
         held_mask = torch.zeros(num_experts, dtype=torch.bool)
-        held_mask[sorted(experts)] = True
+        held_mask[experts.held] = True
+        local_index = torch.full((num_experts,), -1, dtype=torch.long)
+        local_index[experts.held] = torch.arange(len(experts.held))
         self.register_buffer("held_mask", held_mask, persistent=False)
+        self.register_buffer("local_index", local_index, persistent=False)
 
     @property
     def held(self) -> list[int]:
         """Global indices of the held experts."""
-        return [int(e) for e in self.experts]
+        return list(self.experts.held)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """Mix the top-k experts' outputs for tokens `x` [N, d]."""
         route = self.router(x, self.held_mask, self.top_k, self.renormalize)
-        flat_expert = route.topk_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)  # slots grouped by expert
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        dispatch = self.dispatch
+        if dispatch == "auto":
+            dispatch = pick_dispatch(x.device, compute_dtype(x))
+        if dispatch == "loop":
+            return self._loop(x, route), route
+        return self._sorted(x, route, dispatch), route
+
+    def _loop(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """Reference dispatch: each expert gathers its tokens, runs, and scatters back."""
+        local = self.local_index[route.topk_index].reshape(-1)
+        order = torch.argsort(local, stable=True)  # slots grouped by expert
+        counts = torch.bincount(local, minlength=len(self.held)).tolist()
         token_of_slot = order // self.top_k
         weight_of_slot = route.topk_weight.reshape(-1)[order]
         out = torch.zeros_like(x)
         start = 0
-        for expert_id, count in enumerate(counts):
+        for i, count in enumerate(counts):
             if count == 0:
                 continue
             tokens = token_of_slot[start : start + count]
-            expert_out = self.experts[str(expert_id)](x[tokens])
-            out.index_add_(0, tokens, expert_out * weight_of_slot[start : start + count, None])
+            expert_out = self.experts.forward_one(i, x[tokens]) * weight_of_slot[start : start + count, None]
+            out.index_add_(0, tokens, expert_out.to(out.dtype))
             start += count
-        return out, route
+        return out
+
+    def _sorted(self, x: torch.Tensor, route: RouterOutput, dispatch: str) -> torch.Tensor:
+        """Grouped dispatch: one gather of the slots sorted by expert, the experts' grouped
+        work, one scatter-add back to the tokens."""
+        local_topk = self.local_index[route.topk_index]  # [N, k]
+        local = local_topk.reshape(-1)
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=len(self.held)).tolist()
+        token_of_slot = order // self.top_k
+        x = x.to(compute_dtype(x))  # gather and scatter in the compute dtype: half the bytes in bf16
+        token_gates = torch.zeros(x.shape[0], len(self.held), device=x.device, dtype=route.topk_weight.dtype)
+        token_gates = token_gates.scatter(1, local_topk, route.topk_weight)
+        slot_out, bias = self.experts.forward_sorted(
+            x.index_select(0, token_of_slot), counts, local[order], route.topk_weight.reshape(-1)[order],
+            token_gates, dispatch,
+        )
+        return bias.index_add(0, token_of_slot, slot_out)

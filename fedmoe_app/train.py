@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from fedmoe_app.config import LossConfig
 from fedmoe_app.losses import heterogeneity_loss, load_balancing_loss, router_z_loss
-from fedmoe_app.model import AdapterClassifier, trainable_state
+from fedmoe_app.model import AdapterClassifier, trainable_parameters
 from fedmoe_app.moe import RouterOutput
 from fedmoe_app.system import synchronize
 
@@ -117,23 +117,26 @@ def train_local(
     het_weight: float = 0.0,
     global_usage: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train the model's trainable tensors with AdamW for `steps` batches (on the model's device)."""
-    params = list(trainable_state(model).values())
+    """Train the model's trainable tensors with AdamW for `steps` batches (on the model's
+    device, in the model's precision; fp16 with loss scaling)."""
     device = model_device(model)
     global_usage = global_usage.to(device) if global_usage is not None else None
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
     stats = _routing_stats(model)
     model.train()
     examples, loss_sum, seconds, done = 0, 0.0, 0.0, 0
     for batch in tqdm(batches, total=steps, desc="local steps", leave=False, disable=not sys.stderr.isatty()):
         start = time.perf_counter()
         batch = to_device(batch, device)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        task = F.cross_entropy(logits, batch["labels"])
-        total = task + auxiliary_loss(model.trace.routes, loss, het_weight, global_usage)
+        with model.precision.autocast(device):
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            task = F.cross_entropy(logits, batch["labels"])
+            total = task + auxiliary_loss(model.trace.routes, loss, het_weight, global_usage)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
         synchronize(device)
         seconds += time.perf_counter() - start
         if stats is not None:
@@ -163,14 +166,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
-    """Mean cross-entropy and accuracy over `batches` (on the model's device)."""
+    """Mean cross-entropy and accuracy over `batches` (on the model's device, in its precision)."""
     model.train(False)
     device = model_device(model)
     stats = _routing_stats(model)
     examples, correct, loss_sum = 0, 0, 0.0
     for batch in batches:
         batch = to_device(batch, device)
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        with model.precision.autocast(device):
+            logits = model(batch["input_ids"], batch["attention_mask"])
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         examples += len(batch["labels"])

@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedmoe_app.config import RunConfig, config_to_yaml
-from fedmoe_app.records import from_record, to_record, unflatten
+from fedmoe_app.records import from_record, to_record, trained_from, unflatten
 from fedmoe_app.system import peak_rss_mb
 from strategies.core import Contribution, Weight, sparse_weighted_average
 
@@ -120,7 +120,7 @@ class SparseStrategy(Strategy):
         log(INFO, "Strategy %s (adapter: %s), %d rounds", self.name, self.adapter, self.config.rounds)
 
     def _message(self, node: NodeInfo, server_round: int, kind: str, config: ConfigRecord) -> Message:
-        arrays = to_record(self.arrays_for(node, server_round))
+        arrays = to_record(self.arrays_for(node, server_round), self.config.federation.wire_dtype)
         node_config = ConfigRecord({**config, **self.config_for(node, server_round), "server-round": server_round})
         content = RecordDict({"arrays": arrays, "config": node_config})
         return Message(content=content, dst_node_id=node.node_id, message_type=kind)
@@ -170,8 +170,11 @@ class SparseStrategy(Strategy):
         log(WARNING, "node %s (%s) failed: %s", node_id, tier, reason)
 
     def _decode(self, replies: Iterable[Message]) -> list[Reply]:
+        """The successful replies, each with its trained tensors: the global tensors that
+        were sent plus the updates it sent back (`self.global_arrays` still holds what was sent)."""
         return [
-            Reply(self.nodes[node_id], from_record(content["arrays"]), content["metrics"], content.get("request", ConfigRecord()))
+            Reply(self.nodes[node_id], trained_from(self.global_arrays, from_record(content["arrays"])),
+                  content["metrics"], content.get("request", ConfigRecord()))
             for node_id, content in self._outcomes(replies)
         ]
 

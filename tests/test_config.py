@@ -51,6 +51,14 @@ def test_bad_input_names_the_key(overrides, message):
         load_config("conf/fft_moe.yaml", overrides)
 
 
+def test_wire_dtype_defaults_to_fp16_and_rejects_other_values():
+    assert load_config("conf/fft_moe.yaml").federation.wire_dtype == "fp16"
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert load_config("conf/fft_moe.yaml", f"federation.wire-dtype={dtype}").federation.wire_dtype == dtype
+    with pytest.raises(ConfigError, match="'federation.wire-dtype' is 'fp8'; allowed: fp32, fp16, bf16"):
+        load_config("conf/fft_moe.yaml", "federation.wire-dtype=fp8")
+
+
 def test_bad_strategy_and_missing_file():
     with pytest.raises(ConfigError, match="'strategy' is 'fedsgd'; allowed: fedavg_lora, fft_moe"):
         make_strategy(load_config("conf/fft_moe.yaml", "strategy=fedsgd"), 6)

@@ -11,7 +11,7 @@ from flwr.common import Error
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmoe_app.config import load_config
-from fedmoe_app.records import from_record, to_record
+from fedmoe_app.records import from_record, to_record, updates_from
 from strategies import make_strategy
 
 KEY = "backbone.encoder.layer.0.attention.self.query.lora_A.default.weight"
@@ -64,8 +64,10 @@ class FakeGrid:
                    "peak-rss-mb": 100.0 + node_id}
         if kind == MessageType.EVALUATE:
             return RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 1.0, "accuracy": 0.5})})
-        arrays = {KEY: from_record(message.content["arrays"])[KEY] + node_id}  # each node moves the tensor by its id
-        return RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics), "request": ConfigRecord({})})
+        received = from_record(message.content["arrays"])
+        trained = {KEY: received[KEY] + node_id}  # each node moves the tensor by its id
+        arrays = to_record(updates_from(trained, received))  # and replies with the move, as the ClientApp does
+        return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), "request": ConfigRecord({})})
 
 
 def run(grid, overrides="", rounds=1, on_round=None):
@@ -103,6 +105,7 @@ def test_silent_node_is_a_timeout_failure_named_with_its_tier():
     failed = [f for f in records[2]["failed_nodes"]]
     assert failed[0] == {"node_id": "12", "tier": "jetson-nano", "reason": failed[0]["reason"]}
     assert "round-timeout" in failed[0]["reason"]
+    np.testing.assert_allclose(value, (11 + 12 + 13) / 3 + (11 + 13) / 2)  # each round adds the replies' mean move
 
 
 def test_too_few_replies_keep_the_global_model():

@@ -1,6 +1,7 @@
 """What one client of a tier pays for one round of a strategy, measured in a fresh process
 (so its peak resident memory is its own): seconds per local step, FLOPs per step counted
-by torch's FLOP counter, bytes down and up, and their ratio to the full adapter set.
+by torch's FLOP counter, bytes down and up (in the wire dtype), and their ratio to the full
+adapter set, at the configured precision.
 
 Usage: python -m fedmoe_app.bench.client_cost --strategy fft_moe --tier rpi4 [--data-dir DIR]
 Prints one JSON object.
@@ -20,7 +21,7 @@ from fedmoe_app.client import ClientTask
 from fedmoe_app.config import APP_DIR, LossConfig, load_config
 from fedmoe_app.data import iterate_batches, load_splits
 from fedmoe_app.model import build_model, num_layers, state_to_numpy
-from fedmoe_app.records import record_nbytes, to_record
+from fedmoe_app.records import record_nbytes, to_record, updates_from
 from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.train import auxiliary_loss, model_device, to_device
 from strategies import make_strategy
@@ -33,6 +34,8 @@ def step_flops(model, batches, loss_config: LossConfig) -> float:
     """Mean FLOPs of one training step (forward, losses, backward) over `batches`."""
     model.train()
     device = model_device(model)
+    for moe in model.moe_layers:  # the FLOP counter counts F.linear, not torch._grouped_mm: same work
+        moe.dispatch = "segmented"
     total = 0
     for batch in batches:
         batch = to_device(batch, device)
@@ -63,11 +66,13 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
                                    seed=config.seed, num_batches=FLOP_BATCHES,
                                    group_by_length=config.train.group_by_length))
     flops = step_flops(task.model(down, strategy.adapter), batches, config.loss)
-    full = record_nbytes(to_record(strategy.global_arrays))
-    up = record_nbytes(to_record(trained))
-    down_bytes = record_nbytes(to_record(down))
+    wire = config.federation.wire_dtype
+    full = record_nbytes(to_record(strategy.global_arrays, wire))
+    up = record_nbytes(to_record(updates_from(trained, down), wire))
+    down_bytes = record_nbytes(to_record(down, wire))
     return {
         "strategy": strategy_name, "tier": tier, "threads": config.train.threads,
+        "precision": task.model(down, strategy.adapter).precision.name, "wire_dtype": wire,
         "batch_size": budget.batch_size, "max_length": budget.max_length, "local_steps": budget.local_steps,
         "experts_held": budget.experts_held, "top_k": budget.top_k,
         "step_seconds": float(metrics["step-seconds"]), "train_seconds": float(metrics["train-seconds"]),

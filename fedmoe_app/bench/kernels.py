@@ -1,16 +1,21 @@
-"""Micro-benchmarks on the training device: its measured matmul peak, and the sparse MoE
-layer against a dense layer doing the same k experts' work."""
+"""Micro-benchmarks on the training device: its measured matmul peak per dtype, and each
+sparse MoE dispatch implementation against a dense layer doing the same k experts' work,
+in float32 and in the low precision the hardware has."""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
-from fedmoe_app.moe import BottleneckExpert, SparseMoE
+from fedmoe_app.moe import DISPATCHES, BottleneckExperts, SparseMoE, pick_dispatch
+from fedmoe_app.precision import Precision
 from fedmoe_app.system import synchronize
+
+IMPLEMENTATIONS = tuple(d for d in DISPATCHES if d != "auto")
 
 CPU = torch.device("cpu")
 
@@ -41,41 +46,66 @@ def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2, device
     return min(times)
 
 
-def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 10, device: torch.device = CPU) -> float:
-    """Measured float32 matmul throughput (GFLOP/s) on `device` (with `threads` torch
+def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 10, device: torch.device = CPU,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul throughput (GFLOP/s) in `dtype` on `device` (with `threads` torch
     threads on a CPU): the physical ceiling a training step there can approach."""
     size = size if device.type == "cpu" else 4 * size  # a GPU needs larger products to fill
     with torch_threads(threads):
-        a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
         seconds = best_seconds(lambda: torch.mm(a, b), repeats, device=device)
     return 2 * size**3 / seconds / 1e9
 
 
-def moe_and_dense(hidden: int, expert_hidden: int, num_experts: int, top_k: int, seed: int = 0):
+def dense_bottleneck(hidden: int, width: int) -> nn.Module:
+    """A dense two-layer FFN d -> width -> d (GELU), as one adapter expert of that width."""
+    return nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
+
+
+def moe_and_dense(hidden: int, expert_hidden: int, num_experts: int, top_k: int, dispatch: str = "auto",
+                  seed: int = 0) -> tuple[SparseMoE, nn.Module]:
     """A SparseMoE holding all `num_experts` experts with top-`top_k` routing, and the dense
     layer that does the same expert work for every token: one bottleneck of width k * h."""
     torch.manual_seed(seed)
-    experts = {e: BottleneckExpert(hidden, expert_hidden, init_scale=0.02) for e in range(num_experts)}
-    moe = SparseMoE(hidden, num_experts, experts, top_k)
-    dense = BottleneckExpert(hidden, top_k * expert_hidden, init_scale=0.02)
-    return moe, dense
+    experts = BottleneckExperts(hidden, expert_hidden, range(num_experts), init_scale=0.02)
+    return SparseMoE(hidden, num_experts, experts, top_k, dispatch=dispatch), dense_bottleneck(hidden, top_k * expert_hidden)
 
 
-def dispatch_ratio(hidden: int, expert_hidden: int, num_experts: int, top_k: int, tokens: int,
-                   threads: int = 1, repeats: int = 10, device: torch.device = CPU) -> dict[str, float]:
-    """Forward+backward seconds on `device` of the sparse MoE (k of M experts) and of the
-    dense equivalent on `tokens` tokens, and their ratio (1.0 = dispatch costs nothing)."""
+def dispatch_ratio(hidden: int, expert_hidden: int, num_experts: int, top_k: int, tokens: int, dispatch: str,
+                   precision: Precision, threads: int = 1, repeats: int = 10, device: torch.device = CPU) -> dict:
+    """Forward+backward seconds on `device`, in `precision`, of the sparse MoE (k of M
+    experts, `dispatch`) and of the dense equivalent on `tokens` tokens, and their ratio
+    (1.0 = dispatch costs nothing)."""
     with torch_threads(threads):
-        moe, dense = (layer.to(device) for layer in moe_and_dense(hidden, expert_hidden, num_experts, top_k))
+        moe, dense = (layer.to(device) for layer in moe_and_dense(hidden, expert_hidden, num_experts, top_k, dispatch))
         x = torch.randn(tokens, hidden, device=device, requires_grad=True)
 
         def moe_step() -> None:
-            out, _ = moe(x)
-            out.sum().backward()
+            with precision.autocast(device):
+                out, _ = moe(x)
+            out.float().sum().backward()
 
         def dense_step() -> None:
-            dense(x).sum().backward()
+            with precision.autocast(device):
+                out = dense(x)
+            out.float().sum().backward()
 
         moe_s, dense_s = best_seconds(moe_step, repeats, device=device), best_seconds(dense_step, repeats, device=device)
-    return {"num_experts": num_experts, "top_k": top_k, "tokens": tokens, "moe_ms": moe_s * 1e3,
-            "dense_ms": dense_s * 1e3, "ratio": moe_s / dense_s}
+    return {"num_experts": num_experts, "top_k": top_k, "tokens": tokens, "precision": precision.name,
+            "dispatch": dispatch, "moe_ms": moe_s * 1e3, "dense_ms": dense_s * 1e3, "ratio": moe_s / dense_s}
+
+
+def kernel_cases(hidden: int, expert_hidden: int, cases: Sequence[tuple[int, int]], tokens: int,
+                 precisions: Sequence[Precision], threads: int = 1, device: torch.device = CPU) -> list[dict]:
+    """`dispatch_ratio` of every implementation for each (M, k) and precision; `auto` marks
+    the implementation `pick_dispatch` chooses there."""
+    rows = []
+    for precision in precisions:
+        chosen = pick_dispatch(device, precision.dtype)
+        for num_experts, top_k in cases:
+            for dispatch in IMPLEMENTATIONS:
+                row = dispatch_ratio(hidden, expert_hidden, num_experts, top_k, tokens, dispatch, precision, threads,
+                                     device=device)
+                rows.append({**row, "auto": dispatch == chosen})
+    return rows

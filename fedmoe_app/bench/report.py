@@ -60,21 +60,26 @@ def ceiling_table(results: dict) -> str:
 
 
 def cost_table(results: dict) -> str:
-    """Per strategy and tier: step time, FLOPs, share of the matmul peak, bytes, memory."""
-    peak = results["matmul_peak_gflops"]
-    rows = [[c["strategy"], c["tier"], c["batch_size"], _num(c["step_seconds"]), _num(c["step_gflops"], 1),
-             _num(c["achieved_gflops_per_s"], 1), _pct(c["achieved_gflops_per_s"] / peak), _mb(c["bytes_down"]),
+    """Per strategy and tier: step time (resolved precision and fp32), FLOPs, share of the
+    fp32 and bf16 matmul peaks, bytes, memory."""
+    peak, peak_bf16 = results["matmul_peak_gflops"], results.get("matmul_peak_gflops_bf16")
+    precision = results.get("precision", "fp32")
+    rows = [[c["strategy"], c["tier"], c["batch_size"], _num(c["step_seconds"]), _num(c.get("step_seconds_fp32")),
+             _num(c["step_gflops"], 1), _num(c["achieved_gflops_per_s"], 1), _pct(c["achieved_gflops_per_s"] / peak),
+             _pct(c["achieved_gflops_per_s"] / peak_bf16) if peak_bf16 else "-", _mb(c["bytes_down"]),
              _mb(c["bytes_up"]), _num(c["bytes_up_ratio"], 3), _num(c["peak_rss_mb"], 0)]
             for c in results["client_cost"]]
-    return table(["strategy", "tier", "batch", "s/step", "GFLOP/step", "GFLOP/s", "% of peak", "MB down", "MB up",
-                  "up / full set", "peak RSS MB"], rows)
+    return table(["strategy", "tier", "batch", f"s/step ({precision})", "s/step (fp32)", "GFLOP/step", "GFLOP/s",
+                  "% of fp32 peak", "% of bf16 peak", "MB down", "MB up", "up / full set", "peak RSS MB"], rows)
 
 
 def kernel_table(results: dict) -> str:
     """Sparse MoE against the dense layer doing the same k experts' work."""
-    rows = [[r["num_experts"], r["top_k"], r["tokens"], _num(r["moe_ms"], 1), _num(r["dense_ms"], 1), _num(r["ratio"])]
-            for r in results["kernel"]["cases"]]
-    return table(["experts M", "top-k", "tokens", "MoE fwd+bwd ms", "dense (k experts' work) ms", "ratio"], rows)
+    rows = [[r["num_experts"], r["top_k"], r["tokens"], r.get("precision", "fp32"),
+             r.get("dispatch", "loop") + (" (auto)" if r.get("auto") else ""), _num(r["moe_ms"], 1),
+             _num(r["dense_ms"], 1), _num(r["ratio"])] for r in results["kernel"]["cases"]]
+    return table(["experts M", "top-k", "tokens", "precision", "dispatch", "MoE fwd+bwd ms",
+                  "dense (k experts' work) ms", "ratio"], rows)
 
 
 def scale_table(results: dict) -> str:
@@ -160,8 +165,13 @@ def plot_costs(results: dict, path: Path) -> Path:
 def plot_kernel(results: dict, path: Path) -> Path:
     """Sparse MoE / dense time ratio for each (M, k)."""
     cases = results["kernel"]["cases"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([f"M={r['num_experts']}\nk={r['top_k']}" for r in cases], [r["ratio"] for r in cases])
+    groups = list(dict.fromkeys((r.get("precision", "fp32"), r["num_experts"], r["top_k"]) for r in cases))
+    series = {}
+    for r in cases:
+        series.setdefault(r.get("dispatch", "loop"), {})[(r.get("precision", "fp32"), r["num_experts"], r["top_k"])] = r["ratio"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups)), 3.5))
+    grouped_bars(ax, [f"{p}\nM={m} k={k}" for p, m, k in groups],
+                 {name: [values.get(g, 0.0) for g in groups] for name, values in series.items()}, "")
     ax.axhline(1.0, color="k", lw=1)
     ax.set(ylabel="MoE / dense fwd+bwd time", title="sparse dispatch cost (1.0 = free)")
     return _save(fig, path)
@@ -186,7 +196,8 @@ def write(results: dict, out_dir: Path) -> Path:
         "## Learning matrix", matrix_table(results), f"![matrix]({plots['matrix'].name})",
         "## Centralised ceilings (same backbone and adapters, all data, same sample-steps)", ceiling_table(results),
         f"## Client cost per tier (one client process, {results['settings']['client_threads']} thread; "
-        f"matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s)", cost_table(results), f"![costs]({plots['costs'].name})",
+        f"precision {results.get('precision', 'fp32')}; matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s fp32, "
+        f"{_num(results.get('matmul_peak_gflops_bf16'), 0)} GFLOP/s bf16)", cost_table(results), f"![costs]({plots['costs'].name})",
         "## Sparse MoE dispatch", kernel_table(results), f"![kernel]({plots['kernel'].name})",
     ]
     if results["scale"]:

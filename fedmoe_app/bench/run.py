@@ -28,6 +28,7 @@ from fedmoe_app.bench.speedups import measure_speedups
 from fedmoe_app.bench.suites import HEADLINE, SUITES, Suite
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config, resolve_path
+from fedmoe_app.precision import resolve_precision
 from fedmoe_app.results import to_json_safe
 from fedmoe_app.system import torch_device
 from strategies import STRATEGIES
@@ -61,13 +62,13 @@ def headline(cells: list[dict], strategy: str) -> dict:
 
 
 def strategy_entry(strategy: str, cells: list[dict], ceilings: list[dict], costs: list[dict],
-                   peak: float) -> dict:
+                   peak: float, peak_bf16: float | None = None) -> dict:
     """The per-strategy headline numbers of <suite>.json."""
     head = headline(cells, strategy)
     seed0 = next(c for c in cells if c["strategy"] == strategy and (c["partition"], c["mix"]) == HEADLINE)
     ceiling = next((c for c in ceilings if c["strategy"] == strategy and c["mix"] == HEADLINE[1]), None)
     mine = {c["tier"]: c for c in costs if c["strategy"] == strategy}
-    per_tier = lambda key: {tier: cost[key] for tier, cost in mine.items()}  # noqa: E731
+    per_tier = lambda key: {tier: cost.get(key) for tier, cost in mine.items()}  # noqa: E731
     return {
         "accuracy": head["final_global_accuracy"],
         "accuracy_std": head["final_global_accuracy_std"],
@@ -79,6 +80,7 @@ def strategy_entry(strategy: str, cells: list[dict], ceilings: list[dict], costs
         "bytes_total": seed0["bytes_total"],
         "overhead_ratio": seed0["overhead_ratio"],
         "step_seconds": per_tier("step_seconds"),
+        "step_seconds_fp32": per_tier("step_seconds_fp32"),
         "step_gflops": per_tier("step_gflops"),
         "achieved_gflops_per_s": per_tier("achieved_gflops_per_s"),
         "bytes_down": per_tier("bytes_down"),
@@ -87,7 +89,25 @@ def strategy_entry(strategy: str, cells: list[dict], ceilings: list[dict], costs
         "full_adapter_bytes": next(iter(mine.values()))["full_adapter_bytes"] if mine else None,
         "peak_rss_mb": per_tier("peak_rss_mb"),
         "matmul_peak_gflops": peak,
+        "matmul_peak_gflops_bf16": peak_bf16,
     }
+
+
+def bf16_peak(threads: int, device: torch.device) -> float | None:
+    """The measured bf16 matmul peak where the hardware computes in bf16, else None."""
+    try:
+        resolve_precision("bf16", device)
+    except ConfigError:
+        return None
+    return kernels.matmul_peak_gflops(threads=threads, device=device, dtype=torch.bfloat16)
+
+
+def measure_with_fp32(strategy: str, tier: str, overrides: str) -> dict:
+    """Client cost at the configured precision, with `step_seconds_fp32` from the same
+    measurement in float32 (a second fresh process)."""
+    cost = measure_in_subprocess(strategy, tier, overrides)
+    fp32 = cost if cost["precision"] == "fp32" else measure_in_subprocess(strategy, tier, f"{overrides} train.precision=fp32")
+    return {**cost, "step_seconds_fp32": fp32["step_seconds"]}
 
 
 def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str, fresh: bool) -> dict:
@@ -101,14 +121,17 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     tiers = list(load_tiers(config.devices.file))
 
     device = torch_device(config.train.device)
-    log(f"bench: matmul peak and sparse MoE kernel on {device}")
+    precision = resolve_precision(config.train.precision, device)
+    log(f"bench: matmul peaks and sparse MoE kernel on {device}; {precision.reason}")
     peak = kernels.matmul_peak_gflops(threads=config.train.threads, device=device)
+    peak_bf16 = bf16_peak(config.train.threads, device)
     # every core only means something on a CPU; a GPU's one figure is `peak`
     peak_all = kernels.matmul_peak_gflops(threads=os.cpu_count() or 1) if device.type == "cpu" else None
-    kernel_rows = [kernels.dispatch_ratio(KERNEL_HIDDEN, config.moe.expert_hidden, m, k, suite.kernel_tokens,
-                                          threads=config.train.threads, device=device) for m, k in suite.kernel_cases]
-    log("bench: client cost per strategy and tier")
-    costs = [measure_in_subprocess(s, t, base_overrides) for s in strategies for t in tiers]
+    precisions = [resolve_precision("fp32", device)] + ([precision] if precision.name != "fp32" else [])
+    kernel_rows = kernels.kernel_cases(KERNEL_HIDDEN, config.moe.expert_hidden, suite.kernel_cases, suite.kernel_tokens,
+                                       precisions, threads=config.train.threads, device=device)
+    log("bench: client cost per strategy and tier, at the resolved precision and at fp32")
+    costs = [measure_with_fp32(s, t, base_overrides) for s in strategies for t in tiers]
     speedups = None
     if suite.speedups:
         log("bench: before/after of the optimisations")
@@ -116,7 +139,8 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     cells = run_cells(suite, strategies, runs_dir, data_dir, fresh, log)
     ceilings = run_ceilings(suite, strategies, cells, runs_dir, data_dir, fresh, log)
     scale = run_scale(suite, strategies, runs_dir, data_dir, fresh, log)
-    headline_kernel = next((r for r in kernel_rows if (r["num_experts"], r["top_k"]) == HEADLINE_KERNEL), kernel_rows[0])
+    headline_kernel = next((r for r in kernel_rows if (r["num_experts"], r["top_k"]) == HEADLINE_KERNEL and r["auto"]
+                            and r["precision"] == precision.name), kernel_rows[0])
     results = {
         "suite": suite.name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -124,10 +148,14 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
         "settings": {"rounds": suite.rounds, "num_clients": suite.num_clients, "target_accuracy": suite.target_accuracy,
                      "headline": {"partition": HEADLINE[0], "mix": HEADLINE[1]}, "overrides": suite.overrides,
                      "client_threads": config.train.threads, "device": str(device), "tiers": tiers},
+        "precision": precision.name,
+        "precision_reason": precision.reason,
         "matmul_peak_gflops": peak,
+        "matmul_peak_gflops_bf16": peak_bf16,
         "matmul_peak_gflops_all_cores": peak_all,
-        "strategies": {s: strategy_entry(s, cells, ceilings, costs, peak) for s in strategies},
-        "kernel": {"moe_dispatch_ratio": headline_kernel["ratio"], "hidden": KERNEL_HIDDEN,
+        "strategies": {s: strategy_entry(s, cells, ceilings, costs, peak, peak_bf16) for s in strategies},
+        "kernel": {"moe_dispatch_ratio": headline_kernel["ratio"], "dispatch": headline_kernel["dispatch"],
+                   "hidden": KERNEL_HIDDEN,
                    "expert_hidden": config.moe.expert_hidden, "cases": kernel_rows},
         "cells": cells,
         "ceilings": ceilings,
