@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from fedmoe_app import startup
+from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.config import RunConfig, config_from_yaml
-from fedmoe_app.data import encode, iterate_batches, load_client_data
 from fedmoe_app.losses import heterogeneity_weight
 from fedmoe_app.model import build_model, load_backbone, load_state, num_layers, state_to_numpy
+from fedmoe_app.node import describe as describe_node
 from fedmoe_app.records import flatten, held_experts, unflatten
+from fedmoe_app.rows import ClientData, device_client_data
 from fedmoe_app.system import peak_rss_mb
+from fedmoe_app.token_cache import encode_csv
 from fedmoe_app.train import evaluate, train_local
+
+startup.mark("imports")
 
 
 class ClientTask:
@@ -31,27 +37,20 @@ class ClientTask:
         self.config = config
         self.budget = resolve_budget(node_config, config)
         self.partition_id = int(node_config.get("partition-id", 0))
-        self.data = load_client_data(
-            config.data,
-            config.seed,
-            self.partition_id,
-            int(node_config.get("num-partitions", 1)),
-            str(node_config.get("data-path", "")),
-        )
+        self.data = _client_data(config, node_config, self.partition_id)
         _, self.tokenizer = load_backbone(config.model.backbone)
-        self.train_set = encode(self.data.train, self.tokenizer, self.budget.max_length)
-        self.holdout_set = encode(self.data.holdout, self.tokenizer, self.budget.max_length)
+        if self.data.csv_path is not None:  # a device: its train.csv's tokens are cached on disk
+            encoded = encode_csv(self.data.csv_path, self.data.rows, self.tokenizer, self.budget.max_length)
+        else:
+            encoded = encode(self.data.rows, self.tokenizer, self.budget.max_length)
+        self.train_set = encoded.select(self.data.train_index)
+        self.holdout_set = encoded.select(self.data.holdout_index)
         self.num_layers = num_layers(config)
+        startup.mark("data")
 
     def describe(self) -> dict[str, Any]:
         """What the server needs to tailor messages to this node."""
-        return {
-            "device-tier": self.budget.tier,
-            "experts-held": self.budget.experts_held,
-            "top-k": self.budget.top_k,
-            "lora-rank": self.budget.lora_rank,
-            "num-examples": len(self.data.train),
-        }
+        return describe_node(self.budget, len(self.data.train_index))
 
     def model(self, arrays: Mapping[str, np.ndarray], adapter: str):
         """This node's model (its experts and top-k) holding `arrays`."""
@@ -59,6 +58,7 @@ class ClientTask:
         held = held_experts(list(arrays), self.num_layers) if adapter == "moe" else None
         model = build_model(self.config, num_labels, adapter, held=held, top_k=self.budget.top_k)
         load_state(model, arrays)
+        startup.mark("model")
         return model
 
     def train(
@@ -78,7 +78,7 @@ class ClientTask:
         usage = torch.tensor(unflatten(global_usage, self.num_layers), dtype=torch.float32) if global_usage else None
         het_weight = heterogeneity_weight(self.data.label_counts, self.budget.experts_held, self.config.moe.num_experts)
         result = train_local(
-            model, batches, self.budget.local_steps, self.config.train.lr, self.config.train.weight_decay,
+            model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr, self.config.train.weight_decay,
             self.config.loss, het_weight if adapter == "moe" else 0.0, usage,
         )
         metrics: dict[str, Any] = {
@@ -99,6 +99,7 @@ class ClientTask:
             next_experts = [e for layer in result.routing.preferred_experts(self.budget.experts_held) for e in layer]
         trained = state_to_numpy(model)
         metrics["train-seconds"] = time.perf_counter() - start
+        metrics.update(startup.phase_seconds())
         return trained, metrics, next_experts
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], adapter: str) -> dict[str, Any]:
@@ -111,12 +112,34 @@ class ClientTask:
         return {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
 
 
+def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id: int) -> ClientData:
+    """A device's own data-path folder (read without `datasets`), else its simulated partition."""
+    data_path = str(node_config.get("data-path", ""))
+    if data_path:
+        return device_client_data(data_path, config.data.holdout_fraction, config.seed)
+    from fedmoe_app.data import load_client_data  # partitioning needs `datasets` and `flwr_datasets`
+
+    return load_client_data(config.data, config.seed, partition_id, int(node_config.get("num-partitions", 1)))
+
+
+def _marking_first_step(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """`batches`, marking `first-step` when the second is asked for (the first step is done)."""
+    first = True
+    for batch in batches:
+        yield batch
+        if first:
+            startup.mark("first-step")
+            first = False
+
+
 @lru_cache(maxsize=16)
 def _cached_task(config_yaml: str, node_items: tuple) -> ClientTask:
     return ClientTask(config_from_yaml(config_yaml), dict(node_items))
 
 
-def client_task(config_yaml: str, node_config: Mapping[str, Any]) -> ClientTask:
+def client_task(config_yaml: str, node_config: Mapping[str, Any], origin: float | None = None) -> ClientTask:
     """The ClientTask of this run and node, built once per process (simulation runs many
-    nodes in one process, and tokenising a partition every round would be wasted work)."""
+    nodes in one process, a node worker serves many messages, and tokenising a partition
+    every round would be wasted work). `origin`: see `startup.begin_message`."""
+    startup.begin_message(origin)
     return _cached_task(config_yaml, tuple(sorted(node_config.items())))

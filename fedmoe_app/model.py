@@ -15,7 +15,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.utils import logging as transformers_logging
@@ -173,6 +172,8 @@ def _add_moe_adapters(
 
 
 def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int) -> None:
+    from peft import LoraConfig, inject_adapter_in_model  # only LoRA needs peft (1-2 s to import)
+
     lora = LoraConfig(
         r=rank,
         lora_alpha=config.lora.alpha,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
 
+from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, resolve_path
-from fedmoe_app.data import encode, iterate_batches, load_test_set
+from fedmoe_app.data import load_test_set
 from fedmoe_app.model import AdapterClassifier, load_backbone, load_state
 from fedmoe_app.records import from_record
 from fedmoe_app.train import evaluate

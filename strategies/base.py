@@ -63,7 +63,8 @@ def train_loss(replies: list[Reply]) -> float:
 
 
 CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", "experts-held",
-                  "step-seconds", "train-seconds", "peak-rss-mb", "bytes-down", "bytes-up")
+                  "step-seconds", "train-seconds", "peak-rss-mb", "bytes-down", "bytes-up",
+                  "startup-seconds", "import-seconds", "data-seconds", "model-seconds")
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from fedmoe_app.data import (
     load_splits,
     load_test_set,
 )
+from fedmoe_app.rows import count_rows, holdout_size, split_holdout
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +153,7 @@ def test_test_set_subsample(ag_news_dir):
 
 def test_rotten_tomatoes_from_the_wheel_is_cached(tmp_path, monkeypatch, hub_offline):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("FEDMOE_CACHE_DIR", raising=False)
     try:
         splits = load_splits(DataConfig(dataset="rotten_tomatoes"), seed=0)
     except DataError as error:
@@ -254,6 +256,24 @@ def test_deployment_reads_only_the_devices_folder(tmp_path):
 def test_deployment_without_train_csv_names_data_path(tmp_path):
     with pytest.raises(DataError, match=rf"'data-path' is '{tmp_path / 'missing'}', which holds no train\.csv"):
         load_client_data(DataConfig(), 0, 0, 1, data_path=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("num_rows,fraction,seed", [(10, 0.2, 0), (1625, 0.2, 0), (333, 0.25, 7), (4, 0.2, 0), (1, 0.5, 0)])
+def test_holdout_split_is_the_one_datasets_made(num_rows, fraction, seed):
+    # Results must not change with the reader: the split is datasets' train_test_split.
+    train_index, holdout_index = split_holdout(num_rows, fraction, seed)
+    size = holdout_size(num_rows, fraction)
+    assert len(holdout_index) == size and sorted(train_index + holdout_index) == list(range(num_rows))
+    if size:
+        split = datasets.Dataset.from_dict({"i": list(range(num_rows))}).train_test_split(test_size=size, seed=seed)
+        assert (train_index, holdout_index) == (split["train"]["i"][:], split["test"]["i"][:])
+
+
+def test_count_rows_counts_records_not_lines(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"two\nlines",0\n\nplain,1\n"a ""quoted"", text",2\n')
+    assert count_rows(path) == len(data.read_csv(path)) == 3
+    assert data.read_csv(path)["text"] == ["two\nlines", "plain", 'a "quoted", text']
 
 
 def test_label_counts():

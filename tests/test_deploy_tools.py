@@ -33,7 +33,8 @@ def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):
     assert total_test == 7600
 
 
-def test_client_task_reads_tier_and_data_path_from_node_config(tmp_path, ag_news_dir):
+def test_client_task_reads_tier_and_data_path_from_node_config(tmp_path, ag_news_dir, monkeypatch):
+    monkeypatch.setenv("FEDMOE_CACHE_DIR", str(tmp_path / "cache"))  # its token cache, not the user's
     config = load_config("conf/fft_moe.yaml", "model.backbone=tiny-bert data.max-train-rows=300",
                          {"FEDMOE_DATA_DIR": str(ag_news_dir)})
     folder = split_for_devices(config, 3, tmp_path)[1]

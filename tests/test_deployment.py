@@ -21,6 +21,14 @@ TINY = (
 )
 
 
+@pytest.fixture(autouse=True)
+def token_cache_dir(tmp_path, monkeypatch):
+    """The ClientApps cache their token ids here (inherited through every process), not in
+    the user's cache."""
+    monkeypatch.setenv("FEDMOE_CACHE_DIR", str(tmp_path / "fedmoe-cache"))
+    return tmp_path / "fedmoe-cache" / "tokens"
+
+
 def records_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -49,7 +57,7 @@ def assert_all_stopped(pids, ports):
 
 
 @pytest.mark.slow
-def test_insecure_deployment_runs_the_app(tmp_path, ag_news_dir):
+def test_insecure_deployment_runs_the_app(tmp_path, ag_news_dir, token_cache_dir):
     overrides = f"{TINY} rounds=1 run-name=insecure"
     federation = federation_for(tmp_path, ag_news_dir, "conf/fedavg_lora.yaml", overrides, ["rpi4", "jetson-orin"], "insecure")
     with federation:
@@ -62,6 +70,7 @@ def test_insecure_deployment_runs_the_app(tmp_path, ag_news_dir):
     records = records_of(tmp_path / "results" / "insecure")
     assert records[1]["num_replies"] == 2 and records[1]["failures"] == 0
     assert sorted(c["tier"] for c in records[1]["clients"].values()) == ["jetson-orin", "rpi4"]
+    assert len(list(token_cache_dir.glob("*.npz"))) == 2  # each node's train.csv tokenised once, cached
     assert_all_stopped(pids, [federation.port] + [n.port for n in federation.nodes])
 
 
