@@ -30,9 +30,9 @@ def encode(rows, tokenizer, max_length: int) -> EncodedSet:
     return EncodedSet([list(row) for row in ids], [int(label) for label in rows["label"][:]])
 
 
-def _pad(rows: list[list[int]], labels: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One batch, padded to its longest row."""
-    length = max(len(row) for row in rows)
+def _pad(rows: list[list[int]], labels: list[int], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """One batch, padded to its longest row rounded up to a multiple of `multiple`."""
+    length = -(-max(len(row) for row in rows) // multiple) * multiple
     return {
         "input_ids": torch.tensor([row + [pad_token_id] * (length - len(row)) for row in rows], dtype=torch.long),
         "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows], dtype=torch.long),
@@ -66,11 +66,12 @@ def _epoch_order(encoded: EncodedSet, batch_size: int, shuffle: bool, group_by_l
 
 def iterate_batches(
     encoded: EncodedSet, batch_size: int, pad_token_id: int, *, shuffle: bool, seed: int = 0,
-    num_batches: int | None = None, group_by_length: bool = False,
+    num_batches: int | None = None, group_by_length: bool = False, length_multiple: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of input_ids, attention_mask and labels, each padded to its longest row:
-    one pass over the data, or exactly `num_batches` cycling over reshuffled epochs.
-    `group_by_length` puts rows of similar length together, so less compute goes to padding."""
+    """Batches of input_ids, attention_mask and labels, each padded to its longest row
+    (rounded up to a multiple of `length_multiple`): one pass over the data, or exactly
+    `num_batches` cycling over reshuffled epochs. `group_by_length` puts rows of similar
+    length together, so less compute goes to padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(encoded.labels)
@@ -83,7 +84,8 @@ def iterate_batches(
             if num_batches is not None and produced == num_batches:
                 return
             index = order[start : start + batch_size]
-            yield _pad([encoded.input_ids[i] for i in index], [encoded.labels[i] for i in index], pad_token_id)
+            yield _pad([encoded.input_ids[i] for i in index], [encoded.labels[i] for i in index], pad_token_id,
+                       length_multiple)
             produced += 1
         epoch += 1
         if num_batches is None:

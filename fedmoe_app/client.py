@@ -19,7 +19,7 @@ from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.config import RunConfig, config_from_yaml
 from fedmoe_app.losses import heterogeneity_weight
-from fedmoe_app.model import build_model, load_backbone, load_state, num_layers, state_to_numpy
+from fedmoe_app.model import build_model, load_tokenizer, load_state, num_layers, state_to_numpy
 from fedmoe_app.node import describe as describe_node
 from fedmoe_app.records import flatten, held_experts, unflatten
 from fedmoe_app.rows import ClientData, device_client_data
@@ -38,7 +38,7 @@ class ClientTask:
         self.budget = resolve_budget(node_config, config)
         self.partition_id = int(node_config.get("partition-id", 0))
         self.data = _client_data(config, node_config, self.partition_id)
-        _, self.tokenizer = load_backbone(config.model.backbone)
+        self.tokenizer = load_tokenizer(config.model.backbone)
         if self.data.csv_path is not None:  # a device: its train.csv's tokens are cached on disk
             encoded = encode_csv(self.data.csv_path, self.data.rows, self.tokenizer, self.budget.max_length)
         else:
@@ -74,6 +74,7 @@ class ClientTask:
             self.train_set, self.budget.batch_size, self.tokenizer.pad_token_id,
             shuffle=True, seed=self.config.seed + 1000 * server_round + self.partition_id,
             num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
+            length_multiple=model.precision.length_multiple,
         )
         usage = torch.tensor(unflatten(global_usage, self.num_layers), dtype=torch.float32) if global_usage else None
         het_weight = heterogeneity_weight(self.data.label_counts, self.budget.experts_held, self.config.moe.num_experts)
@@ -107,7 +108,7 @@ class ClientTask:
         torch.set_num_threads(self.config.train.threads)
         model = self.model(arrays, adapter)
         batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
-                                  shuffle=False, group_by_length=True)
+                                  shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         result = evaluate(model, batches)
         return {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
 

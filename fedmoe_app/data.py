@@ -8,7 +8,7 @@ A dataset named explicitly never falls back.
 
 A client's rows, the CSV reader and the holdout live in `fedmoe_app.rows`, token ids and
 batches in `fedmoe_app.batches`: a device imports those without `datasets` or
-`flwr_datasets`. Their names stay importable from here for existing users.
+`flwr_datasets`.
 """
 
 from __future__ import annotations
@@ -31,19 +31,8 @@ import datasets
 import pyarrow as pa
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
-from fedmoe_app.batches import EncodedSet, encode, iterate_batches  # noqa: F401  (re-exported)
 from fedmoe_app.config import CHOICES, DataConfig, resolve_path
-from fedmoe_app.rows import (  # noqa: F401  (some re-exported)
-    ClientData,
-    DataError,
-    TextRows,
-    cache_dir,
-    client_data,
-    device_client_data,
-    label_counts,
-    read_csv,
-    write_csv,
-)
+from fedmoe_app.rows import ClientData, DataError, TextRows, cache_dir, client_data, read_csv, write_csv
 
 AG_NEWS_HUB_ID = "fancyzhx/ag_news"
 NAMED_DATASETS = ("auto", "ag_news", "rotten_tomatoes")
@@ -274,13 +263,9 @@ def _partitioner(data: DataConfig, seed: int, num_partitions: int) -> Partitione
     return partitioner
 
 
-def load_client_data(
-    data: DataConfig, seed: int, partition_id: int, num_partitions: int, data_path: str = ""
-) -> ClientData:
-    """This client's rows and held-out slice: partition `partition_id` of the train split
-    (simulation), or the device's own `data-path` folder (deployment)."""
-    if data_path:
-        return device_client_data(data_path, data.holdout_fraction, seed)
+def load_client_data(data: DataConfig, seed: int, partition_id: int, num_partitions: int) -> ClientData:
+    """A simulated client's rows and held-out slice: partition `partition_id` of the train
+    split (a device reads its own folder: `rows.device_client_data`)."""
     partition = load_partition(data, seed, partition_id, num_partitions)
     rows = TextRows(_column(partition, "text"), _column(partition, "label"))
     return client_data(rows, data.holdout_fraction, seed, load_splits(data, seed).num_labels)

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
 from transformers.utils import logging as transformers_logging
 
 from fedmoe_app.config import RunConfig
@@ -38,28 +38,32 @@ def minilm_path() -> str:
 
 
 @lru_cache(maxsize=2)
-def load_backbone(name: str) -> tuple[nn.Module, object]:
-    """Load an encoder and its tokenizer: 'minilm' (offline package), 'tiny-bert' (random,
-    seeded, for tests), or any Hugging Face model id or local path. Cached per process."""
+def load_tokenizer(name: str):
+    """The tokenizer of backbone `name` ('minilm', 'tiny-bert', a Hugging Face id or a local
+    path; see `load_encoder`). Cached per process."""
+    return AutoTokenizer.from_pretrained(minilm_path() if name in ("minilm", "tiny-bert") else name)
+
+
+def load_encoder(name: str) -> nn.Module:
+    """A freshly loaded encoder, float32, in eval mode: 'minilm' (offline package),
+    'tiny-bert' (random, seeded, for tests), or any Hugging Face model id or local path."""
     if name == "tiny-bert":
         return _tiny_bert()
-    path = minilm_path() if name == "minilm" else name
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return AutoModel.from_pretrained(minilm_path() if name == "minilm" else name).eval()
 
 
-def _tiny_bert() -> tuple[nn.Module, object]:
+def _tiny_bert() -> nn.Module:
     """A 2-layer BERT for tests: random layers (seeded, so every process builds the same
     frozen backbone), word embeddings a fixed random projection of MiniLM's. Purely random
     embeddings make text nearly unlearnable in the few steps a test can afford."""
     minilm = AutoModel.from_pretrained(minilm_path())
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **TINY_BERT))
+        model = BertModel(BertConfig(vocab_size=minilm.config.vocab_size, **TINY_BERT))
         pretrained = minilm.embeddings.word_embeddings.weight.detach()
         projection = torch.randn(pretrained.shape[1], TINY_BERT["hidden_size"]) / pretrained.shape[1] ** 0.5
         model.embeddings.word_embeddings.weight.data.copy_(pretrained @ projection)
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 class RoutingTrace:
@@ -122,7 +126,7 @@ class AdapterClassifier(nn.Module):
         self.trace = RoutingTrace()
         self.backbone = backbone
         self.pooling = pooling
-        self.precision = precision  # training and evaluation autocast to it
+        self.precision = precision  # forward autocasts to it
         self.head = nn.Linear(backbone.config.hidden_size, num_labels)
         self.backbone.requires_grad_(False)
 
@@ -138,15 +142,17 @@ class AdapterClassifier(nn.Module):
         return [slot.moe for slot in self.layers]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, C]; this pass's routing is left in `self.trace.routes`."""
+        """Class logits [B, C] in float32, computed in the model's precision; this pass's
+        routing is left in `self.trace.routes`."""
         self.trace.start(attention_mask)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.head(pooled).float()
+        with self.precision.autocast(input_ids.device):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            return self.head(pooled).float()
 
 
 def _add_moe_adapters(
@@ -186,9 +192,16 @@ def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int) -
             param.data = param.data.float()
 
 
+@lru_cache(maxsize=4)
+def _num_hidden_layers(name: str) -> int:
+    if name == "tiny-bert":
+        return TINY_BERT["num_hidden_layers"]
+    return AutoConfig.from_pretrained(minilm_path() if name == "minilm" else name).num_hidden_layers
+
+
 def num_layers(config: RunConfig) -> int:
     """Number of transformer layers of the configured backbone."""
-    return load_backbone(config.model.backbone)[0].config.num_hidden_layers
+    return _num_hidden_layers(config.model.backbone)
 
 
 def build_model(
@@ -226,9 +239,9 @@ def build_model(
 
 @lru_cache(maxsize=2)
 def frozen_backbone(name: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The cached backbone on `device`, held in `dtype`. Cached per process: models built
-    from it share its frozen tensors."""
-    backbone = copy.deepcopy(load_backbone(name)[0]).to(device=device, dtype=dtype)
+    """The backbone on `device`, held in `dtype` (no float32 copy is kept beside it).
+    Cached per process: models built from it share its frozen tensors."""
+    backbone = load_encoder(name).to(device=device, dtype=dtype)
     # On a CPU, torch's fused attention back-propagates slowly (in bf16 3.4x slower than
     # plain matmul + softmax attention for a MiniLM batch); on a GPU the fused kernel wins.
     backbone.set_attn_implementation("eager" if device.type == "cpu" else "sdpa")

@@ -122,8 +122,10 @@ class BottleneckExperts(nn.Module):
         """The experts on slots sorted by expert. `x` [S, d]: slot inputs, `counts`: slots per
         held expert, `local` [S]: each slot's local expert, `gate` [S]: its gate weight,
         `token_gates` [N, E]: every token's gate per held expert. Returns the gated slot
-        outputs without output bias [S, d] and the tokens' gated output bias [N, d]
-        (applied per token, a [N, E] @ [E, d] product, instead of per slot)."""
+        outputs without output bias [S, d] and the tokens' gated output bias [N, d], both in
+        the compute dtype. The bias is mixed per token, one [N, E] @ [E, d] product (a
+        routing cost, like the router's [N, d] @ [d, E]), not per slot: measured, gathering
+        and scaling a [S, d] bias per slot costs more."""
         dtype = compute_dtype(x)
         x = x.to(dtype)
         hidden = grouped_linear(x, self.w_in.to(dtype), counts, dispatch) + self.b_in.to(dtype)[local]
@@ -133,19 +135,56 @@ class BottleneckExperts(nn.Module):
         return out, token_gates.to(dtype) @ self.b_out.to(dtype)
 
 
+def segment_size(count: int) -> int:
+    """`count` rows rounded up to one of few sizes (16, then a number with at most three
+    significant bits: 20, 24, 28, 32, 40, ...), at most 25% more."""
+    if count <= 16:
+        return 16 if count else 0
+    shift = count.bit_length() - 3
+    return -(-count >> shift) << shift
+
+
+def pads_segments(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether expert segments are padded to `segment_size` rows: for bf16 / fp16 on a CPU,
+    where oneDNN compiles a kernel for every new matrix shape (measured: 861 us per product
+    of a new shape against 33 us once compiled, [n, 384] @ [384, 64], one thread) and the
+    number of tokens an expert gets changes every batch."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def pad_segments(token: torch.Tensor, gate: torch.Tensor, counts: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Slots sorted by expert (`token`, `gate`, `counts` per expert) with each expert's
+    segment padded to `segment_size` rows by slots of token 0 and gate 0, which add
+    exactly nothing. Returns token, expert, gate per padded slot and the padded counts."""
+    sizes = [segment_size(c) for c in counts]
+    device = token.device
+    counts_t, sizes_t = torch.tensor(counts, device=device), torch.tensor(sizes, device=device)
+    expert_of_slot = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t)
+    shift = (sizes_t.cumsum(0) - sizes_t) - (counts_t.cumsum(0) - counts_t)  # padded start - start
+    dest = torch.arange(token.numel(), device=device) + shift[expert_of_slot]
+    total = sum(sizes)
+    padded_token = token.new_zeros(total).index_copy(0, dest, token)
+    padded_gate = gate.new_zeros(total).index_copy(0, dest, gate)
+    expert = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
+    return padded_token, expert, padded_gate, sizes
+
+
 def pick_dispatch(device: torch.device, dtype: torch.dtype) -> str:
     """The fastest dispatch measured for this device and compute dtype (`grouped_mm` needs
     torch >= 2.8 and, on CUDA, a Hopper-class GPU; elsewhere `segmented`)."""
     if not hasattr(torch, "_grouped_mm"):
         return "segmented"
     if device.type == "cuda":
-        return "grouped_mm" if torch.cuda.get_device_capability(device)[0] >= 9 and dtype == torch.bfloat16 else "segmented"
+        return "grouped_mm" if torch.cuda.get_device_capability(device)[0] == 9 and dtype == torch.bfloat16 else "segmented"
     return GROUPED_MM_ON_CPU.get(dtype, "segmented")
 
 
-# Measured with `python -m fedmoe_app.bench.kernels` (forward + backward, 2,048 tokens,
-# d = 384, h = 64, M = 16, k = 1, 2, 4, one thread; docs/RESULTS.md).
-GROUPED_MM_ON_CPU: dict[torch.dtype, str] = {torch.float32: "grouped_mm", torch.bfloat16: "grouped_mm"}
+# Measured with `fedmoe_app.bench.kernels.kernel_cases` (forward + backward, new routing
+# every call, 2,048 tokens, d = 384, h = 64, M = 16, one thread; docs/RESULTS.md): MoE /
+# dense for k = 1, 2, 4 in fp32 grouped_mm 2.61 / 2.39 / 2.33, segmented 2.72 / 2.49 / 2.43;
+# in bf16 grouped_mm 4.07 / 6.66 / 5.56, segmented 4.29 / 4.84 / 4.68.
+GROUPED_MM_ON_CPU: dict[torch.dtype, str] = {torch.float32: "grouped_mm", torch.bfloat16: "segmented"}
 
 
 class SparseMoE(nn.Module):
@@ -224,12 +263,13 @@ class SparseMoE(nn.Module):
         local = local_topk.reshape(-1)
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.held)).tolist()
-        token_of_slot = order // self.top_k
-        x = x.to(compute_dtype(x))  # gather and scatter in the compute dtype: half the bytes in bf16
+        token, expert, gate = order // self.top_k, local[order], route.topk_weight.reshape(-1)[order]
+        dtype = compute_dtype(x)
+        if pads_segments(x.device, dtype):
+            token, expert, gate, counts = pad_segments(token, gate, counts)
         token_gates = torch.zeros(x.shape[0], len(self.held), device=x.device, dtype=route.topk_weight.dtype)
         token_gates = token_gates.scatter(1, local_topk, route.topk_weight)
         slot_out, bias = self.experts.forward_sorted(
-            x.index_select(0, token_of_slot), counts, local[order], route.topk_weight.reshape(-1)[order],
-            token_gates, dispatch,
+            x.to(dtype).index_select(0, token), counts, expert, gate, token_gates, dispatch,  # gathered in the compute dtype
         )
-        return bias.index_add(0, token_of_slot, slot_out)
+        return bias.index_add(0, token, slot_out)

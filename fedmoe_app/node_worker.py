@@ -7,14 +7,15 @@ worker on (node_config `warm-worker`, on by default on a device, i.e. when `data
 set), the ClientApp process hands the message's content to the worker over a Unix socket
 and returns the worker's reply; the first message starts the worker and waits for it. The
 worker keeps its modules, tokenised data and frozen backbone between messages and exits
-after `worker-idle-seconds` without a message (default 900) or when the SuperNode that
-started it is gone.
+after `worker-idle-seconds` without a message (default 900) or when the process that
+starts the SuperNode's ClientApps (Flower's SuperExec, which ends with its SuperNode) is gone.
 
 Wire format, both ways: an 8-byte header length, an 8-byte body length, a JSON header and
 a body of Flower's own protobuf RecordDict bytes (no pickle). The socket lives in a folder
 only this user may enter; its name is a digest of the app's code, the Python interpreter,
-the cache folder and the SuperNode's process id, so a changed app or a restarted SuperNode
-gets a new worker, and SuperNodes sharing a machine do not share one. The worker's log is
+the cache folder and the process id of the ClientApps' parent (the SuperExec), so a changed
+app or a restarted SuperNode gets a new worker, and SuperNodes sharing a machine do not
+share one. A worker that meets a broken or stalled connection drops it and goes on. The worker's log is
 `<cache>/workers/<digest>.log`.
 
 Standard library and flwr only at import: the ClientApp process imports this module.
@@ -27,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import socket
 import struct
@@ -43,11 +45,13 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedmoe_app.rows import cache_dir
+from fedmoe_app.startup import process_start
 
 APP_DIR = Path(__file__).resolve().parents[1]  # holds fedmoe_app/ and strategies/
 DEFAULT_IDLE_SECONDS = 900.0
 START_TIMEOUT_SECONDS = 600.0  # a Raspberry Pi imports torch and loads the backbone in minutes
 POLL_SECONDS = 2.0
+FRAME_TIMEOUT_SECONDS = 300.0  # a connection that sends or reads nothing this long is dropped
 _FRAME = struct.Struct("<QQ")
 
 
@@ -72,13 +76,14 @@ def idle_seconds(node_config: Mapping[str, Any]) -> float:
         seconds = float(value)
     except (TypeError, ValueError):
         seconds = -1.0
-    if isinstance(value, bool) or seconds <= 0:
+    if isinstance(value, bool) or not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"node_config worker-idle-seconds={value!r}; allowed: a number of seconds > 0")
     return seconds
 
 
 def socket_path(supernode_pid: int | None = None) -> Path:
-    """Where the worker of this app and SuperNode (default: this process's parent) listens."""
+    """Where the worker of this app and SuperNode listens; `supernode_pid`: the process that
+    starts the ClientApps (default: this process's parent, as seen from a ClientApp)."""
     sources = sorted(p for d in ("fedmoe_app", "strategies") for p in (APP_DIR / d).rglob("*.py"))
     digest = hashlib.sha256(json.dumps([
         str(APP_DIR), max(p.stat().st_mtime_ns for p in sources), sys.executable, str(cache_dir().resolve()),
@@ -142,13 +147,13 @@ def handle(kind: str, content: RecordDict, node_config: Mapping[str, Any]) -> Re
         from fedmoe_app.handlers import HANDLERS
 
         return HANDLERS[kind](content, node_config)
-    header = {"kind": kind, "node-config": dict(node_config), "origin": _process_start(),
+    header = {"kind": kind, "node-config": dict(node_config), "origin": process_start(),
               "idle-seconds": idle_seconds(node_config)}
     sock, body = socket_path(), _to_bytes(content)
     for attempt in (1, 2):  # a worker may exit idle just as a message arrives: start another once
         with _connect_or_start(sock, os.getppid(), header["idle-seconds"]) as conn:
-            _send(conn, header, body)
             try:
+                _send(conn, header, body)
                 answer, body = _recv(conn)
                 break
             except ConnectionError as err:
@@ -158,12 +163,6 @@ def handle(kind: str, content: RecordDict, node_config: Mapping[str, Any]) -> Re
     if not answer.get("ok"):
         raise RuntimeError(f"the node worker failed on a {kind} message:\n{answer.get('error')}")
     return _from_bytes(body)
-
-
-def _process_start() -> float:
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def _connect(sock: Path) -> socket.socket | None:
@@ -211,7 +210,7 @@ def _tail(path: Path, size: int = 3000) -> str:
 
 
 def stop(sock: Path | None = None) -> bool:
-    """Ask the worker at `sock` (default: this app's) to exit; whether one was listening."""
+    """Ask the worker at `sock` (default: `socket_path()`) to exit; whether one was listening."""
     conn = _connect(sock or socket_path())
     if conn is None:
         return False
@@ -237,13 +236,14 @@ def _alive(pid: int) -> bool:
 
 def serve(sock: Path, idle: float, watch_pid: int) -> None:
     """Import the handlers, then serve messages on `sock` one at a time until `idle` seconds
-    pass without one, the process `watch_pid` (the SuperNode) is gone, or a stop request."""
+    pass without one, the process `watch_pid` (the SuperExec) is gone, or a stop request."""
     from fedmoe_app.handlers import HANDLERS  # torch, transformers: imported once, here
 
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.unlink(missing_ok=True)
     server.bind(str(sock))
     os.chmod(sock, 0o600)
+    ours = sock.stat().st_ino
     server.listen()
     server.settimeout(POLL_SECONDS)
     print(f"node worker {os.getpid()} listening on {sock}", flush=True)
@@ -255,26 +255,35 @@ def serve(sock: Path, idle: float, watch_pid: int) -> None:
             except socket.timeout:
                 continue
             with conn:
-                conn.settimeout(None)
-                header, body = _recv(conn)
-                if header["kind"] == "stop":
-                    _send(conn, {"ok": True})
-                    print("node worker stopped on request", flush=True)
-                    return
-                idle = float(header.get("idle-seconds", idle))
+                conn.settimeout(FRAME_TIMEOUT_SECONDS)
                 try:
-                    reply = HANDLERS[header["kind"]](_from_bytes(body), header["node-config"], header["origin"])
-                    _send(conn, {"ok": True}, _to_bytes(reply))
-                except Exception:  # the ClientApp reports it as the message's failure
-                    error = traceback.format_exc()
-                    print(error, flush=True)
-                    _send(conn, {"ok": False, "error": error})
+                    header, body = _recv(conn)
+                    if header.get("kind") == "stop":
+                        _send(conn, {"ok": True})
+                        print("node worker stopped on request", flush=True)
+                        return
+                    idle = float(header.get("idle-seconds", idle))
+                    _send(conn, *_answer(HANDLERS, header, body))
+                except (OSError, ValueError) as err:  # a ClientApp that died, stalled or sent garbage
+                    print(f"node worker dropped a connection: {err!r}", flush=True)
             last = time.monotonic()
         print("node worker exits: idle or its SuperNode is gone", flush=True)
     finally:
         server.close()
-        sock.unlink(missing_ok=True)
-        sock.with_suffix(".lock").unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if sock.stat().st_ino == ours:  # not a successor's socket
+                sock.unlink()
+
+
+def _answer(handlers: dict, header: dict, body: bytes) -> tuple[dict, bytes]:
+    """The reply frame to one message: the handler's reply, or the error it raised."""
+    try:
+        reply = handlers[header["kind"]](_from_bytes(body), header["node-config"], header["origin"])
+        return {"ok": True}, _to_bytes(reply)
+    except Exception:  # the ClientApp reports it as the message's failure
+        error = traceback.format_exc()
+        print(error, flush=True)
+        return {"ok": False, "error": error}, b""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,6 +42,13 @@ class Precision:
         """The dtype of matrix products and of the frozen backbone."""
         return DTYPES[self.name]
 
+    @property
+    def length_multiple(self) -> int:
+        """Batches pad their token length to a multiple of this. Low-precision matrix
+        products compile a kernel per new shape (oneDNN on a CPU) or want multiples of 8
+        (tensor cores), so few distinct shapes pay; float32 has neither need."""
+        return 1 if self.name == "fp32" else 8
+
     def autocast(self, device: torch.device) -> AbstractContextManager:
         """The autocast context that computes in this precision on `device` (off for fp32)."""
         return torch.autocast(device.type, dtype=self.dtype, enabled=self.name != "fp32")

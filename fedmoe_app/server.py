@@ -11,7 +11,7 @@ from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, resolve_path
 from fedmoe_app.data import load_test_set
-from fedmoe_app.model import AdapterClassifier, load_backbone, load_state
+from fedmoe_app.model import AdapterClassifier, load_tokenizer, load_state
 from fedmoe_app.records import from_record
 from fedmoe_app.train import evaluate
 
@@ -22,7 +22,7 @@ class GlobalEvaluator:
     def __init__(self, config: RunConfig, model: AdapterClassifier) -> None:
         self.config = config
         self.model = model
-        _, self.tokenizer = load_backbone(config.model.backbone)
+        self.tokenizer = load_tokenizer(config.model.backbone)
         test = load_test_set(config.data, config.seed, config.eval.test_samples)
         self.test_set = encode(test, self.tokenizer, config.eval.max_length)
 
@@ -30,7 +30,8 @@ class GlobalEvaluator:
         """Loss and accuracy of `arrays` on the test subsample."""
         load_state(self.model, from_record(arrays))
         batches = iterate_batches(self.test_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
-                                  shuffle=False, group_by_length=True)
+                                  shuffle=False, group_by_length=True,
+                                  length_multiple=self.model.precision.length_multiple)
         result = evaluate(self.model, batches)
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples})
 

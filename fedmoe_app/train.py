@@ -129,10 +129,9 @@ def train_local(
     for batch in tqdm(batches, total=steps, desc="local steps", leave=False, disable=not sys.stderr.isatty()):
         start = time.perf_counter()
         batch = to_device(batch, device)
-        with model.precision.autocast(device):
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            task = F.cross_entropy(logits, batch["labels"])
-            total = task + auxiliary_loss(model.trace.routes, loss, het_weight, global_usage)
+        logits = model(batch["input_ids"], batch["attention_mask"])  # in the model's precision
+        task = F.cross_entropy(logits, batch["labels"])
+        total = task + auxiliary_loss(model.trace.routes, loss, het_weight, global_usage)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -173,8 +172,7 @@ def evaluate(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]
     examples, correct, loss_sum = 0, 0, 0.0
     for batch in batches:
         batch = to_device(batch, device)
-        with model.precision.autocast(device):
-            logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = model(batch["input_ids"], batch["attention_mask"])
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         examples += len(batch["labels"])

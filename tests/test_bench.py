@@ -15,7 +15,7 @@ from fedmoe_app.bench.run import headline, strategy_entry
 from fedmoe_app.bench.suites import HEADLINE, SUITES
 from fedmoe_app.budgets import tiers_for_population
 from fedmoe_app.config import load_config
-from fedmoe_app.data import EncodedSet, iterate_batches
+from fedmoe_app.batches import EncodedSet, iterate_batches
 from strategies import STRATEGIES
 
 

@@ -9,17 +9,9 @@ import torch
 
 from fedmoe_app import data
 from fedmoe_app.config import DataConfig
-from fedmoe_app.data import (
-    DataError,
-    EncodedSet,
-    encode,
-    iterate_batches,
-    label_counts,
-    load_client_data,
-    load_splits,
-    load_test_set,
-)
-from fedmoe_app.rows import count_rows, holdout_size, split_holdout
+from fedmoe_app.batches import EncodedSet, encode, iterate_batches
+from fedmoe_app.data import DataError, load_client_data, load_splits, load_test_set
+from fedmoe_app.rows import count_rows, device_client_data, holdout_size, label_counts, split_holdout
 
 
 @pytest.fixture(autouse=True)
@@ -243,19 +235,19 @@ def test_deployment_reads_only_the_devices_folder(tmp_path):
     write_csv(tmp_path / "device" / "train.csv", rows)
     write_csv(tmp_path / "train.csv", [("not this device", 0)])
     config = DataConfig(dataset="ag_news", data_dir=str(tmp_path / "nowhere"), holdout_fraction=0.2)  # never read
-    client = load_client_data(config, 0, partition_id=7, num_partitions=1, data_path=str(tmp_path / "device"))
+    client = device_client_data(str(tmp_path / "device"), config.holdout_fraction, 0)
     assert rows_of(client.train) + rows_of(client.holdout) == Counter(rows)
     assert (len(client.train), len(client.holdout), client.num_labels) == (8, 2, 3)
     assert client.label_counts == (4, 3, 3)
 
     write_csv(tmp_path / "one" / "train.csv", [("alone", 1)])
-    alone = load_client_data(config, 0, 0, 1, data_path=str(tmp_path / "one"))
+    alone = device_client_data(str(tmp_path / "one"), config.holdout_fraction, 0)
     assert (len(alone.train), len(alone.holdout), alone.label_counts) == (1, 0, (0, 1))
 
 
 def test_deployment_without_train_csv_names_data_path(tmp_path):
     with pytest.raises(DataError, match=rf"'data-path' is '{tmp_path / 'missing'}', which holds no train\.csv"):
-        load_client_data(DataConfig(), 0, 0, 1, data_path=str(tmp_path / "missing"))
+        device_client_data(str(tmp_path / "missing"), DataConfig().holdout_fraction, 0)
 
 
 @pytest.mark.parametrize("num_rows,fraction,seed", [(10, 0.2, 0), (1625, 0.2, 0), (333, 0.25, 7), (4, 0.2, 0), (1, 0.5, 0)])
@@ -329,3 +321,12 @@ def test_one_pass_and_empty():
     assert [b["labels"].tolist() for b in one_pass] == [[0, 1], [2]]
     assert list(iterate_batches(encoded, 2, 0, shuffle=True, num_batches=0)) == []
     assert list(iterate_batches(EncodedSet([], []), 2, 0, shuffle=True, num_batches=5)) == []
+
+
+def test_batches_pad_their_length_to_the_asked_multiple():
+    encoded = EncodedSet([[1] * n for n in (3, 9, 17, 5)], [0, 1, 0, 1])
+    for multiple, lengths in ((1, [9, 17]), (8, [16, 24])):
+        batches = list(iterate_batches(encoded, 2, 0, shuffle=False, length_multiple=multiple))
+        assert [b["input_ids"].shape[1] for b in batches] == lengths
+        # padding is masked out: every row keeps exactly its own tokens
+        assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == [3, 5, 9, 17]

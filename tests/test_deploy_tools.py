@@ -10,7 +10,8 @@ from flwr.common.config import parse_config_args
 
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import load_config
-from fedmoe_app.data import load_client_data, read_csv
+from fedmoe_app.data import load_client_data
+from fedmoe_app.rows import device_client_data, read_csv
 from fedmoe_app.deploy.credentials import write_node_key, write_tls_certificates
 from fedmoe_app.deploy.device_data import split_for_devices
 from fedmoe_app.deploy.local_federation import LocalFederation, NodeSpec, main
@@ -23,7 +24,7 @@ def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):
     total_test = 0
     for index, folder in enumerate(folders):
         simulated = load_client_data(config.data, config.seed, index, 3)
-        deployed = load_client_data(config.data, config.seed, 0, 1, str(folder))
+        deployed = device_client_data(str(folder), config.data.holdout_fraction, config.seed)
         # same rows, same held-out slice, same label histogram: deployment = simulation client i
         assert list(deployed.train["text"][:]) == list(simulated.train["text"][:])
         assert list(deployed.holdout["label"][:]) == list(simulated.holdout["label"][:])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fedmoe_app.config import ConfigError, load_config
-from fedmoe_app.data import encode, iterate_batches, load_splits
-from fedmoe_app.model import build_model, load_backbone, state_to_numpy
+from fedmoe_app.batches import encode, iterate_batches
+from fedmoe_app.data import load_splits
+from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
 from fedmoe_app.simulation import connection_toml, gpu_share
 from fedmoe_app.system import torch_device
 from fedmoe_app.train import evaluate, train_local
@@ -38,7 +39,7 @@ def test_gpu_round_matches_the_cpu_round(ag_news_dir):
     for device in ("cpu", "cuda"):
         config = load_config("conf/fft_moe.yaml", f"{overrides} train.device={device}")
         splits = load_splits(config.data, config.seed)
-        _, tokenizer = load_backbone(config.model.backbone)
+        tokenizer = load_tokenizer(config.model.backbone)
         rows = encode(splits.train, tokenizer, 32)
         batches = list(iterate_batches(rows, 8, tokenizer.pad_token_id, shuffle=True, seed=0, num_batches=3))
         model = build_model(config, splits.num_labels, "moe", top_k=2)

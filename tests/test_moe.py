@@ -7,7 +7,7 @@ import torch
 from fedmoe_app import moe as moe_module
 from fedmoe_app.config import load_config
 from fedmoe_app.model import build_model, load_state, state_to_numpy, trainable_state
-from fedmoe_app.moe import BottleneckExperts, SparseMoE, pick_dispatch
+from fedmoe_app.moe import BottleneckExperts, SparseMoE, pad_segments, pick_dispatch, segment_size
 
 D, H = 8, 4  # H * 4 bytes a multiple of 16: grouped_mm takes it
 DISPATCHES = ("loop", "grouped_mm", "segmented")
@@ -67,6 +67,39 @@ def test_sparse_gradients_match_dense_reference(dispatch):
     dense_reference(moe, x).pow(2).sum().backward()
     dense_grads = [p.grad for p in moe.parameters()] + [x.grad]
     for s, d in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(s, d, atol=1e-5, rtol=1e-5)
+
+
+def test_segment_sizes_are_few_and_waste_at_most_a_quarter():
+    assert [segment_size(c) for c in (0, 1, 16, 17, 21, 33, 100, 129, 4096)] == [0, 16, 16, 20, 24, 40, 112, 160, 4096]
+    sizes = {segment_size(c) for c in range(1, 4097)}
+    assert len(sizes) == 33  # 16, then 4 sizes per doubling up to 4096
+    assert all(c <= segment_size(c) <= max(16, 1.25 * c) for c in range(1, 4097))
+
+
+def test_padding_the_segments_changes_nothing_but_their_sizes():
+    token, gate, counts = torch.tensor([4, 0, 2, 5, 1]), torch.tensor([0.5, 0.2, 0.3, 0.9, 0.1]), [2, 0, 3]
+    padded_token, expert, padded_gate, sizes = pad_segments(token, gate, counts)
+    assert sizes == [16, 0, 16]
+    assert expert.tolist() == [0] * 16 + [2] * 16
+    assert padded_token[:2].tolist() == [4, 0] and padded_token[16:19].tolist() == [2, 5, 1]
+    assert padded_gate[:2].tolist() == pytest.approx([0.5, 0.2]) and padded_gate[16:19].tolist() == pytest.approx([0.3, 0.9, 0.1])
+    assert padded_gate[2:16].eq(0).all() and padded_gate[19:].eq(0).all()
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "segmented"])
+def test_padded_segments_match_the_dense_reference_with_gradients(dispatch, monkeypatch):
+    monkeypatch.setattr(moe_module, "pads_segments", lambda device, dtype: True)  # as bf16 on a CPU, in fp32
+    moe = make_moe(8, [0, 2, 3, 7], 2, dispatch)
+    x = torch.randn(45, D, requires_grad=True)
+    out = moe(x)[0]
+    torch.testing.assert_close(out, dense_reference(moe, x), atol=1e-5, rtol=1e-5)
+    out.pow(2).sum().backward()
+    sparse_grads = [p.grad.clone() for p in moe.parameters()] + [x.grad.clone()]
+    moe.zero_grad()
+    x.grad = None
+    dense_reference(moe, x).pow(2).sum().backward()
+    for s, d in zip(sparse_grads, [p.grad for p in moe.parameters()] + [x.grad]):
         torch.testing.assert_close(s, d, atol=1e-5, rtol=1e-5)
 
 

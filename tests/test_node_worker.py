@@ -1,7 +1,7 @@
 """The node worker: a device's train and evaluate messages served by one long-lived
 process, with the same replies as in the ClientApp process, and a clean end."""
 
-import os
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +45,9 @@ def test_warm_worker_setting_defaults_to_devices_and_names_bad_values():
         node_worker.wants_worker({"warm-worker": "yes"})
     with pytest.raises(ValueError, match="worker-idle-seconds=0.*> 0"):
         node_worker.idle_seconds({"worker-idle-seconds": 0})
+    with pytest.raises(ValueError, match="worker-idle-seconds='nan'"):
+        node_worker.idle_seconds({"worker-idle-seconds": "nan"})
+    assert node_worker.idle_seconds({"worker-idle-seconds": "60"}) == 60.0
 
 
 def test_worker_replies_equal_the_in_process_replies(worker_env, round_one):
@@ -88,9 +91,28 @@ def test_worker_exits_when_idle_or_when_its_supernode_is_gone(worker_env, tmp_pa
     assert not node_worker.stop()
 
 
-def test_socket_folder_is_private(worker_env):
+def test_socket_folder_open_to_others_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(node_worker.tempfile, "gettempdir", lambda: str(tmp_path))
     folder = node_worker.socket_path().parent
-    assert folder.stat().st_uid == os.getuid() and folder.stat().st_mode & 0o077 == 0
+    assert folder.stat().st_mode & 0o077 == 0
+    folder.chmod(0o755)
+    with pytest.raises(PermissionError, match="chmod 700"):
+        node_worker.socket_path()
+
+
+def test_a_broken_connection_does_not_end_the_worker(worker_env, round_one):
+    contents, node = round_one
+    node_worker.handle("evaluate", contents["evaluate"], node)  # starts the worker
+    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    half.connect(str(node_worker.socket_path()))
+    half.sendall(node_worker._FRAME.pack(10, 1000) + b"{")  # a ClientApp dying mid-message
+    half.close()
+    garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    garbage.connect(str(node_worker.socket_path()))
+    garbage.sendall(node_worker._FRAME.pack(3, 0) + b"{x]")
+    garbage.close()
+    assert node_worker.handle("evaluate", contents["evaluate"], node)["metrics"]["num-examples"] == 8
+    assert "dropped a connection" in node_worker.log_path(node_worker.socket_path()).read_text()
 
 
 def test_a_clientapp_process_handing_over_to_the_worker_imports_no_torch(tmp_path):
@@ -112,4 +134,3 @@ def test_a_clientapp_process_handing_over_to_the_worker_imports_no_torch(tmp_pat
     first_metrics, second_metrics = first["reply"]["metrics"], second["reply"]["metrics"]
     assert second_metrics["data-seconds"] == 0 < first_metrics["data-seconds"]
     assert second_metrics["import-seconds"] < first_metrics["import-seconds"]
-    assert phases["handler"] <= phases["imports"]

@@ -7,8 +7,9 @@ import torch
 
 from fedmoe_app import precision as precision_module
 from fedmoe_app.config import ConfigError, load_config
-from fedmoe_app.data import encode, iterate_batches, load_splits
-from fedmoe_app.model import build_model, load_backbone, trainable_parameters, trainable_state
+from fedmoe_app.batches import encode, iterate_batches
+from fedmoe_app.data import load_splits
+from fedmoe_app.model import build_model, load_tokenizer, trainable_parameters, trainable_state
 from fedmoe_app.precision import resolve_precision
 from fedmoe_app.train import evaluate, train_local
 
@@ -78,7 +79,7 @@ def test_explicit_fp32_is_always_allowed(cpu_with):
 def batches(ag_news_dir):
     config = load_config("conf/fft_moe.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} data.max-train-rows=200")
     splits = load_splits(config.data, config.seed)
-    _, tokenizer = load_backbone(config.model.backbone)
+    tokenizer = load_tokenizer(config.model.backbone)
     rows = encode(splits.train, tokenizer, 32)
     return list(iterate_batches(rows, 16, tokenizer.pad_token_id, shuffle=True, seed=0, num_batches=3))
 
@@ -95,9 +96,9 @@ def test_a_bf16_step_gives_finite_float32_gradients_to_every_trainable_tensor(cp
     model = build_model(tiny_config(ag_news_dir, "bf16"), 4, adapter, top_k=2)
     assert model.precision.name == "bf16"
     assert all(p.dtype == torch.bfloat16 for p in model.backbone.parameters() if not p.requires_grad)
-    with model.precision.autocast(CPU):
-        logits = model(batches[0]["input_ids"], batches[0]["attention_mask"])
-        torch.nn.functional.cross_entropy(logits, batches[0]["labels"]).backward()
+    logits = model(batches[0]["input_ids"], batches[0]["attention_mask"])  # the model autocasts itself
+    assert logits.dtype == torch.float32
+    torch.nn.functional.cross_entropy(logits, batches[0]["labels"]).backward()
     params = trainable_parameters(model)
     assert params and all(p.dtype == torch.float32 for p in params)
     for name, p in model.named_parameters():
@@ -129,7 +130,7 @@ def test_the_bf16_forward_matches_the_fp32_forward(cpu_with, ag_news_dir):
     for precision in ("fp32", "bf16"):
         config = load_config("conf/fft_moe.yaml", f"data.data-dir={ag_news_dir} train.precision={precision}")
         splits = load_splits(config.data, config.seed)
-        _, tokenizer = load_backbone(config.model.backbone)
+        tokenizer = load_tokenizer(config.model.backbone)
         rows = encode(splits.test.select(range(64)), tokenizer, 64)
         batch = next(iterate_batches(rows, 64, tokenizer.pad_token_id, shuffle=False))
         model = build_model(config, 4, "moe", top_k=2)

@@ -19,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import APP_DIR, LossConfig, load_config
-from fedmoe_app.data import iterate_batches, load_splits
+from fedmoe_app.batches import iterate_batches
+from fedmoe_app.data import load_splits
 from fedmoe_app.model import build_model, num_layers, state_to_numpy
 from fedmoe_app.records import record_nbytes, to_record, updates_from
 from fedmoe_app.system import peak_rss_mb

@@ -4,6 +4,7 @@ in float32 and in the low precision the hardware has."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from fedmoe_app.system import synchronize
 IMPLEMENTATIONS = tuple(d for d in DISPATCHES if d != "auto")
 
 CPU = torch.device("cpu")
+WARMUP_CALLS = 20  # enough for the expert segment sizes met in training to be compiled once
 
 
 @contextmanager
@@ -31,9 +33,10 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2, device: torch.device = CPU) -> float:
-    """Fastest wall time of `repeats` calls of `work` (after `warmup` calls), each until
-    its work on `device` is done."""
+def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2, device: torch.device = CPU,
+                 reduce: Callable[[list[float]], float] = min) -> float:
+    """Fastest (or `reduce`d) wall time of `repeats` calls of `work` (after `warmup`
+    calls), each until its work on `device` is done."""
     for _ in range(warmup):
         work()
     times = []
@@ -43,7 +46,7 @@ def best_seconds(work: Callable[[], None], repeats: int, warmup: int = 2, device
         work()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return reduce(times)
 
 
 def matmul_peak_gflops(threads: int = 1, size: int = 1024, repeats: int = 10, device: torch.device = CPU,
@@ -74,24 +77,24 @@ def moe_and_dense(hidden: int, expert_hidden: int, num_experts: int, top_k: int,
 
 def dispatch_ratio(hidden: int, expert_hidden: int, num_experts: int, top_k: int, tokens: int, dispatch: str,
                    precision: Precision, threads: int = 1, repeats: int = 10, device: torch.device = CPU) -> dict:
-    """Forward+backward seconds on `device`, in `precision`, of the sparse MoE (k of M
+    """Mean forward+backward seconds on `device`, in `precision`, of the sparse MoE (k of M
     experts, `dispatch`) and of the dense equivalent on `tokens` tokens, and their ratio
-    (1.0 = dispatch costs nothing)."""
+    (1.0 = dispatch costs nothing). Every call routes new random tokens, as training does,
+    so the tokens per expert (the shapes of its products) change from call to call; the
+    first WARMUP_CALLS calls are not timed."""
     with torch_threads(threads):
         moe, dense = (layer.to(device) for layer in moe_and_dense(hidden, expert_hidden, num_experts, top_k, dispatch))
-        x = torch.randn(tokens, hidden, device=device, requires_grad=True)
+        inputs = [torch.randn(tokens, hidden, device=device, requires_grad=True) for _ in range(repeats + WARMUP_CALLS)]
 
-        def moe_step() -> None:
-            with precision.autocast(device):
-                out, _ = moe(x)
-            out.float().sum().backward()
+        def step(layer: nn.Module, calls: Iterator[torch.Tensor]) -> Callable[[], None]:
+            def work() -> None:
+                with precision.autocast(device):
+                    out = layer(next(calls))
+                (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+            return work
 
-        def dense_step() -> None:
-            with precision.autocast(device):
-                out = dense(x)
-            out.float().sum().backward()
-
-        moe_s, dense_s = best_seconds(moe_step, repeats, device=device), best_seconds(dense_step, repeats, device=device)
+        moe_s, dense_s = (best_seconds(step(layer, iter(inputs)), repeats, WARMUP_CALLS, device, statistics.mean)
+                          for layer in (moe, dense))
     return {"num_experts": num_experts, "top_k": top_k, "tokens": tokens, "precision": precision.name,
             "dispatch": dispatch, "moe_ms": moe_s * 1e3, "dense_ms": dense_s * 1e3, "ratio": moe_s / dense_s}
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, load_config
-from fedmoe_app.data import encode, iterate_batches, load_splits
-from fedmoe_app.model import build_model, load_backbone, state_to_numpy
+from fedmoe_app.batches import encode, iterate_batches
+from fedmoe_app.data import load_splits
+from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
 from fedmoe_app.records import to_record
 from fedmoe_app.results import SUMMARY_FILE, read_rounds
 from fedmoe_app.server import GlobalEvaluator
@@ -146,7 +147,7 @@ def train_centralised(config: RunConfig, adapter: str, steps: int, batch_size: i
     splits = load_splits(config.data, config.seed)
     tiers = load_tiers(config.devices.file)
     max_length = max(t.max_length for t in tiers.values())
-    _, tokenizer = load_backbone(config.model.backbone)
+    tokenizer = load_tokenizer(config.model.backbone)
     train_set = encode(splits.train, tokenizer, max_length)
     model = build_model(config, splits.num_labels, adapter)
     batches = iterate_batches(train_set, batch_size, tokenizer.pad_token_id, shuffle=True, seed=config.seed,

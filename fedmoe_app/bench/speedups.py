@@ -9,8 +9,9 @@ import time
 from fedmoe_app.bench.kernels import torch_threads
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig
-from fedmoe_app.data import encode, iterate_batches, load_splits, load_test_set
-from fedmoe_app.model import build_model, load_backbone, num_layers
+from fedmoe_app.batches import encode, iterate_batches
+from fedmoe_app.data import load_splits, load_test_set
+from fedmoe_app.model import build_model, load_tokenizer, num_layers
 from fedmoe_app.train import evaluate, train_local
 
 
@@ -22,7 +23,7 @@ def _real_token_share(batches: list[dict]) -> float:
 def evaluation_speedup(config: RunConfig, repeats: int = 2) -> dict:
     """Server-side evaluation of the global MoE model on the test subsample, batches in
     data order (before) and grouped by length (after): seconds, accuracy of both."""
-    _, tokenizer = load_backbone(config.model.backbone)
+    tokenizer = load_tokenizer(config.model.backbone)
     test = encode(load_test_set(config.data, config.seed, config.eval.test_samples), tokenizer, config.eval.max_length)
     model = build_model(config, load_splits(config.data, config.seed).num_labels, "moe")
     out = {}
@@ -43,7 +44,7 @@ def training_step_speedup(config: RunConfig, tier: str, steps: int = 12) -> dict
     """Seconds per local MoE training step of a `tier` client on random batches (before) and
     on random length-grouped batches (after), from the same initial model."""
     budget = load_tiers(config.devices.file)[tier]
-    _, tokenizer = load_backbone(config.model.backbone)
+    tokenizer = load_tokenizer(config.model.backbone)
     splits = load_splits(config.data, config.seed)
     train = encode(splits.train.select(range(min(len(splits.train), 50 * budget.batch_size))), tokenizer,
                    budget.max_length)
