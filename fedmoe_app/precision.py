@@ -107,7 +107,9 @@ def _cuda(requested: str, device: torch.device) -> Precision:
     if requested == "bf16" and not has_bf16:
         raise ConfigError(f"config key 'train.precision' is 'bf16' but {gpu} has no bf16 (needs 8.0 or newer); "
                           "allowed here: auto, fp32, fp16")
-    return Precision(requested, f"train.precision {requested} on {gpu}")
+    slow = requested == "fp16" and not has_fp16
+    return Precision(requested, f"train.precision {requested} on {gpu}"
+                     + (" (no fast fp16 there: expect it slower than fp32)" if slow else ""))
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
