@@ -180,11 +180,12 @@ def pick_dispatch(device: torch.device, dtype: torch.dtype) -> str:
     return GROUPED_MM_ON_CPU.get(dtype, "segmented")
 
 
-# Measured with `fedmoe_app.bench.kernels.kernel_cases` (forward + backward, new routing
-# every call, 2,048 tokens, d = 384, h = 64, M = 16, one thread; docs/RESULTS.md): MoE /
-# dense for k = 1, 2, 4 in fp32 grouped_mm 2.61 / 2.39 / 2.33, segmented 2.72 / 2.49 / 2.43;
-# in bf16 grouped_mm 4.07 / 6.66 / 5.56, segmented 4.29 / 4.84 / 4.68.
-GROUPED_MM_ON_CPU: dict[torch.dtype, str] = {torch.float32: "grouped_mm", torch.bfloat16: "segmented"}
+# Measured with `make bench-quick` (fedmoe_app.bench.kernels.kernel_cases: forward +
+# backward, new routing every call, 2,048 tokens, d = 384, h = 64, M = 16, one thread;
+# docs/RESULTS.md): MoE / dense for k = 1, 2, 4 in fp32 grouped_mm 2.37 / 2.56 / 2.54,
+# segmented 2.82 / 2.54 / 3.10; in bf16 grouped_mm 3.99 / 4.16 / 3.96, segmented 4.18 /
+# 4.39 / 4.52. Runs differ by up to 30%; two of three put grouped_mm first in bf16.
+GROUPED_MM_ON_CPU: dict[torch.dtype, str] = {torch.float32: "grouped_mm", torch.bfloat16: "grouped_mm"}
 
 
 class SparseMoE(nn.Module):
