@@ -1,6 +1,6 @@
 """Run a benchmark suite and write results/bench/<suite>.json, <suite>.md and PNG plots.
 
-Usage: python -m fedmoe_app.bench --suite quick|full [--data-dir DIR] [--out results/bench]
+Usage: python -m fedmoe_app.bench --suite quick|skew|full [--data-dir DIR] [--out results/bench]
        [--strategies fft_moe,fedavg_lora] [--fresh]
 
 Finished learning runs, ceilings and scale runs are kept under <out>/<suite>-runs/ and

@@ -1,4 +1,5 @@
-"""What each benchmark suite runs: `quick` (minutes, the headline cell) and `full` (the matrix)."""
+"""What each benchmark suite runs: `quick` (minutes, the headline cell), `skew` (the headline cell
+with 5 seeds x 6 rounds, IID and Dirichlet 0.5 beside it) and `full` (the matrix)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ SUITES = {
     "quick": Suite(
         name="quick", rounds=2, partitions=(HEADLINE[0],), mixes=(HEADLINE[1],),
         kernel_cases=((4, 1), (16, 1), (16, 2), (16, 4)),
+    ),
+    # The label-skew protocol: the headline cell with 5 seeds x 6 rounds, IID and Dirichlet
+    # 0.5 with seed 0 beside it (where a method's lead must not be lost).
+    "skew": Suite(
+        name="skew", rounds=6, partitions=("iid", "dir0.5"), mixes=(HEADLINE[1],), headline_seeds=(0, 1, 2, 3, 4),
+        kernel_cases=((16, 2),),
     ),
     "full": Suite(
         name="full", rounds=3, partitions=tuple(PARTITIONS), mixes=MIXES, headline_seeds=(0, 1, 2),
