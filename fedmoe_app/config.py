@@ -39,7 +39,8 @@ class MoEConfig:
 
     num_experts: int = 16
     expert_hidden: int = 64
-    renormalize: bool = True  # renormalise the chosen top-k gate weights to sum to one
+    renormalize: bool = True  # renormalise the chosen top-k gate weights to sum to one (k >= 2)
+    renormalize_top1: bool = False  # also with k = 1, where every gate becomes p / p = 1
     init_scale: float = 0.01  # std of the experts' output projection at initialisation
     eval_top_k: int = 2  # top-k of the global model in server-side evaluation
     dispatch: str = "auto"  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented

@@ -171,7 +171,7 @@ def _add_moe_adapters(
         experts = BottleneckExperts(hidden, config.moe.expert_hidden, layer_held, config.moe.init_scale)
         moe = SparseMoE(
             hidden, config.moe.num_experts, experts, min(top_k, len(layer_held)), config.moe.renormalize,
-            config.moe.dispatch,
+            config.moe.renormalize_top1, config.moe.dispatch,
         )
         model.layers.append(AdapterSlot(moe))
         layer.output = ParallelMoEOutput(layer.output, moe, model.trace)

@@ -57,7 +57,8 @@ class TopKRouter(nn.Module):
     def forward(
         self, x: torch.Tensor, held_mask: torch.Tensor, top_k: int, renormalize: bool = True
     ) -> RouterOutput:
-        """Route tokens `x` [N, d] to `top_k` of the held experts."""
+        """Route tokens `x` [N, d] to `top_k` of the held experts; the gate weights are the
+        chosen probabilities, divided by their sum when `renormalize`."""
         logits = F.linear(x, self.weight)
         masked = logits.float().masked_fill(~held_mask, float("-inf"))
         probs = torch.softmax(masked, dim=-1)
@@ -202,6 +203,7 @@ class SparseMoE(nn.Module):
         experts: BottleneckExperts,
         top_k: int,
         renormalize: bool = True,
+        renormalize_top1: bool = False,
         dispatch: str = "auto",
     ) -> None:
         super().__init__()
@@ -213,7 +215,9 @@ class SparseMoE(nn.Module):
             raise ValueError(f"dispatch is {dispatch!r}; allowed: {', '.join(DISPATCHES)}")
         self.num_experts = num_experts
         self.top_k = top_k
-        self.renormalize = renormalize
+        # With k = 1 a renormalised gate is p / p = 1: the router would get no gradient from
+        # the task. Switch Transformer gates top-1 with the raw probability; so do we.
+        self.renormalize = renormalize and (top_k > 1 or renormalize_top1)
         self.dispatch = dispatch
         self.router = TopKRouter(hidden_size, num_experts)
         self.experts = experts

@@ -31,7 +31,8 @@ def dense_reference(moe, x):
     logits = logits.masked_fill(~moe.held_mask, float("-inf"))
     probs = torch.softmax(logits, -1)
     weight, index = torch.topk(probs, moe.top_k, -1)
-    weight = weight / weight.sum(-1, keepdim=True)
+    if moe.top_k > 1:  # top-1 gates with the raw probability (Switch Transformer)
+        weight = weight / weight.sum(-1, keepdim=True)
     gates = torch.zeros_like(probs).scatter(1, index, weight)
     out = torch.zeros_like(x)
     for e in moe.held:
@@ -49,9 +50,10 @@ def test_sparse_dispatch_matches_dense_reference(num_experts, held, top_k, dispa
     x = torch.randn(37, D)
     sparse, route = moe(x)
     torch.testing.assert_close(sparse, dense_reference(moe, x), atol=1e-5, rtol=1e-5)
-    # only held experts are chosen, and the gate weights are renormalised
+    # only held experts are chosen; top-k gates are renormalised, a top-1 gate is its probability
     assert set(route.topk_index.unique().tolist()) <= set(held)
-    torch.testing.assert_close(route.topk_weight.sum(-1), torch.ones(37))
+    expected = torch.ones(37) if top_k > 1 else route.probs.max(-1).values
+    torch.testing.assert_close(route.topk_weight.sum(-1), expected)
     unheld = [e for e in range(num_experts) if e not in held]
     assert torch.all(route.probs[:, unheld] == 0)
 
@@ -142,6 +144,18 @@ def test_expert_compute_scales_with_k_not_m(top_k, dispatch):
         moe = make_moe(num_experts, range(num_experts), top_k, dispatch)
         # each token is processed by exactly k experts: N * k rows, whatever M is
         assert expert_rows(moe, x) == 50 * top_k
+
+
+@pytest.mark.parametrize("renormalize_top1,moves", [(False, True), (True, False)])
+def test_top1_router_gets_a_gradient_from_the_task_loss_alone(renormalize_top1, moves):
+    torch.manual_seed(0)
+    moe = SparseMoE(D, 8, BottleneckExperts(D, H, [0, 2, 5, 7], init_scale=0.5), 1, renormalize_top1=renormalize_top1)
+    x = torch.randn(40, D)
+    moe(x)[0].pow(2).sum().backward()  # a task loss; no auxiliary term
+    largest = moe.router.weight.grad.abs().max().item()
+    # raw probability: the gate carries the task's gradient to the router; renormalised,
+    # every gate is p / p = 1 and the router's gradient is rounding noise
+    assert (largest > 1e-2) if moves else (largest < 1e-5)
 
 
 def test_top_k_larger_than_held_is_rejected():
