@@ -83,7 +83,8 @@ class ClientTask:
             self.config.loss, het_weight if adapter == "moe" else 0.0, usage,
         )
         metrics: dict[str, Any] = {
-            "num-examples": result.num_examples,
+            "num-examples": len(self.data.train_index),  # Flower's convention: local training rows
+            "samples-processed": result.num_examples,  # batch x local steps
             "steps": result.steps,
             "train-loss": result.loss,
             "step-seconds": result.step_seconds,

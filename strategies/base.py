@@ -52,7 +52,7 @@ class Reply:
 
 
 def examples(reply: Reply) -> int:
-    """Training examples behind a reply."""
+    """The local training rows of the client behind a reply."""
     return int(reply.metrics["num-examples"])
 
 
@@ -62,7 +62,7 @@ def train_loss(replies: list[Reply]) -> float:
     return sum(float(r.metrics["train-loss"]) * examples(r) for r in replies) / max(total, 1)
 
 
-CLIENT_METRICS = ("num-examples", "steps", "batch-size", "max-length", "top-k", "experts-held",
+CLIENT_METRICS = ("num-examples", "samples-processed", "steps", "batch-size", "max-length", "top-k", "experts-held",
                   "step-seconds", "train-seconds", "peak-rss-mb", "bytes-down", "bytes-up",
                   "startup-seconds", "import-seconds", "data-seconds", "model-seconds")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strategies.base import Reply, SparseStrategy
+from strategies.base import Reply, SparseStrategy, examples
 from strategies.core import Weight
 
 
@@ -13,5 +13,5 @@ class FedAvgLoRA(SparseStrategy):
     adapter = "lora"
 
     def weights_for(self, reply: Reply) -> dict[str, Weight]:
-        examples = float(reply.metrics["num-examples"])
-        return {key: examples for key in reply.arrays}
+        rows = float(examples(reply))
+        return {key: rows for key in reply.arrays}

@@ -3,9 +3,11 @@
 - Each node receives the routers, the head and only the experts it holds. Round 1 spreads
   subsets so every expert is held by some node; afterwards a node holds the subset it
   asked for (its top experts by mean router probability on its own data).
-- Expert e is averaged over the nodes that held it, weighted by the tokens they routed to
-  e; router rows likewise (a node's rows for experts it did not hold get weight 0); the
-  head by examples.
+- Expert e is averaged over the nodes that held it, each weighted by its training rows
+  times the share of its routing slots (in that layer) that went to e: a node's data, spread
+  over the experts it used. Router rows likewise (a node's rows for experts it did not hold
+  get weight 0); the head by training rows. Not by samples processed (batch x steps): a
+  strong device with 9 rows would outweigh a weak one with 2,000.
 - The server broadcasts the global expert usage that the heterogeneity-aware loss pulls
   each client's routing toward; it is a momentum average of the routed-token shares
   (starting uniform), so an expert unused in one round is not written off at once.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmoe_app.records import expert_of, flatten, router_layer, select_keys, unflatten
-from strategies.base import NodeInfo, Reply, SparseStrategy
+from strategies.base import NodeInfo, Reply, SparseStrategy, examples
 from strategies.core import Weight
 
 USAGE_MOMENTUM = 0.5
@@ -51,16 +53,19 @@ class FFTMoE(SparseStrategy):
         return {"global-usage": flatten(self.global_usage)}
 
     def weights_for(self, reply: Reply) -> dict[str, Weight]:
+        rows = float(examples(reply))
         routed = unflatten(reply.metrics["routed-tokens"], self.num_layers)
+        slots = routed.sum(axis=1, keepdims=True)
+        share = np.divide(routed, slots, out=np.zeros_like(routed, dtype=float), where=slots > 0)
         weights: dict[str, Weight] = {}
         for key in reply.arrays:
             expert, layer = expert_of(key), router_layer(key)
             if expert is not None:
-                weights[key] = float(routed[expert])
+                weights[key] = rows * float(share[expert])
             elif layer is not None:
-                weights[key] = routed[layer]  # one weight per router row
+                weights[key] = rows * share[layer]  # one weight per router row
             else:
-                weights[key] = float(reply.metrics["num-examples"])
+                weights[key] = rows
         return weights
 
     def update_state(self, replies: list[Reply]) -> None:

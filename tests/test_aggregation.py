@@ -69,7 +69,7 @@ def node(node_id, tier="rpi4", held=2):
     return NodeInfo(node_id, tier, held, 1, 4, 100)
 
 
-def test_fft_moe_weights_experts_by_routed_tokens_and_head_by_examples():
+def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
     config = load_config("conf/fft_moe.yaml", "moe.num-experts=3")
     strategy = make_strategy(config, num_layers=1)
     strategy.nodes = {1: node(1), 2: node(2)}
@@ -85,15 +85,33 @@ def test_fft_moe_weights_experts_by_routed_tokens_and_head_by_examples():
                {"num-examples": 10, "train-loss": 2.0, "routed-tokens": [0, 6, 0]}, {"next-experts": [1, 2]})
     arrays, metrics = strategy.aggregate_train(1, [r1, r2])
     new = from_record(arrays)
+    # node 1: 30 rows, routing share [0.75, 0.25, 0]; node 2: 10 rows, share [0, 1, 0]
     np.testing.assert_allclose(new[E0], 1.0)
-    np.testing.assert_allclose(new[E1], (2 * 2 + 6 * 4) / 8)  # 3.5, by routed tokens
+    np.testing.assert_allclose(new[E1], (7.5 * 2 + 10 * 4) / 17.5)  # 3.14: weights 30 x 0.25 and 10 x 1
     np.testing.assert_allclose(new[E2], 7.0)  # nobody held it
-    np.testing.assert_allclose(new[ROUTER], [[1, 1], [(2 * 1 + 6 * 3) / 8] * 2, [0, 0]])  # row 2: no tokens, global kept
-    np.testing.assert_allclose(new["head.weight"], (30 * 1 + 10 * 4) / 40)  # 1.75, by examples
+    np.testing.assert_allclose(new[ROUTER], [[1, 1], [(7.5 * 1 + 10 * 3) / 17.5] * 2, [0, 0]])  # row 2: no tokens, global kept
+    np.testing.assert_allclose(new["head.weight"], (30 * 1 + 10 * 4) / 40)  # 1.75, by training rows
     assert metrics["train-loss"] == pytest.approx((30 * 1 + 10 * 2) / 40)
     # next round: each node holds what it asked for
     assert strategy.subsets == {1: [[0, 2]], 2: [[1, 2]]}
     assert set(strategy.arrays_for(strategy.nodes[1], 2)) == {E0, E2, ROUTER, "head.weight"}
+
+
+@pytest.mark.parametrize("strategy_name", ["fft_moe", "fedavg_lora", "head_only"])
+def test_clients_weigh_by_the_rows_they_hold_not_the_samples_they_processed(strategy_name):
+    # The audit's case: a jetson-orin client with 9 training rows processes 12 x 32 = 384
+    # samples, an rpi4 client with 1,974 rows (nearly all one class) processes 8 x 8 = 64.
+    config = load_config(f"conf/{strategy_name}.yaml", "moe.num-experts=2")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
+    orin = reply(1, {"head.weight": np.full(2, 1, np.float32)},
+                 {"num-examples": 9, "samples-processed": 384, "train-loss": 1.0, "routed-tokens": [300, 84]})
+    rpi4 = reply(2, {"head.weight": np.full(2, 0, np.float32)},
+                 {"num-examples": 1974, "samples-processed": 64, "train-loss": 1.0, "routed-tokens": [64, 0]})
+    arrays, metrics = strategy.aggregate_train(1, [orin, rpi4])
+    np.testing.assert_allclose(from_record(arrays)["head.weight"], 9 / (9 + 1974), rtol=1e-6)
+    assert metrics["num-examples"] == 1983
 
 
 def test_fft_moe_round_one_spreads_subsets_over_all_experts():

@@ -41,7 +41,8 @@ def test_every_registered_strategy_gets_every_cell_headline_seeds_first():
 def record(round_, accuracy, train_s, clients):
     return {"round": round_, "global_accuracy": accuracy, "wall_time_s": 10.0 * round_,
             "phase_seconds": {"train": train_s},
-            "clients": {str(i): {"num_examples": n, "train_seconds": s} for i, (n, s) in enumerate(clients)}}
+            "clients": {str(i): {"num_examples": 1000, "samples_processed": n, "train_seconds": s}
+                        for i, (n, s) in enumerate(clients)}}
 
 
 def test_round_record_figures_match_hand_computation():

@@ -30,7 +30,8 @@ def test_client_trains_only_its_experts_within_budget(config):
     routed = np.asarray(metrics["routed-tokens"]).reshape(2, 8)
     assert routed[0, [0, 2, 4, 6]].sum() == 0 and routed[1, [1, 3, 5, 7]].sum() == 0
     assert metrics["steps"] == task.budget.local_steps
-    assert metrics["num-examples"] == task.budget.local_steps * task.budget.batch_size
+    assert metrics["num-examples"] == len(task.data.train_index)  # training rows, Flower's convention
+    assert metrics["samples-processed"] == task.budget.local_steps * task.budget.batch_size
     # every real token goes to exactly k = 1 expert, in every layer
     assert routed[0].sum() == routed[1].sum() > 0
     assert len(next_experts) == 2 * 4 and all(0 <= e < 8 for e in next_experts)

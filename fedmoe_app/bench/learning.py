@@ -69,7 +69,8 @@ def first_reaching(rounds: list[dict], target: float) -> dict | None:
 
 def sample_steps(rounds: list[dict]) -> int:
     """Training examples processed by all clients over the run (examples x steps seen)."""
-    return sum(int(c["num_examples"]) for r in rounds for c in r.get("clients", {}).values())
+    # runs recorded before samples_processed existed reported samples as num_examples
+    return sum(int(c.get("samples_processed", c["num_examples"])) for r in rounds for c in r.get("clients", {}).values())
 
 
 def overhead_ratio(rounds: list[dict]) -> float | None:
