@@ -112,6 +112,10 @@ class SparseStrategy(Strategy):
         """The weight of each of the reply's tensors in the average."""
         raise NotImplementedError
 
+    def contribution_of(self, reply: Reply) -> dict[str, np.ndarray]:
+        """The tensors a reply adds to the average (default: what the client trained)."""
+        return reply.arrays
+
     def update_state(self, replies: list[Reply]) -> None:
         """Learn from this round's replies (default: nothing)."""
 
@@ -189,7 +193,7 @@ class SparseStrategy(Strategy):
             log(WARNING, "round %d: %d of %d sampled nodes replied, federation.min-reply-fraction needs %d; "
                 "the global model is unchanged", server_round, len(decoded), sampled, needed)
             return None, None
-        contributions = [Contribution(r.arrays, self.weights_for(r)) for r in decoded]
+        contributions = [Contribution(self.contribution_of(r), self.weights_for(r)) for r in decoded]
         self.global_arrays = sparse_weighted_average(self.global_arrays, contributions)
         self.update_state(decoded)
         return to_record(self.global_arrays), MetricRecord({"train-loss": train_loss(decoded), "num-examples": sum(examples(r) for r in decoded)})

@@ -8,6 +8,11 @@
   over the experts it used. Router rows likewise (a node's rows for experts it did not hold
   get weight 0); the head by training rows. Not by samples processed (batch x steps): a
   strong device with 9 rows would outweigh a weak one with 2,000.
+- Router rows are averaged as changes centred over the rows a node held: a softmax over
+  the held experts does not change when all their rows move by one vector, so such a shift
+  carries no information from the node's data, yet averaged with other nodes' rows (other
+  subsets) it would move the global logits. Each node's change to its held rows has its
+  mean row removed before it is added to the global rows it received.
 - The server broadcasts the global expert usage that the heterogeneity-aware loss pulls
   each client's routing toward; it is a momentum average of the routed-token shares
   (starting uniform), so an expert unused in one round is not written off at once.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmoe_app.records import expert_of, flatten, router_layer, select_keys, unflatten
+from fedmoe_app.records import expert_of, flatten, held_experts, router_layer, select_keys, unflatten
 from strategies.base import NodeInfo, Reply, SparseStrategy, examples
 from strategies.core import Weight
 
@@ -67,6 +72,20 @@ class FFTMoE(SparseStrategy):
             else:
                 weights[key] = rows
         return weights
+
+    def contribution_of(self, reply: Reply) -> dict[str, np.ndarray]:
+        held = held_experts(list(reply.arrays), self.num_layers)
+        arrays = dict(reply.arrays)
+        for key, trained in reply.arrays.items():
+            layer = router_layer(key)
+            if layer is None or not held[layer]:
+                continue
+            rows = held[layer]
+            change = trained[rows] - self.global_arrays[key][rows]
+            centred = trained.copy()
+            centred[rows] = self.global_arrays[key][rows] + change - change.mean(axis=0, keepdims=True)
+            arrays[key] = centred
+        return arrays
 
     def update_state(self, replies: list[Reply]) -> None:
         for reply in replies:

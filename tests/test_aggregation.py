@@ -77,7 +77,8 @@ def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
         E0: np.zeros(2, np.float32), E1: np.zeros(2, np.float32), E2: np.full(2, 7, np.float32),
         ROUTER: np.zeros((3, 2), np.float32), "head.weight": np.zeros(2, np.float32),
     }
-    r1 = reply(1, {E0: np.full(2, 1, np.float32), E1: np.full(2, 2, np.float32), ROUTER: np.ones((3, 2), np.float32),
+    r1 = reply(1, {E0: np.full(2, 1, np.float32), E1: np.full(2, 2, np.float32),
+                   ROUTER: np.array([[1, 1], [3, 3], [9, 9]], np.float32),
                    "head.weight": np.full(2, 1, np.float32)},
                {"num-examples": 30, "train-loss": 1.0, "routed-tokens": [6, 2, 0]}, {"next-experts": [0, 2]})
     r2 = reply(2, {E1: np.full(2, 4, np.float32), ROUTER: np.full((3, 2), 3, np.float32),
@@ -89,12 +90,41 @@ def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
     np.testing.assert_allclose(new[E0], 1.0)
     np.testing.assert_allclose(new[E1], (7.5 * 2 + 10 * 4) / 17.5)  # 3.14: weights 30 x 0.25 and 10 x 1
     np.testing.assert_allclose(new[E2], 7.0)  # nobody held it
-    np.testing.assert_allclose(new[ROUTER], [[1, 1], [(7.5 * 1 + 10 * 3) / 17.5] * 2, [0, 0]])  # row 2: no tokens, global kept
+    # router rows: changes centred over the held rows. Node 1 held rows 0, 1: changes (1, 3)
+    # minus their mean 2 = (-1, 1); node 2 held row 1 only: its change minus itself = 0.
+    # Row 2: nobody held it, the global row is kept.
+    np.testing.assert_allclose(new[ROUTER], [[-1, -1], [(7.5 * 1 + 10 * 0) / 17.5] * 2, [0, 0]], rtol=1e-6)
     np.testing.assert_allclose(new["head.weight"], (30 * 1 + 10 * 4) / 40)  # 1.75, by training rows
     assert metrics["train-loss"] == pytest.approx((30 * 1 + 10 * 2) / 40)
     # next round: each node holds what it asked for
     assert strategy.subsets == {1: [[0, 2]], 2: [[1, 2]]}
     assert set(strategy.arrays_for(strategy.nodes[1], 2)) == {E0, E2, ROUTER, "head.weight"}
+
+
+def test_fft_moe_router_rows_ignore_a_shift_shared_by_the_held_rows():
+    # A softmax over the held experts is the same when all their rows move by one vector:
+    # such a change is not averaged into the global router.
+    config = load_config("conf/fft_moe.yaml", "moe.num-experts=4")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    start = np.arange(8, dtype=np.float32).reshape(4, 2)
+    strategy.global_arrays = {ROUTER: start.copy(), E0: np.zeros(2, np.float32), E1: np.zeros(2, np.float32),
+                              E2: np.zeros(2, np.float32)}
+    shift = np.array([5.0, -2.0], np.float32)
+    moved = np.zeros((4, 2), np.float32)  # replies carry updates: trained minus received
+    moved[[0, 1]] = shift  # node 1 holds experts 0, 1 and moved both rows by `shift`
+    r1 = reply(1, {ROUTER: moved, E0: np.zeros(2, np.float32), E1: np.zeros(2, np.float32)},
+               {"num-examples": 10, "train-loss": 1.0, "routed-tokens": [5, 5, 0, 0]})
+    informative = np.zeros((4, 2), np.float32)
+    informative[1] = [1.0, 1.0]  # node 2 holds experts 1, 2 and raised row 1 against row 2
+    r2 = reply(2, {ROUTER: informative, E1: np.zeros(2, np.float32), E2: np.zeros(2, np.float32)},
+               {"num-examples": 10, "train-loss": 1.0, "routed-tokens": [0, 5, 5, 0]})
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    expected = start.copy()
+    # node 2's change centred: +0.5 on row 1, -0.5 on row 2; node 1's shift centres to 0
+    expected[1] += 0.5 * 0.5  # row 1: nodes 1 and 2 at equal weight (10 rows x share 0.5)
+    expected[2] -= 0.5  # row 2: node 2 alone
+    np.testing.assert_allclose(from_record(arrays)[ROUTER], expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("strategy_name", ["fft_moe", "fedavg_lora", "head_only"])
