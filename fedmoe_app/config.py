@@ -119,7 +119,7 @@ class EvalConfig:
     every: int = 1
     test_samples: int = 1000
     batch_size: int = 64
-    max_length: int = 128
+    max_length: int = 0  # 0: what training uses, the largest max-length of the device tiers
     client: bool = True
 
 
@@ -309,6 +309,8 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError("config key 'data.holdout-fraction' must be in [0, 1)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.train.device):
         raise ConfigError(f"config key 'train.device' is {config.train.device!r}; allowed: auto, cpu, cuda, cuda:N")
+    if config.eval.max_length < 0:
+        raise ConfigError(f"config key 'eval.max-length' must be >= 0 (0: as in training), got {config.eval.max_length}")
     if config.data.alpha <= 0:
         raise ConfigError("config key 'data.alpha' must be > 0")
     for key in ("balance", "heterogeneity", "z_loss"):

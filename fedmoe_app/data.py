@@ -169,7 +169,9 @@ def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str]:
     name = "AG News" if is_ag_news else data.dataset
     if data.data_dir:
         local = resolve_path(data.data_dir)
-        return _read_dir(local, "data.data-dir"), f"{name} from local copy {local}"
+        # `auto` says nothing of what a folder holds: name it by the folder
+        named = f"'{local.name}'" if data.dataset == "auto" else name
+        return _read_dir(local, "data.data-dir"), f"local dataset {named} from {local}"
     hub_id = AG_NEWS_HUB_ID if is_ag_news else data.dataset
     try:
         loaded = _load_hub(hub_id)

@@ -11,9 +11,17 @@ from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, resolve_path
 from fedmoe_app.data import load_test_set
-from fedmoe_app.model import AdapterClassifier, load_tokenizer, load_state
+from fedmoe_app.model import AdapterClassifier, load_state, load_tokenizer
 from fedmoe_app.records import from_record
 from fedmoe_app.train import evaluate
+
+
+def eval_max_length(config: RunConfig) -> int:
+    """Tokens per test row of server-side evaluation: eval.max-length, or (0) the largest
+    max-length any device tier trains with."""
+    if config.eval.max_length:
+        return config.eval.max_length
+    return max(budget.max_length for budget in load_tiers(config.devices.file).values())
 
 
 class GlobalEvaluator:
@@ -24,7 +32,7 @@ class GlobalEvaluator:
         self.model = model
         self.tokenizer = load_tokenizer(config.model.backbone)
         test = load_test_set(config.data, config.seed, config.eval.test_samples)
-        self.test_set = encode(test, self.tokenizer, config.eval.max_length)
+        self.test_set = encode(test, self.tokenizer, eval_max_length(config))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Loss and accuracy of `arrays` on the test subsample."""

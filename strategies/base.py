@@ -175,13 +175,37 @@ class SparseStrategy(Strategy):
         log(WARNING, "node %s (%s) failed: %s", node_id, tier, reason)
 
     def _decode(self, replies: Iterable[Message]) -> list[Reply]:
-        """The successful replies, each with its trained tensors: the global tensors that
-        were sent plus the updates it sent back (`self.global_arrays` still holds what was sent)."""
-        return [
-            Reply(self.nodes[node_id], trained_from(self.global_arrays, from_record(content["arrays"])),
-                  content["metrics"], content.get("request", ConfigRecord()))
-            for node_id, content in self._outcomes(replies)
-        ]
+        """The successful, well-formed replies, each with its trained tensors: the global
+        tensors that were sent plus the updates it sent back (`self.global_arrays` still holds
+        what was sent). A malformed reply counts as its node's failure and is left out."""
+        decoded = []
+        for node_id, content in self._outcomes(replies):
+            try:
+                updates = self._checked_updates(content)
+            except ValueError as error:
+                self._failed(node_id, f"malformed reply: {error}")
+                continue
+            decoded.append(Reply(self.nodes[node_id], trained_from(self.global_arrays, updates),
+                                 content["metrics"], content.get("request", ConfigRecord())))
+        return decoded
+
+    def _checked_updates(self, content: RecordDict) -> dict[str, np.ndarray]:
+        """A train reply's updates, after checking that it names only global tensors, in
+        their shapes, with finite values, and says how many rows it trained on."""
+        if "arrays" not in content or "metrics" not in content:
+            raise ValueError(f"it holds {sorted(content)}; a train reply needs 'arrays' and 'metrics'")
+        rows = content["metrics"].get("num-examples")
+        if not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"metric 'num-examples' is {rows!r}; allowed: an integer >= 0")
+        updates = from_record(content["arrays"])
+        for key, update in updates.items():
+            if key not in self.global_arrays:
+                raise ValueError(f"tensor '{key}' is not in the global model")
+            if update.shape != self.global_arrays[key].shape:
+                raise ValueError(f"tensor '{key}' has shape {update.shape}; the global one {self.global_arrays[key].shape}")
+            if not np.isfinite(update).all():
+                raise ValueError(f"tensor '{key}' holds NaN or Inf")
+        return updates
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sparse weighted average of the replies' tensors; metrics of the round."""

@@ -1,5 +1,6 @@
 """Sparse key-wise aggregation, on small hand-made replies."""
 
+import re
 from unittest.mock import Mock
 
 import numpy as np
@@ -179,3 +180,25 @@ def test_failed_reply_is_counted_and_skipped():
     failed.error.reason = "node died"
     assert strategy.aggregate_train(1, [failed]) == (None, None)
     assert strategy.failures == [{"node_id": "1", "tier": "rpi4", "reason": "node died"}]
+
+
+@pytest.mark.parametrize("bad_arrays,bad_metrics,reason", [
+    ({"layers.9.unknown.weight": np.ones(2, np.float32)}, {}, "tensor 'layers.9.unknown.weight' is not in the global model"),
+    ({"head.weight": np.ones(3, np.float32)}, {}, r"tensor 'head.weight' has shape \(3,\); the global one \(2,\)"),
+    ({"head.weight": np.array([1.0, np.nan], np.float32)}, {}, "tensor 'head.weight' holds NaN or Inf"),
+    ({"head.weight": np.array([np.inf, 0.0], np.float32)}, {}, "holds NaN or Inf"),
+    ({"head.weight": np.ones(2, np.float32)}, {"num-examples": -4}, "metric 'num-examples' is -4"),
+])
+def test_a_malformed_reply_is_its_nodes_failure_and_is_not_averaged(bad_arrays, bad_metrics, reason):
+    config = load_config("conf/fedavg_lora.yaml")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
+    strategy.asked = {}
+    good = reply(1, {"head.weight": np.full(2, 3, np.float32)}, {"num-examples": 10, "train-loss": 0.5})
+    bad = reply(2, bad_arrays, {"num-examples": 10, "train-loss": 0.5, **bad_metrics})
+    arrays, metrics = strategy.aggregate_train(1, [good, bad])
+    np.testing.assert_allclose(from_record(arrays)["head.weight"], 3.0)  # the good reply alone
+    assert metrics["num-examples"] == 10
+    assert [f["node_id"] for f in strategy.failures] == ["2"]
+    assert re.search(reason, strategy.failures[0]["reason"]) and strategy.failures[0]["reason"].startswith("malformed reply")

@@ -69,7 +69,9 @@ def test_local_copy_is_ag_news(ag_news_dir, dataset):
     config = DataConfig(dataset=dataset, data_dir=str(ag_news_dir), max_train_rows=600)
     splits = load_splits(config, seed=0)
     assert (len(splits.train), len(splits.test), splits.num_labels) == (600, 7600, 4)
-    assert splits.source == f"AG News from local copy {ag_news_dir}"
+    # `auto` names a folder by its name; an explicit `ag_news` by the dataset's
+    named = f"'{ag_news_dir.name}'" if dataset == "auto" else "AG News"
+    assert splits.source == f"local dataset {named} from {ag_news_dir}"
     assert isinstance(splits.train[0]["text"], str) and isinstance(splits.train[0]["label"], int)
     assert load_splits(config, seed=0) is splits  # cached per process
 
@@ -88,7 +90,7 @@ def test_local_copy_of_a_hub_dataset(tmp_path):
     write_csv(tmp_path / "train.csv", [("good", 0), ("bad", 1), ("so so", 2)])
     write_csv(tmp_path / "test.csv", [("fine", 0)])
     splits = load_splits(DataConfig(dataset="someone/reviews", data_dir=str(tmp_path)), seed=0)
-    assert splits.source == f"someone/reviews from local copy {tmp_path}"
+    assert splits.source == f"local dataset someone/reviews from {tmp_path}"
     assert splits.num_labels == 3 and splits.train["text"][:] == ["good", "bad", "so so"]
 
 
@@ -330,3 +332,13 @@ def test_batches_pad_their_length_to_the_asked_multiple():
         assert [b["input_ids"].shape[1] for b in batches] == lengths
         # padding is masked out: every row keeps exactly its own tokens
         assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == [3, 5, 9, 17]
+
+
+def test_server_evaluation_reads_as_many_tokens_as_training_unless_told(tmp_path):
+    from fedmoe_app.config import load_config
+    from fedmoe_app.server import eval_max_length
+
+    assert eval_max_length(load_config("conf/fft_moe.yaml")) == 64  # every tier in conf/devices.yaml trains on 64
+    assert eval_max_length(load_config("conf/fft_moe.yaml", "eval.max-length=128")) == 128
+    with pytest.raises(Exception, match="'eval.max-length' must be >= 0"):
+        load_config("conf/fft_moe.yaml", "eval.max-length=-1")

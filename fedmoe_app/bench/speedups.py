@@ -12,6 +12,7 @@ from fedmoe_app.config import RunConfig
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits, load_test_set
 from fedmoe_app.model import build_model, load_tokenizer, num_layers
+from fedmoe_app.server import eval_max_length
 from fedmoe_app.train import evaluate, train_local
 
 
@@ -24,7 +25,7 @@ def evaluation_speedup(config: RunConfig, repeats: int = 2) -> dict:
     """Server-side evaluation of the global MoE model on the test subsample, batches in
     data order (before) and grouped by length (after): seconds, accuracy of both."""
     tokenizer = load_tokenizer(config.model.backbone)
-    test = encode(load_test_set(config.data, config.seed, config.eval.test_samples), tokenizer, config.eval.max_length)
+    test = encode(load_test_set(config.data, config.seed, config.eval.test_samples), tokenizer, eval_max_length(config))
     model = build_model(config, load_splits(config.data, config.seed).num_labels, "moe")
     out = {}
     for label, grouped in (("before", False), ("after", True)):
