@@ -178,15 +178,13 @@ def pick_dispatch(device: torch.device, dtype: torch.dtype) -> str:
         return "segmented"
     if device.type == "cuda":
         return "grouped_mm" if torch.cuda.get_device_capability(device)[0] == 9 and dtype == torch.bfloat16 else "segmented"
-    return GROUPED_MM_ON_CPU.get(dtype, "segmented")
+    # On a CPU grouped_mm was fastest in fp32 and, in two kernel runs of three, in bf16
+    # (make bench-quick, docs/RESULTS.md: MoE / dense for M = 16, k = 1, 2, 4: fp32 2.37 /
+    # 2.56 / 2.54 against segmented 2.82 / 2.54 / 3.10; bf16 3.99 / 4.16 / 3.96 against
+    # 4.18 / 4.39 / 4.52; runs differ by up to 30%).
+    return "grouped_mm"
 
 
-# Measured with `make bench-quick` (fedmoe_app.bench.kernels.kernel_cases: forward +
-# backward, new routing every call, 2,048 tokens, d = 384, h = 64, M = 16, one thread;
-# docs/RESULTS.md): MoE / dense for k = 1, 2, 4 in fp32 grouped_mm 2.37 / 2.56 / 2.54,
-# segmented 2.82 / 2.54 / 3.10; in bf16 grouped_mm 3.99 / 4.16 / 3.96, segmented 4.18 /
-# 4.39 / 4.52. Runs differ by up to 30%; two of three put grouped_mm first in bf16.
-GROUPED_MM_ON_CPU: dict[torch.dtype, str] = {torch.float32: "grouped_mm", torch.bfloat16: "grouped_mm"}
 
 
 class SparseMoE(nn.Module):
