@@ -3,6 +3,7 @@
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmoe_app import messages as msg
 from fedmoe_app.config import config_from_yaml
 from fedmoe_app.node import query_answer
 from fedmoe_app.node_worker import handle
@@ -15,19 +16,19 @@ app = ClientApp()
 
 
 @app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Tell the server this node's tier, budget and data size."""
-    answer = query_answer(config_from_yaml(msg.content["config"]["run-config"]), context.node_config)
-    return Message(RecordDict({"node": ConfigRecord(answer)}), reply_to=msg)
+def query(message: Message, context: Context) -> Message:
+    """Tell the server this node's client id, budget and data size."""
+    answer = query_answer(config_from_yaml(message.content[msg.CONFIG][msg.RUN_CONFIG]), context.node_config)
+    return Message(RecordDict({name: ConfigRecord(record) for name, record in answer.items()}), reply_to=message)
 
 
 @app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(message: Message, context: Context) -> Message:
     """Train the received tensors on local data; reply with the updates of what was trained."""
-    return Message(handle("train", msg.content, context.node_config), reply_to=msg)
+    return Message(handle("train", message.content, context.node_config), reply_to=message)
 
 
 @app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the personalised model on this node's held-out slice."""
-    return Message(handle("evaluate", msg.content, context.node_config), reply_to=msg)
+    return Message(handle("evaluate", message.content, context.node_config), reply_to=message)

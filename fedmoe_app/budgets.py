@@ -25,8 +25,43 @@ class DeviceBudget:
     lora_rank: int
     ram_gb: float
 
+    def to_record(self) -> dict[str, Any]:
+        """The budget as a message carries it: kebab-case keys, `tier` included."""
+        return {"tier": self.tier, **{_key(f): getattr(self, f) for f in BUDGET_FIELDS}}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "DeviceBudget":
+        """The budget of a `to_record` mapping; ConfigError naming the field if one is
+        missing, unknown or of the wrong type."""
+        tier = record.get("tier")
+        if not isinstance(tier, str) or not tier:
+            raise ConfigError(f"budget field 'tier' is {tier!r}; allowed: a tier name")
+        return cls(tier=tier, **_checked_fields(f"device tier '{tier}'", {k: v for k, v in record.items() if k != "tier"}))
+
 
 BUDGET_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceBudget) if f.name != "tier")
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _checked_fields(where: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The budget fields of a kebab-case mapping, each of its field's type and >= 1 (ram-gb > 0)."""
+    given = {k.replace("-", "_"): v for k, v in values.items()}
+    missing = [_key(f) for f in BUDGET_FIELDS if f not in given]
+    unknown = [_key(f) for f in given if f not in BUDGET_FIELDS]
+    if missing or unknown:
+        raise ConfigError(f"{where}: missing {missing}, unknown {unknown}; fields: {', '.join(map(_key, BUDGET_FIELDS))}")
+    checked = {}
+    for name in BUDGET_FIELDS:
+        value, kind = given[name], float if name == "ram_gb" else int
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: {'a number' if kind is float else 'an integer'}")
+        if value <= 0:
+            raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: > 0")
+        checked[name] = kind(value)
+    return checked
 
 
 @lru_cache(maxsize=8)
@@ -35,15 +70,7 @@ def load_tiers(path: str) -> dict[str, DeviceBudget]:
     data = yaml.safe_load(resolve_path(path).read_text()) or {}
     tiers = {}
     for name, values in (data.get("tiers") or {}).items():
-        given = {k.replace("-", "_"): v for k, v in (values or {}).items()}
-        missing = [f for f in BUDGET_FIELDS if f not in given]
-        unknown = [f for f in given if f not in BUDGET_FIELDS]
-        if missing or unknown:
-            raise ConfigError(
-                f"device tier '{name}' in {path}: missing {missing}, unknown {unknown}; "
-                f"fields: {', '.join(f.replace('_', '-') for f in BUDGET_FIELDS)}"
-            )
-        tiers[name] = DeviceBudget(tier=name, **given)
+        tiers[name] = DeviceBudget(tier=name, **_checked_fields(f"device tier '{name}' in {path}", values or {}))
     if not tiers:
         raise ConfigError(f"devices file {path} defines no tiers")
     return tiers

@@ -14,14 +14,15 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from fedmoe_app import messages as msg
 from fedmoe_app import startup
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.config import RunConfig, config_from_yaml
-from fedmoe_app.losses import heterogeneity_weight
-from fedmoe_app.model import build_model, load_tokenizer, load_state, num_layers, state_to_numpy
+from fedmoe_app.methods import method_class
+from fedmoe_app.methods.base import ClientMethod
+from fedmoe_app.model import AdapterClassifier, load_tokenizer, state_to_numpy
 from fedmoe_app.node import describe as describe_node
-from fedmoe_app.records import flatten, held_experts, unflatten
 from fedmoe_app.rows import ClientData, device_client_data
 from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.token_cache import encode_csv
@@ -35,6 +36,7 @@ class ClientTask:
 
     def __init__(self, config: RunConfig, node_config: Mapping[str, Any]) -> None:
         self.config = config
+        self.node_config = dict(node_config)
         self.budget = resolve_budget(node_config, config)
         self.partition_id = int(node_config.get("partition-id", 0))
         self.data = _client_data(config, node_config, self.partition_id)
@@ -45,73 +47,65 @@ class ClientTask:
             encoded = encode(self.data.rows, self.tokenizer, self.budget.max_length)
         self.train_set = encoded.select(self.data.train_index)
         self.holdout_set = encoded.select(self.data.holdout_index)
-        self.num_layers = num_layers(config)
         startup.mark("data")
 
-    def describe(self) -> dict[str, Any]:
-        """What the server needs to tailor messages to this node."""
-        return describe_node(self.budget, len(self.data.train_index))
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """What the server needs to tailor messages to this node (a query reply's records)."""
+        return describe_node(self.node_config, self.budget, len(self.data.train_index))
 
-    def model(self, arrays: Mapping[str, np.ndarray], adapter: str):
-        """This node's model (its experts and top-k) holding `arrays`."""
-        num_labels = arrays["head.weight"].shape[0]
-        held = held_experts(list(arrays), self.num_layers) if adapter == "moe" else None
-        model = build_model(self.config, num_labels, adapter, held=held, top_k=self.budget.top_k)
-        load_state(model, arrays)
+    def method(self, server: Mapping[str, Any]) -> ClientMethod:
+        """The run's method's client half for one message whose config is `server`."""
+        return method_class(self.config.strategy)(self.config, self.budget, self.data.label_counts, server)
+
+    def model(self, method: ClientMethod, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
+        """The model `method` builds for this node, holding `arrays`."""
+        model = method.build_model(arrays)
         startup.mark("model")
         return model
 
     def train(
-        self, arrays: Mapping[str, np.ndarray], adapter: str, server_round: int,
-        global_usage: Sequence[float] | None = None,
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[int]]:
-        """Train on local data within the budget; return the trained tensors, the metrics,
-        and (MoE) the experts this node asks to hold next round, flattened [L * held]."""
+        self, arrays: Mapping[str, np.ndarray], server: Mapping[str, Any],
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+        """Train on local data within the budget as the run's method does; return the trained
+        tensors, the metrics and the method's requests for the next round. `server`: the
+        config entries of the message."""
         start = time.perf_counter()
         torch.set_num_threads(self.config.train.threads)
-        model = self.model(arrays, adapter)
+        method = self.method(server)
+        model = self.model(method, arrays)
+        server_round = int(server.get(msg.SERVER_ROUND, 0))
         batches = iterate_batches(
             self.train_set, self.budget.batch_size, self.tokenizer.pad_token_id,
             shuffle=True, seed=self.config.seed + 1000 * server_round + self.partition_id,
             num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
             length_multiple=model.precision.length_multiple,
         )
-        usage = torch.tensor(unflatten(global_usage, self.num_layers), dtype=torch.float32) if global_usage else None
-        het_weight = heterogeneity_weight(self.data.label_counts, self.budget.experts_held, self.config.moe.num_experts)
-        result = train_local(
-            model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr, self.config.train.weight_decay,
-            self.config.loss, het_weight if adapter == "moe" else 0.0, usage,
-        )
+        result = train_local(model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr,
+                             self.config.train.weight_decay, method)
+        method_metrics, request = method.report()
         metrics: dict[str, Any] = {
-            "num-examples": len(self.data.train_index),  # Flower's convention: local training rows
-            "samples-processed": result.num_examples,  # batch x local steps
-            "steps": result.steps,
-            "train-loss": result.loss,
-            "step-seconds": result.step_seconds,
-            "batch-size": self.budget.batch_size,
-            "max-length": self.budget.max_length,
-            "top-k": self.budget.top_k,
-            "experts-held": self.budget.experts_held,
-            "peak-rss-mb": peak_rss_mb(),
+            msg.NUM_EXAMPLES: len(self.data.train_index),  # Flower's convention: local training rows
+            msg.SAMPLES_PROCESSED: result.num_examples,  # batch x local steps
+            msg.STEPS: result.steps,
+            msg.TRAIN_LOSS: result.loss,
+            msg.STEP_SECONDS: result.step_seconds,
+            msg.PEAK_RSS_MB: peak_rss_mb(),
+            **method_metrics,
         }
-        next_experts: list[int] = []
-        if result.routing is not None:
-            metrics["routed-tokens"] = [int(x) for x in result.routing.routed_tokens.reshape(-1)]
-            metrics["gate-prob"] = flatten(result.routing.gate_prob)
-            next_experts = [e for layer in result.routing.preferred_experts(self.budget.experts_held) for e in layer]
         trained = state_to_numpy(model)
-        metrics["train-seconds"] = time.perf_counter() - start
+        metrics[msg.TRAIN_SECONDS] = time.perf_counter() - start
         metrics.update(startup.phase_seconds())
-        return trained, metrics, next_experts
+        return trained, metrics, request
 
-    def evaluate(self, arrays: Mapping[str, np.ndarray], adapter: str) -> dict[str, Any]:
-        """Accuracy of the personalised model (own experts and top-k) on the held-out slice."""
+    def evaluate(self, arrays: Mapping[str, np.ndarray], server: Mapping[str, Any]) -> dict[str, Any]:
+        """Accuracy of the personalised model (as the method builds it for this node) on the
+        held-out slice."""
         torch.set_num_threads(self.config.train.threads)
-        model = self.model(arrays, adapter)
+        model = self.model(self.method(server), arrays)
         batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
                                   shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         result = evaluate(model, batches)
-        return {"num-examples": result.num_examples, "loss": result.loss, "accuracy": result.accuracy}
+        return {msg.NUM_EXAMPLES: result.num_examples, msg.LOSS: result.loss, msg.ACCURACY: result.accuracy}
 
 
 def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id: int) -> ClientData:

@@ -1,17 +1,20 @@
 """The run configuration: one typed object, loaded from YAML and validated once.
 
-`conf/base.yaml` holds every key with its default; a strategy file (`conf/fft_moe.yaml`)
-overrides some of them; `overrides` ("rounds=3 data.alpha=0.1") overrides single keys.
+`conf/base.yaml` holds every key with its default, the only place defaults live (the dataclasses
+below have none); a strategy file (`conf/fft_moe.yaml`) overrides some of them; `overrides`
+("rounds=3 data.alpha=0.1") overrides single keys.
 YAML keys are kebab-case, like Flower's run config; fields are their snake_case twins.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +22,7 @@ import yaml
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONF_DIR = APP_DIR / "conf"
+DEFAULT_CONFIG_FILE = "conf/fft_moe.yaml"  # also pyproject.toml's run-config `config` (a test keeps them equal)
 
 
 class ConfigError(ValueError):
@@ -29,118 +33,116 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Backbone and head."""
 
-    backbone: str = "minilm"  # 'minilm' (offline package), a hub id, a local path, or 'tiny-bert'
-    pooling: str = "mean"
+    backbone: str  # 'minilm' (offline package), a hub id, a local path, or 'tiny-bert'
+    pooling: str
 
 
 @dataclass(frozen=True)
 class MoEConfig:
     """Sparse MoE adapters (FFT-MoE)."""
 
-    num_experts: int = 16
-    expert_hidden: int = 64
-    renormalize: bool = True  # renormalise the chosen top-k gate weights to sum to one (k >= 2)
-    renormalize_top1: bool = False  # also with k = 1, where every gate becomes p / p = 1
-    init_scale: float = 0.01  # std of the experts' output projection at initialisation
-    eval_top_k: int = 2  # top-k of the global model in server-side evaluation
-    dispatch: str = "auto"  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented
+    num_experts: int
+    expert_hidden: int
+    renormalize: bool  # renormalise the chosen top-k gate weights to sum to one (k >= 2)
+    renormalize_top1: bool  # also with k = 1, where every gate becomes p / p = 1
+    init_scale: float  # std of the experts' output projection at initialisation
+    eval_top_k: int  # top-k of the global model in server-side evaluation
+    dispatch: str  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
     """PEFT LoRA adapters (LoRA baselines)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("query", "value")
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Coefficients of the training loss terms; 0 switches a term off."""
 
-    balance: float = 0.01
-    heterogeneity: float = 0.01
-    z_loss: float = 0.0
+    balance: float
+    heterogeneity: float
+    z_loss: float
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Local optimisation."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    threads: int = 1  # torch threads per client process
-    device: str = "auto"  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
-    group_by_length: bool = True  # batches of rows of similar length: less padding, same data
-    precision: str = "auto"  # auto (bf16 / fp16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
+    lr: float
+    weight_decay: float
+    threads: int  # torch threads per client process
+    device: str  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
+    group_by_length: bool  # batches of rows of similar length: less padding, same data
+    precision: str  # auto (bf16 / fp16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset source and federated partitioning."""
 
-    dataset: str = "auto"  # auto | ag_news | rotten_tomatoes | a hub id
-    data_dir: str = ""  # directory with train.csv and test.csv (text,label); '' = none
-    partitioner: str = "dirichlet"  # iid | dirichlet | pathological
-    alpha: float = 0.5
-    classes_per_partition: int = 2
-    holdout_fraction: float = 0.2
-    max_train_rows: int = 0  # 0 = all rows; else a seeded subsample of the train split
+    dataset: str  # auto | ag_news | rotten_tomatoes | a hub id
+    data_dir: str  # directory with train.csv and test.csv (text,label); '' = none
+    partitioner: str  # iid | dirichlet | pathological
+    alpha: float
+    classes_per_partition: int
+    holdout_fraction: float
+    max_train_rows: int  # 0 = all rows; else a seeded subsample of the train split
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     """Sampling and fault tolerance."""
 
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_nodes: int = 2
-    min_reply_fraction: float = 0.5
-    round_timeout: float = 3600.0
-    wire_dtype: str = "fp16"  # tensors on the wire: fp32 | fp16 | bf16 (aggregation is float32)
+    fraction_train: float
+    fraction_evaluate: float
+    min_nodes: int
+    min_reply_fraction: float
+    round_timeout: float
+    wire_dtype: str  # tensors on the wire: fp32 | fp16 | bf16 (aggregation is float32)
 
 
 @dataclass(frozen=True)
 class DevicesConfig:
     """Device tiers and the simulated mix."""
 
-    file: str = "conf/devices.yaml"
-    simulation_mix: dict[str, float] = field(
-        default_factory=lambda: {"rpi4": 0.4, "jetson-nano": 0.3, "jetson-orin": 0.3}
-    )
+    file: str
+    simulation_mix: dict[str, float]  # share of simulated clients in each tier
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Server-side and client-side evaluation."""
 
-    every: int = 1
-    test_samples: int = 1000
-    batch_size: int = 64
-    max_length: int = 0  # 0: what training uses, the largest max-length of the device tiers
-    client: bool = True
+    every: int
+    test_samples: int  # 0 = the whole test split
+    batch_size: int
+    max_length: int  # 0: what training uses, the largest max-length of the device tiers
+    client: bool
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a run needs, server and clients alike."""
+    """Everything a run needs, server and clients alike. Defaults live in conf/base.yaml only."""
 
-    strategy: str = "fft_moe"
-    rounds: int = 5
-    seed: int = 0
-    run_name: str = ""  # '' = <strategy>-<timestamp>
-    results_dir: str = "results"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    devices: DevicesConfig = field(default_factory=DevicesConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    strategy: str
+    rounds: int
+    seed: int
+    run_name: str  # '' = <strategy>-<timestamp>
+    results_dir: str
+    model: ModelConfig
+    moe: MoEConfig
+    lora: LoRAConfig
+    loss: LossConfig
+    train: TrainConfig
+    data: DataConfig
+    federation: FederationConfig
+    devices: DevicesConfig
+    eval: EvalConfig
 
 
 CHOICES = {
@@ -191,7 +193,7 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a kebab-case mapping, rejecting unknown keys."""
+    """Build dataclass `cls` from a kebab-case mapping, rejecting unknown and missing keys."""
     hints = typing.get_type_hints(cls)
     fields = {_to_key(f.name): f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -203,9 +205,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         )
     kwargs = {}
     for key, f in fields.items():
-        if key not in values:
-            continue
         path, annotation = prefix + key, hints[f.name]
+        if key not in values:
+            raise ConfigError(f"config key '{path}' is missing; conf/base.yaml lists every key with its default")
         if dataclasses.is_dataclass(annotation):
             if not isinstance(values[key], dict):
                 raise ConfigError(f"config key '{path}' must be a section (a mapping)")
@@ -261,28 +263,53 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_config(
-    config_file: str = "conf/fft_moe.yaml", overrides: str | dict = "", environ: Mapping[str, str] | None = None
+    config_file: str = DEFAULT_CONFIG_FILE, overrides: str | dict = "", environ: Mapping[str, str] | None = None
 ) -> RunConfig:
     """Load base.yaml, then `config_file`, then `overrides`; validate; return the RunConfig.
 
     `environ` (the server's environment, read here and nowhere else) may name the data
     directory in FEDMOE_DATA_DIR when the config leaves `data.data-dir` empty.
     """
-    merged = _read_yaml(CONF_DIR / "base.yaml")
+    merged = _base_values()
     if config_file:
         merged = _merge(merged, _read_yaml(resolve_path(config_file)))
     extra = parse_overrides(overrides) if isinstance(overrides, str) else overrides
     merged = _merge(merged, extra)
     if environ and environ.get("FEDMOE_DATA_DIR") and not (merged.get("data") or {}).get("data-dir"):
         merged = _merge(merged, {"data": {"data-dir": environ["FEDMOE_DATA_DIR"]}})
-    return config_from_dict(merged)
+    return _validate(merged)
+
+
+@functools.lru_cache(maxsize=1)
+def _base_yaml() -> dict[str, Any]:
+    return _read_yaml(CONF_DIR / "base.yaml")
+
+
+def _base_values() -> dict[str, Any]:
+    """A fresh copy of conf/base.yaml: every key with its default."""
+    return copy.deepcopy(_base_yaml())
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Validate a nested kebab-case mapping into a RunConfig."""
+    """Validate a nested kebab-case mapping, merged over conf/base.yaml, into a RunConfig."""
+    return _validate(_merge(_base_values(), values))
+
+
+def _validate(values: dict[str, Any]) -> RunConfig:
     config = _build(RunConfig, values)
     _check_ranges(config)
     return config
+
+
+def defaults(cls: type, **changes: Any) -> Any:
+    """RunConfig or one of its sections (e.g. DataConfig) as in conf/base.yaml, with `changes` (snake_case fields)."""
+    config = config_from_dict({})
+    if cls is not RunConfig:
+        names = [f.name for f in dataclasses.fields(RunConfig) if typing.get_type_hints(RunConfig)[f.name] is cls]
+        if not names:
+            raise TypeError(f"{cls.__name__} is not a section of RunConfig")
+        config = getattr(config, names[0])
+    return dataclasses.replace(config, **changes)
 
 
 def _check_ranges(config: RunConfig) -> None:
@@ -355,4 +382,4 @@ def config_from_run_config(run_config: Mapping[str, Any], environ: Mapping[str, 
     if run_config.get("data-dir"):
         launch["data"] = {"data-dir": run_config["data-dir"]}
     extra = _merge(launch, parse_overrides(str(run_config.get("overrides", ""))))
-    return load_config(str(run_config.get("config", "conf/fft_moe.yaml")), extra, environ)
+    return load_config(str(run_config.get("config", DEFAULT_CONFIG_FILE)), extra, environ)

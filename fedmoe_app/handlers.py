@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedmoe_app import messages as msg
 from fedmoe_app.client import client_task
 from fedmoe_app.records import from_record, record_nbytes, to_record, updates_from
 
@@ -16,28 +17,21 @@ def train_reply(content: RecordDict, node_config: Mapping[str, Any], origin: flo
     """Train the received tensors on local data; the reply holds the updates of only what
     was trained (trained minus received), in the run's wire dtype. `origin`: when the
     process that received the message started (see `startup.begin_message`)."""
-    config = content["config"]
-    task = client_task(config["run-config"], node_config, origin)
-    received = from_record(content["arrays"])
-    arrays, metrics, next_experts = task.train(
-        received, config["adapter"], config["server-round"], config.get("global-usage")
-    )
+    config = content[msg.CONFIG]
+    task = client_task(config[msg.RUN_CONFIG], node_config, origin)
+    received = from_record(content[msg.ARRAYS])
+    arrays, metrics, request = task.train(received, config)
     reply_arrays = to_record(updates_from(arrays, received), task.config.federation.wire_dtype)
-    metrics["bytes-down"] = record_nbytes(content["arrays"])
-    metrics["bytes-up"] = record_nbytes(reply_arrays)
-    return RecordDict({
-        "arrays": reply_arrays,
-        "metrics": MetricRecord(metrics),
-        "request": ConfigRecord({"next-experts": next_experts, "device-tier": task.budget.tier}),
-    })
+    metrics[msg.BYTES_DOWN] = record_nbytes(content[msg.ARRAYS])
+    metrics[msg.BYTES_UP] = record_nbytes(reply_arrays)
+    return RecordDict({msg.ARRAYS: reply_arrays, msg.METRICS: MetricRecord(metrics), msg.REQUEST: ConfigRecord(request)})
 
 
 def evaluate_reply(content: RecordDict, node_config: Mapping[str, Any], origin: float | None = None) -> RecordDict:
     """Evaluate the personalised model on this node's held-out slice."""
-    config = content["config"]
-    task = client_task(config["run-config"], node_config, origin)
-    metrics = task.evaluate(from_record(content["arrays"]), config["adapter"])
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    config = content[msg.CONFIG]
+    task = client_task(config[msg.RUN_CONFIG], node_config, origin)
+    return RecordDict({msg.METRICS: MetricRecord(task.evaluate(from_record(content[msg.ARRAYS]), config))})
 
 
 HANDLERS: dict[str, Callable[..., RecordDict]] = {"train": train_reply, "evaluate": evaluate_reply}

@@ -267,6 +267,19 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def num_labels_of(arrays: Mapping[str, np.ndarray]) -> int:
+    """The number of classes of a model's trainable tensors (the rows of its head)."""
+    return arrays["head.weight"].shape[0]
+
+
+def lora_rank_of(arrays: Mapping[str, np.ndarray]) -> int | None:
+    """The rank of the LoRA tensors among `arrays` (rows of a lora_A), or None if none."""
+    ranks = {a.shape[0] for name, a in arrays.items() if ".lora_A." in name}
+    if len(ranks) > 1:
+        raise ValueError(f"LoRA tensors of several ranks {sorted(ranks)} in one model")
+    return ranks.pop() if ranks else None
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimiser updates."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -28,14 +28,16 @@ The round record (one line of metrics.jsonl):
     step_seconds: dict[str, float]      tier -> mean seconds per local step
     peak_rss_mb: dict[str, float]       tier -> largest peak resident memory of a client process
     server_peak_rss_mb: float           peak resident memory of the ServerApp process so far
-    clients: dict[str, dict]            node id -> tier, num_examples (local training rows),
-                                        samples_processed (batch x steps), steps, batch_size,
-                                        max_length, top_k, experts_held, step_seconds,
+    clients: dict[str, dict]            node id -> client_id (stable across restarts), tier, the
+                                        budget (experts_held, top_k, batch_size, max_length,
+                                        local_steps, lora_rank, ram_gb), num_examples (local
+                                        training rows), samples_processed (batch x steps), steps, step_seconds,
                                         train_seconds (whole local round), peak_rss_mb,
                                         bytes_down, bytes_up, startup_seconds, import_seconds,
                                         data_seconds, model_seconds (deployment start-up)
     num_replies: int
-    failures: int                       failed messages; failed_nodes names them (node_id, tier, reason)
+    failures: int                       failed messages (or malformed replies); failed_nodes names them
+                                        (node_id, client_id, tier, reason)
 
 Non-finite floats (NaN, inf) are written as null, so every line stays valid JSON.
 """

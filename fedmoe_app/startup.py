@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 MARKS: dict[str, float] = {}  # name -> time.time() of the latest mark
+PHASE_METRICS = ("startup-seconds", "import-seconds", "data-seconds", "model-seconds")  # what phase_seconds reports
 _messages = 0  # messages this process has begun
 _origin: float | None = None  # when the current message's process started, if known
 
@@ -55,5 +56,4 @@ def phase_seconds() -> dict[str, float]:
             end = max(end, MARKS.get("message", end))
         bounds.append(max(bounds[-1], end))
     imports, data, model = (bounds[i + 1] - bounds[i] for i in range(3))
-    return {"import-seconds": imports, "data-seconds": data, "model-seconds": model,
-            "startup-seconds": bounds[-1] - origin}
+    return dict(zip(PHASE_METRICS, (bounds[-1] - origin, imports, data, model)))

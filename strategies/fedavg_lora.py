@@ -1,17 +1,12 @@
-"""FedAvg-LoRA: PEFT LoRA of one rank on every client, averaged by examples (FedAvg)."""
+"""FedAvg-LoRA, server half (the client half: fedmoe_app/methods/fedavg_lora.py): PEFT LoRA
+of one rank on every client, averaged by training rows (FedAvg), the sparse core's default."""
 
 from __future__ import annotations
 
-from strategies.base import Reply, SparseStrategy, examples
-from strategies.core import Weight
+from strategies.base import SparseStrategy
 
 
 class FedAvgLoRA(SparseStrategy):
     """The LoRA baseline the MoE methods are compared against."""
 
     name = "fedavg_lora"
-    adapter = "lora"
-
-    def weights_for(self, reply: Reply) -> dict[str, Weight]:
-        rows = float(examples(reply))
-        return {key: rows for key in reply.arrays}

@@ -1,8 +1,10 @@
-"""FFT-MoE (arXiv 2508.18663): personalised expert subsets, expert-wise aggregation.
+"""FFT-MoE (arXiv 2508.18663), server half (the client half: fedmoe_app/methods/fft_moe.py):
+personalised expert subsets, expert-wise aggregation.
 
 - Each node receives the routers, the head and only the experts it holds. Round 1 spreads
   subsets so every expert is held by some node; afterwards a node holds the subset it
-  asked for (its top experts by mean router probability on its own data).
+  asked for (its top experts by mean router probability on its own data). Subsets are
+  kept by client id, so a node that restarts keeps its own.
 - Expert e is averaged over the nodes that held it, each weighted by its training rows
   times the share of its routing slots (in that layer) that went to e: a node's data, spread
   over the experts it used. Router rows likewise (a node's rows for experts it did not hold
@@ -20,10 +22,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from fedmoe_app import messages as msg
 from fedmoe_app.records import expert_of, flatten, held_experts, router_layer, select_keys, unflatten
-from strategies.base import NodeInfo, Reply, SparseStrategy, examples
+from fedmoe_app.routing import expert_shares
+from strategies.base import Node, Reply, SparseStrategy, examples
 from strategies.core import Weight
 
 USAGE_MOMENTUM = 0.5
@@ -33,35 +39,32 @@ class FFTMoE(SparseStrategy):
     """Sparse MoE adapters with personalised, budget-sized expert subsets."""
 
     name = "fft_moe"
-    adapter = "moe"
 
-    def __init__(self, config, num_layers: int) -> None:
-        super().__init__(config, num_layers)
+    def __init__(self, config, num_layers: int, **kwargs) -> None:
+        super().__init__(config, num_layers, **kwargs)
         num_experts = config.moe.num_experts
-        self.subsets: dict[int, list[list[int]]] = {}
+        self.subsets: dict[str, list[list[int]]] = {}  # client id -> experts per layer it holds
         self.spread_cursor = 0
         self.global_usage = np.full((num_layers, num_experts), 1.0 / num_experts)
 
-    def subset_of(self, node: NodeInfo) -> list[list[int]]:
-        """The experts per layer `node` holds; new nodes get the next experts in turn."""
-        if node.node_id not in self.subsets:
-            num_experts = self.config.moe.num_experts
-            experts = sorted((self.spread_cursor + i) % num_experts for i in range(node.experts_held))
-            self.spread_cursor = (self.spread_cursor + node.experts_held) % num_experts
-            self.subsets[node.node_id] = [experts] * self.num_layers
-        return self.subsets[node.node_id]
+    def subset_of(self, node: Node) -> list[list[int]]:
+        """The experts per layer `node` holds; new clients get the next experts in turn."""
+        if node.client_id not in self.subsets:
+            num_experts, held = self.config.moe.num_experts, min(node.budget.experts_held, self.config.moe.num_experts)
+            experts = sorted((self.spread_cursor + i) % num_experts for i in range(held))
+            self.spread_cursor = (self.spread_cursor + held) % num_experts
+            self.subsets[node.client_id] = [experts] * self.num_layers
+        return self.subsets[node.client_id]
 
-    def arrays_for(self, node: NodeInfo, server_round: int) -> dict[str, np.ndarray]:
+    def arrays_for(self, node: Node, server_round: int) -> dict[str, np.ndarray]:
         return select_keys(self.global_arrays, self.subset_of(node))
 
-    def config_for(self, node: NodeInfo, server_round: int) -> dict:
-        return {"global-usage": flatten(self.global_usage)}
+    def config_for(self, node: Node, server_round: int) -> dict:
+        return {msg.GLOBAL_USAGE: flatten(self.global_usage)}
 
     def weights_for(self, reply: Reply) -> dict[str, Weight]:
         rows = float(examples(reply))
-        routed = unflatten(reply.metrics["routed-tokens"], self.num_layers)
-        slots = routed.sum(axis=1, keepdims=True)
-        share = np.divide(routed, slots, out=np.zeros_like(routed, dtype=float), where=slots > 0)
+        share = expert_shares(unflatten(reply.metrics[msg.ROUTED_TOKENS], self.num_layers))
         weights: dict[str, Weight] = {}
         for key in reply.arrays:
             expert, layer = expert_of(key), router_layer(key)
@@ -89,10 +92,20 @@ class FFTMoE(SparseStrategy):
 
     def update_state(self, replies: list[Reply]) -> None:
         for reply in replies:
-            requested = reply.request.get("next-experts")
+            requested = reply.request.get(msg.NEXT_EXPERTS)
             if requested:
                 subset = np.asarray(requested, dtype=int).reshape(self.num_layers, -1)
-                self.subsets[reply.node.node_id] = [sorted(row.tolist()) for row in subset]
+                self.subsets[reply.node.client_id] = [sorted(row.tolist()) for row in subset]
         usage = self.utilisation(replies)
         if usage is not None:
-            self.global_usage = USAGE_MOMENTUM * self.global_usage + (1 - USAGE_MOMENTUM) * np.asarray(usage)
+            self.global_usage = USAGE_MOMENTUM * self.global_usage + (1 - USAGE_MOMENTUM) * usage
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "subsets": self.subsets, "spread_cursor": self.spread_cursor,
+                "global_usage": self.global_usage.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.subsets = {client: [list(map(int, layer)) for layer in subset] for client, subset in state["subsets"].items()}
+        self.spread_cursor = int(state["spread_cursor"])
+        self.global_usage = np.asarray(state["global_usage"], dtype=np.float64)

@@ -1,5 +1,7 @@
 """Sparse key-wise aggregation, on small hand-made replies."""
 
+import dataclasses
+import json
 import re
 from unittest.mock import Mock
 
@@ -7,10 +9,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
 from fedmoe_app.records import from_record, to_record
 from strategies import make_strategy
-from strategies.base import NodeInfo
+from strategies.base import Node
 from strategies.core import Contribution, sparse_weighted_average
 
 E0, E1, E2 = (f"layers.0.moe.experts.{e}.w_in.weight" for e in range(3))
@@ -67,7 +70,8 @@ def reply(node_id, arrays, metrics, request=None):
 
 
 def node(node_id, tier="rpi4", held=2):
-    return NodeInfo(node_id, tier, held, 1, 4, 100)
+    budget = dataclasses.replace(load_tiers("conf/devices.yaml")[tier], experts_held=held, top_k=1, lora_rank=4)
+    return Node(node_id, f"client-{node_id}", budget, 100)
 
 
 def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
@@ -98,7 +102,7 @@ def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
     np.testing.assert_allclose(new["head.weight"], (30 * 1 + 10 * 4) / 40)  # 1.75, by training rows
     assert metrics["train-loss"] == pytest.approx((30 * 1 + 10 * 2) / 40)
     # next round: each node holds what it asked for
-    assert strategy.subsets == {1: [[0, 2]], 2: [[1, 2]]}
+    assert strategy.subsets == {"client-1": [[0, 2]], "client-2": [[1, 2]]}
     assert set(strategy.arrays_for(strategy.nodes[1], 2)) == {E0, E2, ROUTER, "head.weight"}
 
 
@@ -152,7 +156,7 @@ def test_fft_moe_round_one_spreads_subsets_over_all_experts():
     held = set()
     for n in nodes:
         subset = strategy.subset_of(n)
-        assert len(subset) == 2 and all(len(layer) == n.experts_held for layer in subset)
+        assert len(subset) == 2 and all(len(layer) == n.budget.experts_held for layer in subset)
         held |= set(subset[0])
     assert held == set(range(8))
 
@@ -179,7 +183,7 @@ def test_failed_reply_is_counted_and_skipped():
     failed.metadata.src_node_id = 1
     failed.error.reason = "node died"
     assert strategy.aggregate_train(1, [failed]) == (None, None)
-    assert strategy.failures == [{"node_id": "1", "tier": "rpi4", "reason": "node died"}]
+    assert strategy.round.failures == [{"node_id": "1", "client_id": "client-1", "tier": "rpi4", "reason": "node died"}]
 
 
 @pytest.mark.parametrize("bad_arrays,bad_metrics,reason", [
@@ -194,11 +198,70 @@ def test_a_malformed_reply_is_its_nodes_failure_and_is_not_averaged(bad_arrays, 
     strategy = make_strategy(config, num_layers=1)
     strategy.nodes = {1: node(1), 2: node(2)}
     strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
-    strategy.asked = {}
     good = reply(1, {"head.weight": np.full(2, 3, np.float32)}, {"num-examples": 10, "train-loss": 0.5})
     bad = reply(2, bad_arrays, {"num-examples": 10, "train-loss": 0.5, **bad_metrics})
     arrays, metrics = strategy.aggregate_train(1, [good, bad])
     np.testing.assert_allclose(from_record(arrays)["head.weight"], 3.0)  # the good reply alone
     assert metrics["num-examples"] == 10
-    assert [f["node_id"] for f in strategy.failures] == ["2"]
-    assert re.search(reason, strategy.failures[0]["reason"]) and strategy.failures[0]["reason"].startswith("malformed reply")
+    failures = strategy.round.failures
+    assert [f["node_id"] for f in failures] == ["2"]
+    assert re.search(reason, failures[0]["reason"]) and failures[0]["reason"].startswith("malformed reply")
+
+
+def test_every_method_has_a_server_half_and_a_client_half_of_one_name():
+    from fedmoe_app.methods import METHODS
+    from strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(METHODS)
+
+
+def _fft_moe_after_one_round():
+    config = load_config("conf/fft_moe.yaml", "moe.num-experts=3")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {E0: np.zeros(2, np.float32), E1: np.zeros(2, np.float32), E2: np.zeros(2, np.float32),
+                              ROUTER: np.zeros((3, 2), np.float32)}
+    strategy._draw(range(10), 0.5)  # the generator has moved
+    r1 = reply(1, {E0: np.ones(2, np.float32)}, {"num-examples": 5, "train-loss": 1.0, "routed-tokens": [4, 0, 0]},
+               {"next-experts": [0, 2]})
+    r2 = reply(2, {E1: np.ones(2, np.float32)}, {"num-examples": 5, "train-loss": 1.0, "routed-tokens": [0, 4, 4]},
+               {"next-experts": [1, 2]})
+    strategy.aggregate_train(1, [r1, r2])
+    return config, strategy
+
+
+def test_resume_strategy_state_survives_json_and_continues_the_same():
+    config, strategy = _fft_moe_after_one_round()
+    state = json.loads(json.dumps(strategy.state_dict()))  # JSON-able: what a checkpoint holds
+    fresh = make_strategy(config, num_layers=1)
+    fresh.load_state_dict(state)
+    assert fresh.subsets == strategy.subsets == {"client-1": [[0, 2]], "client-2": [[1, 2]]}
+    np.testing.assert_array_equal(fresh.global_usage, strategy.global_usage)
+    # usage: uniform 1/3 moved half way to the routed shares [4, 4, 4] / 12 = 1/3 each
+    np.testing.assert_allclose(fresh.global_usage, np.full((1, 3), 1 / 3))
+    assert fresh._draw(range(10), 0.5) == strategy._draw(range(10), 0.5)  # the same draws follow
+    assert fresh.spread_cursor == strategy.spread_cursor
+
+
+def test_a_restarted_node_keeps_its_experts_by_client_id_not_node_id():
+    _, strategy = _fft_moe_after_one_round()
+    restarted = dataclasses.replace(strategy.nodes[1], node_id=77)  # Flower gives it a new node id
+    assert strategy.subset_of(restarted) == [[0, 2]]
+    stranger = dataclasses.replace(strategy.nodes[1], node_id=78, client_id="client-9")
+    assert strategy.subset_of(stranger) == [[0, 1]]  # a new client: the next experts in turn
+
+
+def test_a_strategy_may_replace_the_sparse_average():
+    from strategies.fedavg_lora import FedAvgLoRA
+
+    class KeepFirst(FedAvgLoRA):  # e.g. a method whose replies change shapes
+        def aggregate(self, replies):
+            return dict(replies[0].arrays)
+
+    strategy = KeepFirst(load_config("conf/fedavg_lora.yaml"), num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
+    r1 = reply(1, {"head.weight": np.full(2, 3, np.float32)}, {"num-examples": 1, "train-loss": 0.5})
+    r2 = reply(2, {"head.weight": np.full(2, 9, np.float32)}, {"num-examples": 1, "train-loss": 0.5})
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    np.testing.assert_allclose(from_record(arrays)["head.weight"], 3.0)

@@ -61,8 +61,11 @@ def test_headline_is_the_mean_and_spread_over_seeds():
     out = headline(cells, "s")
     assert out["seeds"] == [0, 1, 2]
     assert out["final_global_accuracy"] == pytest.approx(0.7)
-    assert out["final_global_accuracy_std"] == pytest.approx((2 * 0.1**2 / 3) ** 0.5)
-    assert out["client_accuracy_worst"] is None
+    assert out["final_global_accuracy_std"] == pytest.approx(0.1)  # sample std: sqrt((0.1² + 0 + 0.1²) / 2)
+    assert out["client_accuracy_worst"] is None and out["client_accuracy_worst_std"] is None
+    two = headline([{**cells[0], "final_global_accuracy": 0.5}, {**cells[1], "final_global_accuracy": 0.7}], "s")
+    assert two["final_global_accuracy_std"] == pytest.approx(0.1414213562)  # sqrt(0.1² + 0.1²) / 1
+    assert headline(cells[:1], "s")["final_global_accuracy_std"] is None  # one seed: no spread
 
 
 def test_dense_reference_does_the_same_expert_work_as_the_sparse_layer():
@@ -127,15 +130,19 @@ def test_report_writes_tables_and_plots(tmp_path):
     json.dumps(results)  # the results dict is plain JSON
     path = report.write(results, tmp_path)
     text = path.read_text()
-    assert "| fft_moe | 80.0 | 80.0 | 70.0 | 88.0 | not reached |" in text
+    assert "| fft_moe | 80.0 | 80.0 | 70.0 | 88.0 | not reached |" in text  # one seed: no spread
+    assert "global acc % (± sample std over seeds)" in text
+    results["strategies"]["fft_moe"].update(seeds=[0, 1], accuracy=0.6, accuracy_std=0.1414213562)  # 0.5, 0.7
+    assert "| fft_moe | 60.0 ± 14.1 |" in report.headline_table(results)
     assert "| fft_moe | rpi4 | 8 | 0.50 | - | 10.0 | 20.0 | 40.0 | - |" in text
     for name in ("unit_accuracy.png", "unit_matrix.png", "unit_costs.png", "unit_kernel.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
 
 def test_head_only_baseline_trains_and_sends_only_the_classifier():
-    from fedmoe_app.model import build_model, trainable_state
+    from fedmoe_app.methods import METHODS
+    from fedmoe_app.model import trainable_state
 
     config = load_config("conf/head_only.yaml", "model.backbone=tiny-bert")
-    model = build_model(config, 4, STRATEGIES["head_only"].adapter)
+    model = METHODS["head_only"].global_model(config, 4)
     assert set(trainable_state(model)) == {"head.weight", "head.bias"}

@@ -1,13 +1,22 @@
-"""A client's round without Flower: budget, sparse replies, routing statistics."""
+"""A client's round without Flower: budget, sparse replies, routing statistics, and the
+client halves of methods (what the training loop asks of them, the models they build)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
+from fedmoe_app.budgets import DeviceBudget, load_tiers
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import load_config
-from fedmoe_app.model import build_model, state_to_numpy
+from fedmoe_app.methods.base import ClientMethod
+from fedmoe_app.methods.fedavg_lora import FedAvgLoRAClient
+from fedmoe_app.methods.lora import LoRAClient
+from fedmoe_app.model import build_model, lora_rank_of, state_to_numpy
 from fedmoe_app.records import held_experts, select_keys
-from fedmoe_app.train import RoutingStats
+from fedmoe_app.routing import RoutingStats, expert_shares, utilisation
+from fedmoe_app.train import train_local
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +33,7 @@ def test_client_trains_only_its_experts_within_budget(config):
     glob = state_to_numpy(build_model(config, 4, "moe"))
     subset = [[1, 3, 5, 7], [0, 2, 4, 6]]
     sent = select_keys(glob, subset)
-    arrays, metrics, next_experts = task.train(sent, "moe", 1, [1 / 8] * 16)
+    arrays, metrics, request = task.train(sent, {"server-round": 1, "global-usage": [1 / 8] * 16})
     assert set(arrays) == set(sent)  # only what it holds comes back
     assert held_experts(list(arrays), 2) == subset
     routed = np.asarray(metrics["routed-tokens"]).reshape(2, 8)
@@ -34,6 +43,7 @@ def test_client_trains_only_its_experts_within_budget(config):
     assert metrics["samples-processed"] == task.budget.local_steps * task.budget.batch_size
     # every real token goes to exactly k = 1 expert, in every layer
     assert routed[0].sum() == routed[1].sum() > 0
+    next_experts = request["next-experts"]
     assert len(next_experts) == 2 * 4 and all(0 <= e < 8 for e in next_experts)
     assert any(not np.array_equal(arrays[k], sent[k]) for k in sent)
 
@@ -41,7 +51,17 @@ def test_client_trains_only_its_experts_within_budget(config):
 def test_device_tier_and_field_overrides_from_node_config(config):
     task = ClientTask(config, {"partition-id": 0, "num-partitions": 3, "device-tier": "jetson-orin", "local-steps": 2})
     assert (task.budget.tier, task.budget.experts_held, task.budget.local_steps) == ("jetson-orin", 8, 2)
-    assert task.describe()["experts-held"] == 8
+    answer = task.describe()
+    assert DeviceBudget.from_record(answer["budget"]) == task.budget  # the budget travels as one object
+    assert answer["node"] == {"client-id": "partition-0", "num-examples": len(task.data.train_index)}
+
+
+def test_a_budget_record_names_the_bad_field():
+    record = load_tiers("conf/devices.yaml")["rpi4"].to_record()
+    with pytest.raises(ValueError, match="device tier 'rpi4': field 'top-k' is 'two'"):
+        DeviceBudget.from_record({**record, "top-k": "two"})
+    with pytest.raises(ValueError, match=r"missing \['lora-rank'\]"):
+        DeviceBudget.from_record({k: v for k, v in record.items() if k != "lora-rank"})
 
 
 def test_preferred_experts_rank_by_mean_router_probability():
@@ -51,11 +71,82 @@ def test_preferred_experts_rank_by_mean_router_probability():
     assert stats.preferred_experts(2) == [[1, 2], [0, 3]]
 
 
+def test_expert_shares_and_utilisation_by_hand():
+    np.testing.assert_allclose(expert_shares(np.array([[6, 2, 0], [0, 0, 0]])), [[0.75, 0.25, 0], [0, 0, 0]])
+    np.testing.assert_allclose(utilisation([np.array([[6, 2, 0]]), np.array([[0, 6, 2]])]), [[6 / 16, 8 / 16, 2 / 16]])
+    assert utilisation([]) is None
+
+
 def test_lora_client_round_trip(ag_news_dir):
     config = load_config("conf/fedavg_lora.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} data.max-train-rows=300")
     task = ClientTask(config, {"partition-id": 2, "num-partitions": 3})
     glob = state_to_numpy(build_model(config, 4, "lora"))
-    arrays, metrics, next_experts = task.train(glob, "lora", 1)
-    assert set(arrays) == set(glob) and next_experts == [] and "routed-tokens" not in metrics
-    result = task.evaluate(arrays, "lora")
-    assert result["num-examples"] == len(task.data.holdout) and 0.0 <= result["accuracy"] <= 1.0
+    arrays, metrics, request = task.train(glob, {"server-round": 1})
+    assert set(arrays) == set(glob) and request == {} and "routed-tokens" not in metrics
+    result = task.evaluate(arrays, {"server-round": 1})
+    assert result["num-examples"] == len(task.data.holdout_index) and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_the_tiers_lora_rank_reaches_the_lora_model(ag_news_dir):
+    config = load_config("conf/fedavg_lora.yaml", "model.backbone=tiny-bert lora.rank=8")
+    tiers = load_tiers(config.devices.file)
+    for tier in ("rpi4", "jetson-orin"):  # ranks 4 and 16 in devices.yaml
+        per_tier = LoRAClient(config, tiers[tier], [], {})  # heterogeneous-rank methods' default
+        arrays = state_to_numpy(build_model(config, 4, "lora", lora_rank=tiers[tier].lora_rank))
+        model = per_tier.build_model(arrays)
+        assert lora_rank_of(state_to_numpy(model)) == tiers[tier].lora_rank
+        homogeneous = FedAvgLoRAClient(config, tiers[tier], [], {})  # FedAvg-LoRA: one rank for all
+        assert lora_rank_of(state_to_numpy(homogeneous.build_model(state_to_numpy(build_model(config, 4, "lora"))))) == 8
+    with pytest.raises(ValueError, match="received LoRA tensors of rank 8; .* trains at rank 4 on tier 'rpi4'"):
+        LoRAClient(config, tiers["rpi4"], [], {}).build_model(state_to_numpy(build_model(config, 4, "lora")))
+
+
+class RecordingMethod(ClientMethod):
+    """A client half that records what the loop asks of it, and in which order."""
+
+    adapter = "head"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.grad_seen = [], []
+
+    def loss_terms(self, model):
+        self.calls.append("loss_terms")
+        return 100.0 * model.head.bias.sum()  # a term whose gradient is known: 100 per bias entry
+
+    def after_backward(self, model):
+        self.calls.append("after_backward")
+        self.grad_seen.append(model.head.bias.grad.clone())
+        model.head.weight.grad.zero_()  # a gradient edit: the weight must not move
+
+    def after_step(self, model):
+        self.calls.append("after_step")
+
+
+def test_the_loop_is_loss_terms_backward_hook_step_observe(ag_news_dir):
+    from fedmoe_app.batches import encode, iterate_batches
+    from fedmoe_app.data import load_splits
+    from fedmoe_app.model import load_tokenizer
+
+    config = load_config("conf/head_only.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} "
+                         "data.max-train-rows=40 train.precision=fp32")
+    budget = load_tiers(config.devices.file)["rpi4"]
+    tokenizer = load_tokenizer(config.model.backbone)
+    rows = encode(load_splits(config.data, 0).train, tokenizer, 16)
+    batches = list(iterate_batches(rows, 4, tokenizer.pad_token_id, shuffle=False, num_batches=2))
+    method = RecordingMethod(config, budget, [], {})
+    model = method.build_model(state_to_numpy(build_model(config, 4, "head")))
+    weight = model.head.weight.detach().clone()
+    train_local(model, batches, 2, 1e-2, 0.0, method)
+    assert method.calls == ["loss_terms", "after_backward", "after_step"] * 2
+    # the task's bias gradient sums to 0 over classes (softmax); the method's term adds 100 each
+    assert all(torch.allclose(g.sum(), torch.tensor(400.0), atol=1e-3) for g in method.grad_seen)
+    assert torch.equal(model.head.weight, weight)  # the hook's edit held through the step
+
+
+def test_client_id_is_stable_and_named_by_node_config(tmp_path):
+    from fedmoe_app.node import client_id
+
+    assert client_id({"partition-id": 3, "num-partitions": 10}) == "partition-3"
+    assert client_id({"client-id": "pi-kitchen", "data-path": str(tmp_path)}) == "pi-kitchen"
+    assert client_id({"data-path": str(tmp_path)}).endswith(f":{tmp_path}")

@@ -125,7 +125,7 @@ def test_query_answer_without_torch_matches_the_task(tmp_path, cache, ag_news_di
     node_config = {"device-tier": "jetson-nano", "data-path": str(device_folder(tmp_path / "device"))}
     task = ClientTask(config, node_config)
     assert query_answer(config, node_config) == task.describe()
-    assert task.describe()["num-examples"] == 32  # 40 rows, a fifth held out (data.holdout-fraction)
+    assert task.describe()["node"]["num-examples"] == 32  # 40 rows, a fifth held out (data.holdout-fraction)
     # the held-out slice and the training rows are the cached encoding's rows
     assert task.train_set == encode(task.data.train, task.tokenizer, task.budget.max_length)
     assert task.holdout_set == encode(task.data.holdout, task.tokenizer, task.budget.max_length)
@@ -149,7 +149,9 @@ def messages(tmp_path_factory):
 
 def test_a_query_process_imports_no_torch(messages):
     out = cold_start._run_child("query", *messages)
-    assert out["reply"]["node"] == {"device-tier": "rpi4", "experts-held": 4, "top-k": 1, "lora-rank": 4, "num-examples": 32}
+    assert out["reply"]["node"]["num-examples"] == 32 and out["reply"]["node"]["client-id"].endswith("/device")
+    assert out["reply"]["budget"] == {"tier": "rpi4", "experts-held": 4, "top-k": 1, "batch-size": 8, "max-length": 64,
+                                      "local-steps": 8, "lora-rank": 4, "ram-gb": 4.0}
     assert "torch" not in out["modules"] and "transformers" not in out["modules"]
 
 

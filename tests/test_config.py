@@ -1,9 +1,25 @@
 """Config loading, validation errors, device tiers and budgets."""
 
+import dataclasses
+import typing
+
 import pytest
+import yaml
 
 from fedmoe_app.budgets import resolve_budget, tiers_for_population
-from fedmoe_app.config import ConfigError, config_from_run_config, config_from_yaml, config_to_yaml, load_config
+from fedmoe_app.config import (
+    CONF_DIR,
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    _build,
+    config_from_dict,
+    config_from_run_config,
+    config_from_yaml,
+    config_to_yaml,
+    defaults,
+    load_config,
+)
 from strategies import make_strategy
 
 
@@ -25,6 +41,34 @@ def test_run_config_precedence_and_environment():
     config = config_from_run_config(run_config, {"FEDMOE_DATA_DIR": "/env"})
     assert config.strategy == "fedavg_lora" and config.results_dir == "/r" and config.data.data_dir == "/b"
     assert config_from_run_config({"config": "conf/fft_moe.yaml"}, {"FEDMOE_DATA_DIR": "/env"}).data.data_dir == "/env"
+
+
+def test_defaults_live_only_in_base_yaml():
+    sections = [RunConfig] + [t for t in typing.get_type_hints(RunConfig).values() if dataclasses.is_dataclass(t)]
+    assert len(sections) == 10
+    for cls in sections:
+        for f in dataclasses.fields(cls):
+            no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            assert no_default, f"{cls.__name__}.{f.name} has a default; it belongs in conf/base.yaml"
+
+
+def test_every_config_starts_from_base_yaml():
+    base = yaml.safe_load((CONF_DIR / "base.yaml").read_text())
+    config = load_config("")
+    assert config == config_from_dict({}) and config.rounds == base["rounds"]
+    assert config.eval.test_samples == base["eval"]["test-samples"]
+    assert config_from_dict({"rounds": 2, "data": {"alpha": 0.1}}).data.partitioner == base["data"]["partitioner"]
+    assert defaults(DataConfig, alpha=0.1) == dataclasses.replace(config.data, alpha=0.1)
+
+
+def test_missing_key_names_it():
+    values = yaml.safe_load((CONF_DIR / "base.yaml").read_text())
+    del values["eval"]["test-samples"]
+    with pytest.raises(ConfigError, match="config key 'eval.test-samples' is missing; conf/base.yaml lists every key"):
+        _build(RunConfig, values)
+    del values["moe"]
+    with pytest.raises(ConfigError, match="config key 'moe' is missing"):
+        _build(RunConfig, values)
 
 
 def test_yaml_round_trip():
@@ -88,3 +132,12 @@ def test_unknown_tier_is_a_clear_error():
     config = load_config("conf/fft_moe.yaml")
     with pytest.raises(ConfigError, match="'device-tier' is 'pi-zero'; allowed: rpi4, jetson-nano, jetson-orin"):
         resolve_budget({"device-tier": "pi-zero"}, config)
+
+
+def test_the_default_config_file_is_written_once_for_flower_and_python():
+    import tomllib
+
+    from fedmoe_app.config import APP_DIR, DEFAULT_CONFIG_FILE
+
+    pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"]["config"] == DEFAULT_CONFIG_FILE

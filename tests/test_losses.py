@@ -8,7 +8,7 @@ import torch
 from fedmoe_app.config import LossConfig
 from fedmoe_app.losses import heterogeneity_loss, heterogeneity_weight, load_balancing_loss, router_z_loss
 from fedmoe_app.moe import RouterOutput
-from fedmoe_app.train import auxiliary_loss
+from fedmoe_app.methods.fft_moe import auxiliary_loss
 
 
 def route(probs, index, logits=None, held=None):

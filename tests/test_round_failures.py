@@ -10,7 +10,9 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.common import Error
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
+from fedmoe_app.node import describe
 from fedmoe_app.records import from_record, to_record, updates_from
 from strategies import make_strategy
 
@@ -58,8 +60,8 @@ class FakeGrid:
     def answer(node_id, message):
         kind = message.metadata.message_type
         if kind == MessageType.QUERY:
-            info = {"device-tier": TIERS[node_id], "experts-held": 4, "top-k": 1, "lora-rank": 8, "num-examples": 10}
-            return RecordDict({"node": ConfigRecord(info)})
+            answer = describe({"client-id": f"client-{node_id}"}, load_tiers("conf/devices.yaml")[TIERS[node_id]], 10)
+            return RecordDict({name: ConfigRecord(record) for name, record in answer.items()})
         metrics = {"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "bytes-down": 8, "bytes-up": 8,
                    "peak-rss-mb": 100.0 + node_id}
         if kind == MessageType.EVALUATE:
@@ -72,7 +74,6 @@ class FakeGrid:
 
 def run(grid, overrides="", rounds=1, on_round=None):
     config = load_config("conf/fedavg_lora.yaml", f"rounds={rounds} eval.every=100 {overrides}")
-    strategy = make_strategy(config, num_layers=1)
     records = []
 
     def log_round(record):
@@ -80,8 +81,9 @@ def run(grid, overrides="", rounds=1, on_round=None):
         if on_round:
             on_round(record)
 
-    final = strategy.start(grid, to_record({KEY: np.zeros(2, np.float32)}), rounds, lambda r, a: None, log_round)
-    return from_record(final)[KEY], records
+    strategy = make_strategy(config, num_layers=1, on_round=log_round)
+    result = strategy.start(grid, to_record({KEY: np.zeros(2, np.float32)}), num_rounds=rounds)
+    return from_record(result.arrays)[KEY], records
 
 
 def test_dead_node_is_counted_and_the_round_completes_with_the_others():
@@ -103,7 +105,7 @@ def test_silent_node_is_a_timeout_failure_named_with_its_tier():
     assert records[1]["failures"] == 0 and records[1]["num_replies"] == 3
     assert records[2]["num_replies"] == 2
     failed = [f for f in records[2]["failed_nodes"]]
-    assert failed[0] == {"node_id": "12", "tier": "jetson-nano", "reason": failed[0]["reason"]}
+    assert failed[0] == {"node_id": "12", "client_id": "client-12", "tier": "jetson-nano", "reason": failed[0]["reason"]}
     assert "round-timeout" in failed[0]["reason"]
     np.testing.assert_allclose(value, (11 + 12 + 13) / 3 + (11 + 13) / 2)  # each round adds the replies' mean move
 
@@ -155,3 +157,31 @@ def test_training_and_evaluation_ask_only_their_sampled_fraction():
     assert len(sent(MessageType.QUERY)) == 4  # every node's budget is learnt once, up front
     assert len(sent(MessageType.TRAIN)) == 2  # ceil(0.5 * 4)
     assert len(sent(MessageType.EVALUATE)) == 1  # ceil(0.25 * 4), not every known node
+
+
+def test_flowers_own_round_loop_runs_a_fedmoe_strategy():
+    """The Strategy contract: Flower's `Strategy.start` drives configure / aggregate alone."""
+    from flwr.serverapp.strategy import Strategy
+
+    grid = FakeGrid([11, 12, 13])
+    grid.dead = {13}
+    config = load_config("conf/fedavg_lora.yaml", "federation.min-nodes=3")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.discover(grid, [11, 12, 13])
+    result = Strategy.start(strategy, grid, to_record({KEY: np.zeros(2, np.float32)}), num_rounds=2)
+    np.testing.assert_allclose(from_record(result.arrays)[KEY], 2 * (11 + 12) / 2)  # two rounds of the mean move
+    assert result.train_metrics_clientapp[2]["num-examples"] == 20
+    assert result.evaluate_metrics_clientapp[2]["accuracy-mean"] == 0.5
+    assert [f["node_id"] for f in strategy.round.failures] == ["13"]  # the dead node, named, in round 2
+
+
+def test_start_returns_flowers_result_with_every_rounds_metrics():
+    grid = FakeGrid([11, 12])
+    config = load_config("conf/fedavg_lora.yaml", "rounds=2 federation.min-nodes=2")
+    strategy = make_strategy(config, num_layers=1)
+    evaluated = []
+    result = strategy.start(grid, to_record({KEY: np.zeros(2, np.float32)}), num_rounds=2,
+                            evaluate_fn=lambda rnd, arrays: evaluated.append(rnd) or MetricRecord({"accuracy": 0.1, "loss": 1.0}))
+    assert evaluated == [0, 1, 2] and sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    np.testing.assert_allclose(from_record(result.arrays)[KEY], 2 * (11 + 12) / 2)

@@ -17,7 +17,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmoe_app.config import load_config
 from fedmoe_app.records import from_record, record_nbytes, to_record, trained_from, updates_from
 from strategies import make_strategy
-from strategies.base import NodeInfo
+from fedmoe_app.budgets import load_tiers
+from strategies.base import Node
 
 KEY = "backbone.encoder.layer.0.attention.self.query.lora_A.default.weight"
 
@@ -156,7 +157,7 @@ def reply(node_id, updates, wire, examples):
 
 def test_strategy_sends_values_in_the_wire_dtype_and_aggregates_updates_in_float32(task_identity):
     strategy = make_strategy(load_config("conf/fedavg_lora.yaml", "federation.wire-dtype=bf16"), num_layers=1)
-    strategy.nodes = {n: NodeInfo(n, "rpi4", 2, 1, 8, 100) for n in (1, 2)}
+    strategy.nodes = {n: Node(n, f"client-{n}", load_tiers("conf/devices.yaml")["rpi4"], 100) for n in (1, 2)}
     strategy.global_arrays = {KEY: np.full(4, 0.02, np.float32)}
     down = strategy._message(strategy.nodes[1], 1, MessageType.TRAIN, ConfigRecord())
     assert down.content["arrays"][KEY].dtype == "bfloat16"

@@ -17,22 +17,26 @@ import sys
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedmoe_app.client import ClientTask
-from fedmoe_app.config import APP_DIR, LossConfig, load_config
+from fedmoe_app import messages as msg
 from fedmoe_app.batches import iterate_batches
+from fedmoe_app.client import ClientTask
+from fedmoe_app.config import APP_DIR, load_config
 from fedmoe_app.data import load_splits
-from fedmoe_app.model import build_model, num_layers, state_to_numpy
+from fedmoe_app.methods import method_class
+from fedmoe_app.methods.base import ClientMethod
+from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import record_nbytes, to_record, updates_from
 from fedmoe_app.system import peak_rss_mb
-from fedmoe_app.train import auxiliary_loss, model_device, to_device
+from fedmoe_app.train import model_device, to_device
 from strategies import make_strategy
-from strategies.base import NodeInfo
+from strategies.base import Node
 
 FLOP_BATCHES = 2
 
 
-def step_flops(model, batches, loss_config: LossConfig) -> float:
-    """Mean FLOPs of one training step (forward, losses, backward) over `batches`."""
+def step_flops(model, batches, method: ClientMethod) -> float:
+    """Mean FLOPs of one training step (forward, the task loss and the method's terms,
+    backward) over `batches`."""
     model.train()
     device = model_device(model)
     for moe in model.moe_layers:  # the FLOP counter counts F.linear, not torch._grouped_mm: same work
@@ -42,7 +46,7 @@ def step_flops(model, batches, loss_config: LossConfig) -> float:
         batch = to_device(batch, device)
         with FlopCounterMode(display=False) as counter:
             logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = F.cross_entropy(logits, batch["labels"]) + auxiliary_loss(model.trace.routes, loss_config)
+            loss = F.cross_entropy(logits, batch["labels"]) + method.loss_terms(model)
             loss.backward()
         total += counter.get_total_flops()
         model.zero_grad(set_to_none=True)
@@ -55,29 +59,31 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
     config = load_config(f"conf/{strategy_name}.yaml", overrides)
     strategy = make_strategy(config, num_layers(config))
     task = ClientTask(config, {"device-tier": tier, "partition-id": 0, "num-partitions": num_clients})
-    model = build_model(config, load_splits(config.data, config.seed).num_labels, strategy.adapter)
+    model = method_class(strategy_name).global_model(config, load_splits(config.data, config.seed).num_labels)
     strategy.global_arrays = state_to_numpy(model)
     budget = task.budget
-    node = NodeInfo(1, tier, budget.experts_held, budget.top_k, budget.lora_rank, len(task.data.train))
+    node = Node(1, "bench", budget, len(task.data.train_index))
     down = strategy.arrays_for(node, 1)
-    usage = strategy.config_for(node, 1).get("global-usage")
-    task.train(down, strategy.adapter, 0, usage)  # warm-up round: allocator, caches, lazy imports
-    trained, metrics, _ = task.train(down, strategy.adapter, 1, usage)
+    server = {**strategy.config_for(node, 1), msg.SERVER_ROUND: 0}
+    task.train(down, server)  # warm-up round: allocator, caches, lazy imports
+    trained, metrics, _ = task.train(down, {**server, msg.SERVER_ROUND: 1})
     batches = list(iterate_batches(task.train_set, budget.batch_size, task.tokenizer.pad_token_id, shuffle=True,
                                    seed=config.seed, num_batches=FLOP_BATCHES,
                                    group_by_length=config.train.group_by_length))
-    flops = step_flops(task.model(down, strategy.adapter), batches, config.loss)
+    method = task.method(server)
+    client_model = task.model(method, down)
+    flops = step_flops(client_model, batches, method)
     wire = config.federation.wire_dtype
     full = record_nbytes(to_record(strategy.global_arrays, wire))
     up = record_nbytes(to_record(updates_from(trained, down), wire))
     down_bytes = record_nbytes(to_record(down, wire))
     return {
         "strategy": strategy_name, "tier": tier, "threads": config.train.threads,
-        "precision": task.model(down, strategy.adapter).precision.name, "wire_dtype": wire,
+        "precision": client_model.precision.name, "wire_dtype": wire,
         "batch_size": budget.batch_size, "max_length": budget.max_length, "local_steps": budget.local_steps,
         "experts_held": budget.experts_held, "top_k": budget.top_k,
-        "step_seconds": float(metrics["step-seconds"]), "train_seconds": float(metrics["train-seconds"]),
-        "step_gflops": flops / 1e9, "achieved_gflops_per_s": flops / 1e9 / float(metrics["step-seconds"]),
+        "step_seconds": float(metrics[msg.STEP_SECONDS]), "train_seconds": float(metrics[msg.TRAIN_SECONDS]),
+        "step_gflops": flops / 1e9, "achieved_gflops_per_s": flops / 1e9 / float(metrics[msg.STEP_SECONDS]),
         "bytes_down": down_bytes, "bytes_up": up, "full_adapter_bytes": full,
         "bytes_up_ratio": up / full, "bytes_down_ratio": down_bytes / full,
         "trainable_params": sum(a.size for a in trained.values()),

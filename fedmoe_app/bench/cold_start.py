@@ -65,28 +65,30 @@ def write_messages(config_path: str, overrides: str, data_dir: str, tier: str, d
     from flwr.app import ConfigRecord, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from fedmoe_app import messages as msg
+    from fedmoe_app.budgets import DeviceBudget
     from fedmoe_app.config import config_to_yaml, load_config
     from fedmoe_app.data import load_splits
-    from fedmoe_app.model import build_model, num_layers, state_to_numpy
+    from fedmoe_app.methods import method_class
+    from fedmoe_app.model import num_layers, state_to_numpy
     from strategies import make_strategy
-    from strategies.base import NodeInfo
+    from strategies.base import Node
 
     config = load_config(config_path, f"{overrides} data.data-dir={data_dir}".strip())
     node_config = {"device-tier": tier, "data-path": str(Path(data_path).resolve()), "warm-worker": warm_worker}
     (out / "node.json").write_text(json.dumps(node_config))
     # What SparseStrategy.discover and SparseStrategy.start send.
-    save_content(RecordDict({"config": ConfigRecord({"run-config": config_to_yaml(config)})}), out / "query")
-    info = _run_child("query", out, env)["reply"]["node"]
-    node = NodeInfo(NODE_ID, str(info["device-tier"]), int(info["experts-held"]), int(info["top-k"]),
-                    int(info["lora-rank"]), int(info["num-examples"]))
+    save_content(RecordDict({msg.CONFIG: ConfigRecord({msg.RUN_CONFIG: config_to_yaml(config)})}), out / "query")
+    reply = _run_child("query", out, env)["reply"]
+    node = Node(NODE_ID, str(reply[msg.NODE][msg.CLIENT_ID]), DeviceBudget.from_record(reply[msg.BUDGET]),
+                int(reply[msg.NODE][msg.NUM_EXAMPLES]))
     strategy = make_strategy(config, num_layers(config))
-    model = build_model(config, load_splits(config.data, config.seed).num_labels, strategy.adapter)
+    model = method_class(config.strategy).global_model(config, load_splits(config.data, config.seed).num_labels)
     strategy.global_arrays = state_to_numpy(model)
-    run_config = ConfigRecord({"run-config": config_to_yaml(config), "adapter": strategy.adapter})
     # Messages are built in a ServerApp process, which knows its run and task.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = RUN_ID, 1, SUPERLINK_NODE_ID
     for kind, message_type in (("train", MessageType.TRAIN), ("evaluate", MessageType.EVALUATE)):
-        save_content(strategy._message(node, 1, message_type, run_config).content, out / kind)
+        save_content(strategy._message(node, 1, message_type, ConfigRecord()).content, out / kind)
 
 
 def save_content(content, stem: Path) -> None:
@@ -260,7 +262,9 @@ def _message(kind: str, message_dir: Path):
 
 def _plain(content) -> dict:
     """The reply's config and metric records by name, as plain dicts (arrays left out)."""
-    return {name: dict(content[name]) for name in ("node", "metrics", "request") if name in content}
+    from fedmoe_app import messages as msg
+
+    return {name: dict(content[name]) for name in (msg.NODE, msg.BUDGET, msg.METRICS, msg.REQUEST) if name in content}
 
 
 # ---------------------------------------------------------------------------- command line

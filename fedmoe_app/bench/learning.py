@@ -13,13 +13,13 @@ from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, load_config
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
-from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
+from fedmoe_app.methods import method_class
+from fedmoe_app.model import load_tokenizer, state_to_numpy
 from fedmoe_app.records import to_record
 from fedmoe_app.results import SUMMARY_FILE, read_rounds
 from fedmoe_app.server import GlobalEvaluator
 from fedmoe_app.simulation import LocalSimulation
 from fedmoe_app.train import train_local
-from strategies import STRATEGIES
 
 from fedmoe_app.bench.suites import PARTITIONS, Suite
 
@@ -142,19 +142,23 @@ def run_cells(suite: Suite, strategies: list[str], runs_dir: Path, data_dir: str
     return cells
 
 
-def train_centralised(config: RunConfig, adapter: str, steps: int, batch_size: int = CEILING_BATCH_SIZE) -> dict:
-    """The ceiling: the same backbone and adapters (all experts for MoE) trained on the whole
-    training split for `steps` batches, evaluated on the federated runs' test subsample."""
+def train_centralised(config: RunConfig, steps: int, batch_size: int = CEILING_BATCH_SIZE) -> dict:
+    """The ceiling: the global model of the configured method (all experts for MoE) trained on
+    the whole training split for `steps` batches with the method's loss terms (no
+    heterogeneity term: there is no global usage), evaluated on the federated runs' test
+    subsample."""
     splits = load_splits(config.data, config.seed)
-    tiers = load_tiers(config.devices.file)
-    max_length = max(t.max_length for t in tiers.values())
+    largest = max(load_tiers(config.devices.file).values(), key=lambda t: t.max_length)
+    max_length = largest.max_length
     tokenizer = load_tokenizer(config.model.backbone)
     train_set = encode(splits.train, tokenizer, max_length)
-    model = build_model(config, splits.num_labels, adapter)
+    kind = method_class(config.strategy)
+    model = kind.global_model(config, splits.num_labels)
+    method = kind(config, largest, [], {})
     batches = iterate_batches(train_set, batch_size, tokenizer.pad_token_id, shuffle=True, seed=config.seed,
                               num_batches=steps, group_by_length=config.train.group_by_length)
     started = time.perf_counter()
-    result = train_local(model, batches, steps, config.train.lr, config.train.weight_decay, config.loss)
+    result = train_local(model, batches, steps, config.train.lr, config.train.weight_decay, method)
     seconds = time.perf_counter() - started
     evaluation = GlobalEvaluator(config, model)(0, to_record(state_to_numpy(model)))
     return {"accuracy": evaluation["accuracy"], "steps": result.steps, "batch_size": batch_size,
@@ -175,6 +179,6 @@ def run_ceilings(suite: Suite, strategies: list[str], cells: list[dict], runs_di
                 config = load_config(strategy_file(strategy), " ".join(filter(None, [
                     f"data.data-dir={data_dir}" if data_dir else "", suite.overrides])))
                 steps = math.ceil(cell["sample_steps"] / CEILING_BATCH_SIZE)
-                path.write_text(json.dumps(train_centralised(config, STRATEGIES[strategy].adapter, steps)))
+                path.write_text(json.dumps(train_centralised(config, steps)))
             ceilings.append({"strategy": strategy, "mix": mix, **json.loads(path.read_text())})
     return ceilings

@@ -30,16 +30,16 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def headline_table(results: dict) -> str:
-    """Per strategy: the headline cell's accuracies (mean +- std over seeds) and the ceiling."""
+    """Per strategy: the headline cell's accuracies (mean ± sample std over seeds) and the ceiling."""
     rows = []
     for name, s in results["strategies"].items():
-        std = f" ± {100 * s['accuracy_std']:.1f}" if len(s["seeds"]) > 1 else ""
+        std = f" ± {100 * s['accuracy_std']:.1f}" if len(s["seeds"]) > 1 and s["accuracy_std"] is not None else ""
         rows.append([name, f"{_pct(s['accuracy'])}{std}", _pct(s["client_accuracy_mean"]), _pct(s["client_accuracy_worst"]),
                      _pct(s["ceiling_accuracy"]), s["rounds_to_target"] or "not reached", _mb(s["bytes_total"]),
                      ",".join(map(str, s["seeds"]))])
     target = _pct(results["settings"]["target_accuracy"])
-    return table(["strategy", "global acc %", "personalised mean %", "worst client %", "centralised ceiling %",
-                  f"rounds to {target}%", "MB moved", "seeds"], rows)
+    return table(["strategy", "global acc % (± sample std over seeds)", "personalised mean %", "worst client %",
+                  "centralised ceiling %", f"rounds to {target}%", "MB moved", "seeds"], rows)
 
 
 def matrix_table(results: dict) -> str:

@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 
 import flwr
 import torch
@@ -51,13 +51,13 @@ def machine() -> dict:
 
 
 def headline(cells: list[dict], strategy: str) -> dict:
-    """Mean and spread over seeds of the headline cell (Dirichlet 0.1, mixed tiers)."""
+    """Mean and sample std (None with one seed) over seeds of the headline cell (Dirichlet 0.1, mixed tiers)."""
     runs = [c for c in cells if c["strategy"] == strategy and (c["partition"], c["mix"]) == HEADLINE]
     out = {"seeds": [c["seed"] for c in runs]}
     for key in ("final_global_accuracy", "client_accuracy_mean", "client_accuracy_worst"):
         values = [c[key] for c in runs if c[key] is not None]
         out[key] = mean(values) if values else None
-        out[f"{key}_std"] = pstdev(values) if len(values) > 1 else 0.0
+        out[f"{key}_std"] = stdev(values) if len(values) > 1 else None
     return out
 
 

@@ -11,6 +11,7 @@ from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits, load_test_set
+from fedmoe_app.methods import method_class
 from fedmoe_app.model import build_model, load_tokenizer, num_layers
 from fedmoe_app.server import eval_max_length
 from fedmoe_app.train import evaluate, train_local
@@ -55,8 +56,9 @@ def training_step_speedup(config: RunConfig, tier: str, steps: int = 12) -> dict
         model = build_model(config, splits.num_labels, "moe", held=[held] * num_layers(config), top_k=budget.top_k)
         batches = list(iterate_batches(train, budget.batch_size, tokenizer.pad_token_id, shuffle=True,
                                        seed=config.seed, num_batches=steps + 1, group_by_length=grouped))
-        train_local(model, batches[:1], 1, config.train.lr, 0.0, config.loss)  # warm-up
-        result = train_local(model, batches[1:], steps, config.train.lr, 0.0, config.loss)
+        method = method_class("fft_moe")(config, budget, [], {})
+        train_local(model, batches[:1], 1, config.train.lr, 0.0, method)  # warm-up
+        result = train_local(model, batches[1:], steps, config.train.lr, 0.0, method)
         out[label] = {"step_seconds": result.step_seconds, "real_token_share": _real_token_share(batches[1:])}
     out["speedup"] = out["before"]["step_seconds"] / out["after"]["step_seconds"]
     return out

@@ -1,0 +1,68 @@
+"""ClientMethod: the client half of a method, and everything method-specific on a client.
+
+A method is one name with two halves: its server strategy (`strategies/<name>.py`) and its
+client half (`fedmoe_app/methods/<name>.py`). The client task and the training loop name no
+method; they ask the client half, which lives for one message, for:
+- `build_model`: the model this node trains or evaluates, from its budget and the arrays it
+  received (kind of adapter, held experts, top-k, rank);
+- `loss_terms`: what it adds to the task loss after each forward pass;
+- `after_backward`: gradient edits before the optimiser step;
+- `after_step`: what it observes after each step (e.g. routing statistics);
+- `report`: the metrics and the requests for the next round that go into the reply.
+The loop is: task loss + `loss_terms`, backward, `after_backward`, optimiser step, `after_step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedmoe_app.budgets import DeviceBudget
+from fedmoe_app.config import RunConfig
+from fedmoe_app.model import AdapterClassifier, build_model, load_state, num_labels_of
+
+
+class ClientMethod:
+    """The client half of a method: by default the task loss alone, no hooks, nothing to
+    report. A subclass says what makes its method different."""
+
+    name = ""
+    adapter = "head"  # the adapters its models carry: moe | lora | head
+
+    def __init__(self, config: RunConfig, budget: DeviceBudget, label_counts: Sequence[int],
+                 server: Mapping[str, Any]) -> None:
+        self.config = config
+        self.budget = budget
+        self.label_counts = list(label_counts)  # rows per class of the node's training data
+        self.server = server  # the config entries the server sent with this message
+
+    @classmethod
+    def global_model(cls, config: RunConfig, num_labels: int) -> AdapterClassifier:
+        """The server's model: every expert, full rank, the evaluation top-k."""
+        return build_model(config, num_labels, cls.adapter)
+
+    def model_options(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Keyword arguments of `build_model` for this node (default: none)."""
+        return {}
+
+    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
+        """This node's model, holding `arrays`."""
+        model = build_model(self.config, num_labels_of(arrays), self.adapter, **self.model_options(arrays))
+        load_state(model, arrays)
+        return model
+
+    def loss_terms(self, model: AdapterClassifier) -> torch.Tensor | float:
+        """What the method adds to the task loss of the forward pass just done (default: 0)."""
+        return 0.0
+
+    def after_backward(self, model: AdapterClassifier) -> None:
+        """Edit gradients before the optimiser step (default: nothing)."""
+
+    def after_step(self, model: AdapterClassifier) -> None:
+        """Observe the step just taken (default: nothing)."""
+
+    def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(metrics, requests for the next round) this method adds to its train reply."""
+        return {}, {}

@@ -1,0 +1,15 @@
+"""FedAvg-LoRA, client half: every client trains LoRA at the one rank lora.rank (FedAvg
+averages tensors of one shape), with the task loss alone."""
+
+from __future__ import annotations
+
+from fedmoe_app.methods.lora import LoRAClient
+
+
+class FedAvgLoRAClient(LoRAClient):
+    """Homogeneous-rank LoRA."""
+
+    name = "fedavg_lora"
+
+    def rank(self) -> int:
+        return self.config.lora.rank
