@@ -53,23 +53,23 @@ test: install flwr-config
 # under results/bench/<suite>-runs/ are reused; BENCH_ARGS="--fresh" reruns them.
 BENCH_ARGS ?=
 bench-quick: install
-	$(BIN)/python -m fedmoe_app.bench --suite quick --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
+	$(BIN)/python -m bench --suite quick --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
 
 bench: install
-	$(BIN)/python -m fedmoe_app.bench --suite full --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
+	$(BIN)/python -m bench --suite full --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
 
 # Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
 deploy-local: install flwr-config
-	$(BIN)/python -m fedmoe_app.deploy.local_federation --mode $(DEPLOY_MODE) --tiers $(DEPLOY_TIERS) \
+	$(BIN)/python -m deploy.local_federation --mode $(DEPLOY_MODE) --tiers $(DEPLOY_TIERS) \
 	  --config $(CONFIG) --overrides "$(OVERRIDES)" --data-dir "$(DATA_DIR)" --results-dir $(RESULTS_DIR)
 
 # TLS certificates for the SuperLink and key pairs for NODES SuperNodes (real devices).
 certs: install
-	$(BIN)/python -m fedmoe_app.deploy.credentials --out $(CERTS_DIR) --hosts $(SUPERLINK_HOSTS) --nodes $(NODES)
+	$(BIN)/python -m deploy.credentials --out $(CERTS_DIR) --hosts $(SUPERLINK_HOSTS) --nodes $(NODES)
 
 # Split the configured dataset into NODES per-device folders (copy one to each device).
 device-data: install
-	$(BIN)/python -m fedmoe_app.deploy.device_data --config $(CONFIG) --overrides "$(OVERRIDES)" \
+	$(BIN)/python -m deploy.device_data --config $(CONFIG) --overrides "$(OVERRIDES)" \
 	  --data-dir "$(DATA_DIR)" --devices $(NODES) --out $(CURDIR)/.deploy/devices
 
 # Stop the local SuperLink that `flwr run` started (it outlives the command).

@@ -1,6 +1,6 @@
 """fedmoe ClientApp: local MoE / LoRA fine-tuning under the node's compute budget."""
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmoe_app import messages as msg
@@ -25,10 +25,10 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train the received tensors on local data; reply with the updates of what was trained."""
-    return Message(handle("train", message.content, context.node_config), reply_to=message)
+    return Message(handle(MessageType.TRAIN, message.content, context.node_config), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the personalised model on this node's held-out slice."""
-    return Message(handle("evaluate", message.content, context.node_config), reply_to=message)
+    return Message(handle(MessageType.EVALUATE, message.content, context.node_config), reply_to=message)

@@ -8,13 +8,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedmoe_app.budgets import check_mix
+from fedmoe_app.checkpoint import Checkpoint, save_checkpoint
 from fedmoe_app.config import config_from_run_config, config_to_yaml
 from fedmoe_app.data import load_splits
 from fedmoe_app.methods import method_class
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
 from fedmoe_app.results import RunResults
-from fedmoe_app.server import GlobalEvaluator, round_line, run_dir, summarise
+from fedmoe_app.server import GlobalEvaluator, resumed_run, round_line, run_dir, summarise
 from strategies import make_strategy
 
 app = ServerApp()
@@ -22,8 +23,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured strategy and write results/<run-name>/."""
+    """Run the configured strategy (or resume the stopped run `resume` names) and write
+    results/<run-name>/, with a checkpoint after every round and a status that says how
+    the run ended."""
     config = config_from_run_config(context.run_config, os.environ)
+    checkpoint = None
+    if config.resume:
+        config, checkpoint = resumed_run(config)
     check_mix(config)
     splits = load_splits(config.data, config.seed)
     log(INFO, "fedmoe: strategy %s | dataset: %s", config.strategy, splits.source)
@@ -31,18 +37,36 @@ def main(grid: Grid, context: Context) -> None:
     model = method_class(config.strategy).global_model(config, splits.num_labels)
     log(INFO, "fedmoe: precision %s (%s); each client resolves train.precision on its own hardware",
         model.precision.name, model.precision.reason)
-    results = RunResults(run_dir(config), config_to_yaml(config))
+    if checkpoint is None:
+        results = RunResults(run_dir(config), config_to_yaml(config))
+        initial, first_round = state_to_numpy(model), 1
+    else:
+        results = RunResults.resume(run_dir(config), checkpoint.server_round)
+        initial, first_round = checkpoint.arrays, checkpoint.server_round + 1
+        log(INFO, "fedmoe: resuming %s after round %d", config.run_name, checkpoint.server_round)
     log(INFO, "fedmoe: results go to %s", results.run_dir)
 
     def on_round(record: dict) -> None:
         results.log_round(record)
+        results.set_status("running", last_round=record["round"], rounds=config.rounds)
         log(INFO, "fedmoe: %s", round_line(record, config.rounds))
 
-    strategy = make_strategy(config, num_layers(config), on_round)
+    def on_checkpoint(state: Checkpoint) -> None:
+        save_checkpoint(results.run_dir, state)
 
-    initial = to_record(state_to_numpy(model))
-    result = strategy.start(grid, initial, num_rounds=config.rounds, evaluate_fn=GlobalEvaluator(config, model))
+    strategy = make_strategy(config, num_layers(config), on_round, on_checkpoint)
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint.strategy_state)
+    results.set_status("running", last_round=first_round - 1, rounds=config.rounds)
+    try:
+        result = strategy.start(grid, to_record(initial), num_rounds=config.rounds,
+                                evaluate_fn=GlobalEvaluator(config, model), first_round=first_round)
+    except Exception as error:
+        results.set_status("failed", error=f"{type(error).__name__}: {error}", last_round=results.last_round())
+        raise
     results.save_adapter(from_record(result.arrays), {"strategy": config.strategy, "backbone": config.model.backbone})
     results.write_summary(summarise(config, splits.source, results.rounds()))
     results.write_plots()
+    results.set_status("complete", last_round=config.rounds, rounds=config.rounds)
     log(INFO, "fedmoe: done | results in %s", results.run_dir)
+

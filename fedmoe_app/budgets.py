@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
 
 import yaml
 
+from fedmoe_app import messages as msg
 from fedmoe_app.config import ConfigError, RunConfig, resolve_path
 
 
@@ -56,7 +58,8 @@ def _checked_fields(where: str, values: Mapping[str, Any]) -> dict[str, Any]:
     checked = {}
     for name in BUDGET_FIELDS:
         value, kind = given[name], float if name == "ram_gb" else int
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (kind is int and value != int(value))):
             raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: {'a number' if kind is float else 'an integer'}")
         if value <= 0:
             raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: > 0")
@@ -100,31 +103,33 @@ def check_mix(config: RunConfig) -> None:
             )
 
 
+def _number(value: Any) -> Any:
+    """A node_config value as a number when it is one written as text ('4', '0.5'); else as it is."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
 def resolve_budget(node_config: Mapping[str, Any], config: RunConfig) -> DeviceBudget:
     """The budget of this node: `device-tier` from node_config (deployment) or from
     `partition-id` by the simulation mix, then per-field node_config overrides
     (`top-k=1`, `batch-size=4`, ...); experts held are capped at moe.num-experts."""
     tiers = load_tiers(config.devices.file)
-    tier = node_config.get("device-tier")
+    tier = node_config.get(msg.DEVICE_TIER)
     if tier is None:
-        if "partition-id" not in node_config or "num-partitions" not in node_config:
+        if msg.PARTITION_ID not in node_config or msg.NUM_PARTITIONS not in node_config:
             raise ConfigError(
-                "node_config needs 'device-tier', or 'partition-id' and 'num-partitions'"
+                f"node_config needs '{msg.DEVICE_TIER}', or '{msg.PARTITION_ID}' and '{msg.NUM_PARTITIONS}'"
             )
-        population = tiers_for_population(
-            int(node_config["num-partitions"]), config.devices.simulation_mix
-        )
-        tier = population[int(node_config["partition-id"])]
+        population = tiers_for_population(int(node_config[msg.NUM_PARTITIONS]), config.devices.simulation_mix)
+        tier = population[int(node_config[msg.PARTITION_ID])]
     if tier not in tiers:
-        raise ConfigError(
-            f"node_config 'device-tier' is '{tier}'; allowed: {', '.join(tiers)}"
-        )
-    budget = tiers[tier]
-    overrides = {
-        f: type(getattr(budget, f))(node_config[f.replace("_", "-")])
-        for f in BUDGET_FIELDS
-        if f.replace("_", "-") in node_config
-    }
-    budget = dataclasses.replace(budget, **overrides)
+        raise ConfigError(f"node_config '{msg.DEVICE_TIER}' is '{tier}'; allowed: {', '.join(tiers)}")
+    overrides = {_key(f): _number(node_config[_key(f)]) for f in BUDGET_FIELDS if _key(f) in node_config}
+    budget = DeviceBudget(tier=tier, **_checked_fields(f"node_config of tier '{tier}'", {
+        **{_key(f): getattr(tiers[tier], f) for f in BUDGET_FIELDS}, **overrides}))
     held = min(budget.experts_held, config.moe.num_experts)
     return dataclasses.replace(budget, experts_held=held, top_k=min(budget.top_k, held))

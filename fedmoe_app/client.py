@@ -23,6 +23,7 @@ from fedmoe_app.methods import method_class
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import AdapterClassifier, load_tokenizer, state_to_numpy
 from fedmoe_app.node import describe as describe_node
+from fedmoe_app.node import partition_of
 from fedmoe_app.rows import ClientData, device_client_data
 from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.token_cache import encode_csv
@@ -38,8 +39,8 @@ class ClientTask:
         self.config = config
         self.node_config = dict(node_config)
         self.budget = resolve_budget(node_config, config)
-        self.partition_id = int(node_config.get("partition-id", 0))
-        self.data = _client_data(config, node_config, self.partition_id)
+        self.partition_id, num_partitions = partition_of(node_config)
+        self.data = _client_data(config, node_config, self.partition_id, num_partitions)
         self.tokenizer = load_tokenizer(config.model.backbone)
         if self.data.csv_path is not None:  # a device: its train.csv's tokens are cached on disk
             encoded = encode_csv(self.data.csv_path, self.data.rows, self.tokenizer, self.budget.max_length)
@@ -108,14 +109,15 @@ class ClientTask:
         return {msg.NUM_EXAMPLES: result.num_examples, msg.LOSS: result.loss, msg.ACCURACY: result.accuracy}
 
 
-def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id: int) -> ClientData:
+def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id: int,
+                 num_partitions: int) -> ClientData:
     """A device's own data-path folder (read without `datasets`), else its simulated partition."""
-    data_path = str(node_config.get("data-path", ""))
+    data_path = str(node_config.get(msg.DATA_PATH, ""))
     if data_path:
         return device_client_data(data_path, config.data.holdout_fraction, config.seed)
     from fedmoe_app.data import load_client_data  # partitioning needs `datasets` and `flwr_datasets`
 
-    return load_client_data(config.data, config.seed, partition_id, int(node_config.get("num-partitions", 1)))
+    return load_client_data(config.data, config.seed, partition_id, num_partitions)
 
 
 def _marking_first_step(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:

@@ -47,6 +47,7 @@ class MoEConfig:
     renormalize_top1: bool  # also with k = 1, where every gate becomes p / p = 1
     init_scale: float  # std of the experts' output projection at initialisation
     eval_top_k: int  # top-k of the global model in server-side evaluation
+    usage_momentum: float  # fft_moe: share of the old global expert usage kept each round
     dispatch: str  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented
 
 
@@ -104,6 +105,7 @@ class FederationConfig:
     min_reply_fraction: float
     round_timeout: float
     wire_dtype: str  # tensors on the wire: fp32 | fp16 | bf16 (aggregation is float32)
+    max_update_ratio: float  # reject updates with RMS over this times the round's median of others (0 = off)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ class RunConfig:
     seed: int
     run_name: str  # '' = <strategy>-<timestamp>
     results_dir: str
+    resume: str  # run-name of a stopped run to continue from its checkpoint ('' = a new run)
     model: ModelConfig
     moe: MoEConfig
     lora: LoRAConfig
@@ -338,6 +341,11 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"config key 'train.device' is {config.train.device!r}; allowed: auto, cpu, cuda, cuda:N")
     if config.eval.max_length < 0:
         raise ConfigError(f"config key 'eval.max-length' must be >= 0 (0: as in training), got {config.eval.max_length}")
+    if not 0.0 <= config.moe.usage_momentum < 1.0:
+        raise ConfigError(f"config key 'moe.usage-momentum' is {config.moe.usage_momentum}; allowed: [0, 1)")
+    if config.federation.max_update_ratio < 0:
+        raise ConfigError(f"config key 'federation.max-update-ratio' is {config.federation.max_update_ratio}; "
+                          "allowed: >= 0 (0 = off)")
     if config.data.alpha <= 0:
         raise ConfigError("config key 'data.alpha' must be > 0")
     for key in ("balance", "heterogeneity", "z_loss"):

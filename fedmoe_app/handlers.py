@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedmoe_app import messages as msg
 from fedmoe_app.client import client_task
@@ -34,4 +34,4 @@ def evaluate_reply(content: RecordDict, node_config: Mapping[str, Any], origin: 
     return RecordDict({msg.METRICS: MetricRecord(task.evaluate(from_record(content[msg.ARRAYS]), config))})
 
 
-HANDLERS: dict[str, Callable[..., RecordDict]] = {"train": train_reply, "evaluate": evaluate_reply}
+HANDLERS: dict[str, Callable[..., RecordDict]] = {MessageType.TRAIN: train_reply, MessageType.EVALUATE: evaluate_reply}

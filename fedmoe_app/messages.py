@@ -27,8 +27,6 @@ STEPS = "steps"
 TRAIN_LOSS = "train-loss"
 STEP_SECONDS = "step-seconds"
 TRAIN_SECONDS = "train-seconds"
-BATCH_SIZE = "batch-size"
-MAX_LENGTH = "max-length"
 PEAK_RSS_MB = "peak-rss-mb"
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
@@ -37,9 +35,15 @@ BYTES_UP = "bytes-up"
 ACCURACY = "accuracy"
 LOSS = "loss"
 
-# Routing statistics an MoE method reports (fedmoe_app.routing), flattened [L * M].
+# Routing statistics an MoE method reports (fedmoe_app.routing): routing slots per expert, flattened [L * M].
 ROUTED_TOKENS = "routed-tokens"
-GATE_PROB = "gate-prob"
+
+# node_config keys (set per SuperNode, or per simulated node by Flower).
+PARTITION_ID = "partition-id"  # simulation: which partition of the dataset
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"  # a device: its data folder
+DEVICE_TIER = "device-tier"  # a device: its tier in the devices file
+NODE_CLIENT_ID = "client-id"  # optional: the node's stable client id
 
 # FFT-MoE: the global expert usage sent down [L * M]; the experts a node asks to hold next round [L * held].
 GLOBAL_USAGE = "global-usage"

@@ -8,7 +8,8 @@ devices file and node_config, the data size from counting the rows of its train.
 from __future__ import annotations
 
 import os
-import socket
+import uuid
+from pathlib import Path
 from typing import Any, Mapping
 
 from fedmoe_app import messages as msg
@@ -16,17 +17,39 @@ from fedmoe_app.budgets import DeviceBudget, resolve_budget
 from fedmoe_app.config import RunConfig
 from fedmoe_app.rows import device_train_rows, holdout_size
 
+CLIENT_ID_FILE = ".fedmoe-client-id"
+
+
+def partition_of(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(partition id, number of partitions) of a simulated node (0, 1 when not given)."""
+    return int(node_config.get(msg.PARTITION_ID, 0)), int(node_config.get(msg.NUM_PARTITIONS, 1))
+
 
 def client_id(node_config: Mapping[str, Any]) -> str:
     """This node's stable name, the same after the node restarts (Flower's node id is not):
-    node_config `client-id` if set; on a device `<hostname>:<data-path>`; in simulation
-    `partition-<partition-id>`."""
-    if node_config.get("client-id"):
-        return str(node_config["client-id"])
-    data_path = str(node_config.get("data-path", ""))
+    node_config `client-id` if set; on a device the id kept in its data folder (a random
+    one, made at the first query, in `.fedmoe-client-id`); in simulation `partition-<id>`."""
+    if node_config.get(msg.NODE_CLIENT_ID):
+        return str(node_config[msg.NODE_CLIENT_ID])
+    data_path = str(node_config.get(msg.DATA_PATH, ""))
     if data_path:
-        return f"{socket.gethostname()}:{os.path.abspath(data_path)}"
-    return f"partition-{int(node_config.get('partition-id', 0))}"
+        return _kept_id(Path(data_path))
+    return f"partition-{partition_of(node_config)[0]}"
+
+
+def _kept_id(folder: Path) -> str:
+    """The id in `folder`/.fedmoe-client-id, made (randomly) the first time it is asked for."""
+    path = folder / CLIENT_ID_FILE
+    if not path.is_file():
+        temporary = folder / f".{CLIENT_ID_FILE}.{os.getpid()}.tmp"
+        temporary.write_text(uuid.uuid4().hex + "\n")
+        try:
+            os.link(temporary, path)  # the first of racing processes wins; the others read its id
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    return path.read_text().strip()
 
 
 def describe(node_config: Mapping[str, Any], budget: DeviceBudget, num_examples: int) -> dict[str, dict[str, Any]]:
@@ -41,11 +64,10 @@ def query_answer(config: RunConfig, node_config: Mapping[str, Any]) -> dict[str,
     """`describe` of this node: a device (`data-path`) counts its train.csv; a simulated
     node (`partition-id`, `num-partitions`) sizes its partition."""
     budget = resolve_budget(node_config, config)
-    data_path = str(node_config.get("data-path", ""))
+    data_path = str(node_config.get(msg.DATA_PATH, ""))
     if data_path:
         return describe(node_config, budget, device_train_rows(data_path, config.data.holdout_fraction))
     from fedmoe_app.data import load_partition  # simulation: partitioning needs `datasets`
 
-    num_rows = len(load_partition(config.data, config.seed, int(node_config.get("partition-id", 0)),
-                                  int(node_config.get("num-partitions", 1))))
+    num_rows = len(load_partition(config.data, config.seed, *partition_of(node_config)))
     return describe(node_config, budget, num_rows - holdout_size(num_rows, config.data.holdout_fraction))

@@ -44,6 +44,7 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedmoe_app import messages as msg
 from fedmoe_app.rows import cache_dir
 from fedmoe_app.startup import process_start
 
@@ -61,7 +62,7 @@ _FRAME = struct.Struct("<QQ")
 def wants_worker(node_config: Mapping[str, Any]) -> bool:
     """Whether this node's messages go to a node worker: node_config `warm-worker`
     (true | false), by default true on a device (`data-path` set) and false in simulation."""
-    value = node_config.get("warm-worker", bool(node_config.get("data-path")))
+    value = node_config.get("warm-worker", bool(node_config.get(msg.DATA_PATH)))
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if isinstance(value, bool):

@@ -59,6 +59,7 @@ from fedmoe_app import plots
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+STATUS_FILE = "status.json"
 ADAPTER_FILE = "adapter.safetensors"
 ACCURACY_PLOT = "accuracy.png"
 UTILISATION_PLOT = "expert_utilisation.png"
@@ -86,9 +87,26 @@ class RunResults:
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
         if self.metrics_path.exists():
-            raise FileExistsError(f"{self.metrics_path} already exists: choose another run-name; a run is never overwritten")
+            raise FileExistsError(f"{self.metrics_path} already exists: choose another run-name, or resume "
+                                  f"it with resume={self.run_dir.name}; a run is never overwritten")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(config_yaml)
+
+    @classmethod
+    def resume(cls, run_dir: Path, last_round: int) -> "RunResults":
+        """The results of a stopped run, to continue after round `last_round`: the round
+        records after it (written after its last checkpoint) are dropped."""
+        results = cls.__new__(cls)
+        results.run_dir = Path(run_dir)
+        results.metrics_path = results.run_dir / METRICS_FILE
+        kept = [r for r in read_rounds(results.run_dir) if r["round"] <= last_round]
+        _write_atomically(results.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        return results
+
+    def set_status(self, status: str, **details: Any) -> None:
+        """Write status.json: `running` (with the last complete round), `complete`, `failed`
+        or `stopped` (with a reason), so a folder says whether its run finished."""
+        _write_atomically(self.run_dir / STATUS_FILE, json.dumps(to_json_safe({"status": status, **details}), indent=2) + "\n")
 
     def log_round(self, record: dict) -> None:
         """Append one round record to metrics.jsonl, on disk before returning."""
@@ -101,6 +119,11 @@ class RunResults:
     def rounds(self) -> list[dict]:
         """The round records logged so far, in order."""
         return read_rounds(self.run_dir)
+
+    def last_round(self) -> int:
+        """The last round recorded so far (0 if none)."""
+        rounds = self.rounds()
+        return rounds[-1]["round"] if rounds else 0
 
     def write_summary(self, summary: dict) -> Path:
         """Write summary.json; returns its path."""
@@ -124,6 +147,16 @@ class RunResults:
         if utilisation is not None:
             written.append(utilisation)
         return written
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text`: a crash leaves the old file or the new one."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def read_rounds(run_dir: Path) -> list[dict]:

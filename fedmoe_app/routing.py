@@ -17,7 +17,6 @@ class RoutingStats:
     """Routing of every real token seen, per layer and expert, summed over batches."""
 
     routed_tokens: np.ndarray  # [L, M] routing slots each expert received
-    gate_prob_sum: np.ndarray  # [L, M] sum over tokens of the (held-subset) gate probability
     full_prob_sum: np.ndarray  # [L, M] sum over tokens of softmax over all M router logits
     tokens: int = 0
 
@@ -25,21 +24,15 @@ class RoutingStats:
     def empty(cls, num_layers: int, num_experts: int) -> "RoutingStats":
         """Zero statistics for L layers of M experts."""
         zeros = lambda dtype: np.zeros((num_layers, num_experts), dtype=dtype)  # noqa: E731
-        return cls(zeros(np.int64), zeros(np.float64), zeros(np.float64))
+        return cls(zeros(np.int64), zeros(np.float64))
 
     def add(self, routes: Sequence[RouterOutput]) -> None:
         """Accumulate one forward pass's routing."""
         with torch.no_grad():
             for layer, route in enumerate(routes):
                 self.routed_tokens[layer] += route.tokens_per_expert.cpu().numpy()
-                self.gate_prob_sum[layer] += route.probs.float().sum(0).cpu().numpy()
                 self.full_prob_sum[layer] += torch.softmax(route.logits.float(), -1).sum(0).cpu().numpy()
-            self.tokens += routes[0].probs.shape[0]
-
-    @property
-    def gate_prob(self) -> np.ndarray:
-        """[L, M] mean gate probability per expert."""
-        return self.gate_prob_sum / max(self.tokens, 1)
+            self.tokens += routes[0].logits.shape[0]
 
     @property
     def full_prob(self) -> np.ndarray:

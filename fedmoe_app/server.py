@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from logging import WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
 
+from fedmoe_app import messages as msg
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import load_tiers
-from fedmoe_app.config import RunConfig, resolve_path
+from fedmoe_app.checkpoint import Checkpoint, load_checkpoint
+from fedmoe_app.config import ConfigError, RunConfig, config_from_yaml, config_to_dict, resolve_path
 from fedmoe_app.data import load_test_set
 from fedmoe_app.model import AdapterClassifier, load_state, load_tokenizer
 from fedmoe_app.records import from_record
+from fedmoe_app.results import CONFIG_FILE
 from fedmoe_app.train import evaluate
 
 
@@ -41,7 +47,39 @@ class GlobalEvaluator:
                                   shuffle=False, group_by_length=True,
                                   length_multiple=self.model.precision.length_multiple)
         result = evaluate(self.model, batches)
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, "num-examples": result.num_examples})
+        return MetricRecord({msg.ACCURACY: result.accuracy, msg.LOSS: result.loss, msg.NUM_EXAMPLES: result.num_examples})
+
+
+def resumed_run(config: RunConfig) -> tuple[RunConfig, Checkpoint]:
+    """The configuration and last checkpoint of the stopped run that `resume` names. Its own
+    config.yaml governs: a resumed run continues as it was configured (differences in the
+    launch's configuration are logged and ignored)."""
+    folder = resolve_path(config.results_dir) / config.resume
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError(f"config key 'resume' is {config.resume!r}, but {folder} holds no {CONFIG_FILE}; "
+                          f"allowed: the run-name of a run folder in results-dir {resolve_path(config.results_dir)}")
+    saved = config_from_yaml((folder / CONFIG_FILE).read_text())
+    saved = dataclasses.replace(saved, resume=config.resume, run_name=config.resume, results_dir=config.results_dir)
+    ignored = _differing_keys(config_to_dict(config), config_to_dict(saved))
+    if ignored:
+        log(WARNING, "fedmoe: resuming %s with its own configuration; ignored from this launch: %s",
+            config.resume, ", ".join(ignored))
+    checkpoint = load_checkpoint(folder)
+    if checkpoint.strategy != saved.strategy:
+        raise ConfigError(f"checkpoint of run {config.resume!r} is of strategy {checkpoint.strategy!r}, "
+                          f"its config.yaml says {saved.strategy!r}")
+    return saved, checkpoint
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested config mappings."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _differing_keys(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            keys.append(prefix + key)
+    return keys
 
 
 def run_dir(config: RunConfig) -> Path:

@@ -46,12 +46,12 @@ def train_local(
     steps: int,
     lr: float,
     weight_decay: float,
-    method: ClientMethod | None = None,
+    method: ClientMethod,
 ) -> TrainResult:
     """Train the model's trainable tensors with AdamW for `steps` batches (on the model's
     device, in the model's precision; fp16 with loss scaling): the task loss plus the
     method's loss terms, backward, the method's gradient hook, the step, the method's
-    observation of it. Without a method: the task loss alone."""
+    observation of it."""
     device = model_device(model)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
@@ -62,18 +62,16 @@ def train_local(
         batch = to_device(batch, device)
         logits = model(batch["input_ids"], batch["attention_mask"])  # in the model's precision
         task = F.cross_entropy(logits, batch["labels"])
-        total = task + method.loss_terms(model) if method is not None else task
+        total = task + method.loss_terms(model)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
-        if method is not None:
-            scaler.unscale_(optimizer)  # the hook sees true gradients, also under fp16 loss scaling
-            method.after_backward(model)
+        scaler.unscale_(optimizer)  # the hook sees true gradients, also under fp16 loss scaling
+        method.after_backward(model)
         scaler.step(optimizer)
         scaler.update()
         synchronize(device)
         seconds += time.perf_counter() - start
-        if method is not None:
-            method.after_step(model)
+        method.after_step(model)
         examples += len(batch["labels"])
         loss_sum += task.item() * len(batch["labels"])
         done += 1

@@ -3,7 +3,9 @@ fedmoe_app.methods, under the same name)."""
 
 from typing import Callable
 
-from fedmoe_app.config import ConfigError, RunConfig
+from fedmoe_app.checkpoint import Checkpoint
+from fedmoe_app.config import RunConfig
+from fedmoe_app.methods import method_class
 from strategies.base import SparseStrategy
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.fft_moe import FFTMoE
@@ -12,10 +14,9 @@ from strategies.head_only import HeadOnly
 STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, FedAvgLoRA, HeadOnly)}
 
 
-def make_strategy(config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None) -> SparseStrategy:
-    """The strategy named by `config.strategy`; `on_round` gets every round's record."""
-    if config.strategy not in STRATEGIES:
-        raise ConfigError(
-            f"config key 'strategy' is {config.strategy!r}; allowed: {', '.join(sorted(STRATEGIES))}"
-        )
-    return STRATEGIES[config.strategy](config, num_layers, on_round=on_round)
+def make_strategy(config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None,
+                  on_checkpoint: Callable[[Checkpoint], None] | None = None) -> SparseStrategy:
+    """The strategy named by `config.strategy`; `on_round` gets every round's record,
+    `on_checkpoint` the run's state after every round."""
+    method_class(config.strategy)  # the one check of the name (both halves are registered under it)
+    return STRATEGIES[config.strategy](config, num_layers, on_round=on_round, on_checkpoint=on_checkpoint)

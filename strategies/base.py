@@ -4,8 +4,11 @@ A concrete strategy says only what makes its method different, through these hoo
 `arrays_for` (what a node receives), `config_for` (extra per-node config), `weights_for`
 (each reply's weight per tensor), `contribution_of` (what a reply adds to the average),
 `aggregate` (the new global tensors; default: the sparse core over the two before),
-`update_state` (what it learns from the replies, e.g. the next expert subsets) and
-`state_dict` / `load_state_dict` (that knowledge, JSON-able, for resuming a run).
+`update_state` (what it learns from the replies, e.g. the next expert subsets),
+`check_reply` (its own parts of a reply: metrics, requests), `round_metrics` (its own
+fields in the round record) and `state_dict` / `load_state_dict` (what it has learnt,
+JSON-able, for resuming a run). Replies are checked against what each node was sent
+(strategies/replies.py) before any hook sees them.
 
 Per-client knowledge is keyed by the client id a node reports (stable across restarts of
 the node), never by Flower's node id.
@@ -17,10 +20,8 @@ import dataclasses
 import math
 import random
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -30,97 +31,13 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedmoe_app import messages as msg
-from fedmoe_app.budgets import BUDGET_FIELDS, DeviceBudget
-from fedmoe_app.config import ConfigError, RunConfig, config_to_yaml
-from fedmoe_app.records import from_record, to_record, trained_from, unflatten
-from fedmoe_app.routing import utilisation
-from fedmoe_app.startup import PHASE_METRICS
-from fedmoe_app.system import peak_rss_mb
+from fedmoe_app.checkpoint import Checkpoint
+from fedmoe_app.config import RunConfig, config_to_yaml
+from fedmoe_app.records import from_record, to_record
 from strategies.core import Contribution, Weight, sparse_weighted_average
-
-
-@dataclass(frozen=True)
-class Node:
-    """What the server knows of a node (from its query reply): its stable client id, its
-    budget and the number of rows it trains on."""
-
-    node_id: int
-    client_id: str
-    budget: DeviceBudget
-    num_examples: int
-
-    @property
-    def tier(self) -> str:
-        """The node's device tier."""
-        return self.budget.tier
-
-
-@dataclass
-class Reply:
-    """A successful train reply, decoded."""
-
-    node: Node
-    arrays: dict[str, np.ndarray]
-    metrics: MetricRecord
-    request: ConfigRecord
-
-
-@dataclass
-class RoundState:
-    """The round under way: whom it sampled and messaged, who failed and why, the decoded
-    replies, and the wall seconds of its phases."""
-
-    server_round: int
-    sampled: list[int] = field(default_factory=list)  # node ids drawn for training
-    sent: list[Message] = field(default_factory=list)  # the last messages sent (their ids are set once sent)
-    failures: list[dict] = field(default_factory=list)  # node_id, client_id, tier, reason
-    replies: list[Reply] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)
-
-    def asked(self) -> dict[str, int]:
-        """Message id -> node id of the last messages sent."""
-        return {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
-
-
-def examples(reply: Reply) -> int:
-    """The local training rows of the client behind a reply."""
-    return int(reply.metrics[msg.NUM_EXAMPLES])
-
-
-def train_loss(replies: list[Reply]) -> float:
-    """Example-weighted mean task loss of the replies."""
-    total = sum(examples(r) for r in replies)
-    return sum(float(r.metrics[msg.TRAIN_LOSS]) * examples(r) for r in replies) / max(total, 1)
-
-
-CLIENT_METRICS = (msg.NUM_EXAMPLES, msg.SAMPLES_PROCESSED, msg.STEPS, msg.STEP_SECONDS, msg.TRAIN_SECONDS,
-                  msg.PEAK_RSS_MB, msg.BYTES_DOWN, msg.BYTES_UP, *PHASE_METRICS)
-
-
-@contextmanager
-def timed(phases: dict[str, float], name: str) -> Iterator[None]:
-    """Record the wall seconds of the `with` block in `phases[name]`."""
-    start = time.perf_counter()
-    yield
-    phases[name] = time.perf_counter() - start
-
-
-def client_record(reply: Reply) -> dict:
-    """What one node did this round: who it is, the budget it trained with, and its costs."""
-    budget = reply.node.budget
-    record: dict[str, Any] = {"client_id": reply.node.client_id, "tier": budget.tier}
-    record.update({name: getattr(budget, name) for name in BUDGET_FIELDS})
-    record.update({k.replace("-", "_"): reply.metrics[k] for k in CLIENT_METRICS if k in reply.metrics})
-    return record
-
-
-def node_from_query(node_id: int, content: RecordDict) -> Node:
-    """The Node a query reply describes; ValueError if it is malformed."""
-    try:
-        info, budget = content[msg.NODE], content[msg.BUDGET]
-        return Node(node_id, str(info[msg.CLIENT_ID]), DeviceBudget.from_record(dict(budget)), int(info[msg.NUM_EXAMPLES]))
-    except (KeyError, TypeError, ConfigError) as error:
-        raise ValueError(f"malformed query reply: {error}") from error
+from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_train_reply, examples,
+                                node_from_query, outliers, train_loss, update_rms)
+from strategies.rounds import ACCURACY_MEAN, ACCURACY_OF_TIER, ACCURACY_WORST, RoundState, round_record, timed
 
 
 class SparseStrategy(Strategy):
@@ -128,10 +45,12 @@ class SparseStrategy(Strategy):
 
     name = "sparse"
 
-    def __init__(self, config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None) -> None:
+    def __init__(self, config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None,
+                 on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
         self.config = config
         self.num_layers = num_layers
         self.on_round = on_round or (lambda record: None)  # gets every round's record (results, console)
+        self.on_checkpoint = on_checkpoint or (lambda checkpoint: None)  # gets the run's state after every round
         self.nodes: dict[int, Node] = {}  # Flower node id -> Node, for the nodes of this server's life
         self.global_arrays: dict[str, np.ndarray] = {}
         self.random = random.Random(config.seed)
@@ -166,6 +85,17 @@ class SparseStrategy(Strategy):
     def update_state(self, replies: list[Reply]) -> None:
         """Learn from this round's replies (default: nothing)."""
 
+    method_metrics: tuple[str, ...] = ()  # the train metrics its client half adds (checked by `check_reply`)
+    method_requests: tuple[str, ...] = ()  # the requests its client half sends (checked by `check_reply`)
+
+    def check_reply(self, reply: Reply) -> None:
+        """Raise MalformedReply if the method-specific parts of a reply (metrics, request)
+        are not what its client half sends (default: nothing to check)."""
+
+    def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
+        """The method's own fields in this round's record (default: none)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What the strategy has learnt and drawn so far, JSON-able (for resuming a run)."""
         version, internal, gauss = self.random.getstate()
@@ -181,14 +111,14 @@ class SparseStrategy(Strategy):
         """Log the strategy's configuration."""
         log(INFO, "Strategy %s, %d rounds", self.name, self.config.rounds)
 
-    def _message(self, node: Node, server_round: int, kind: str, config: ConfigRecord) -> Message:
-        arrays = to_record(self.arrays_for(node, server_round), self.config.federation.wire_dtype)
+    def _message(self, node: Node, server_round: int, kind: str, config: ConfigRecord,
+                 arrays: dict[str, np.ndarray]) -> Message:
         node_config = ConfigRecord({
             msg.RUN_CONFIG: config_to_yaml(self.config), **config, **self.config_for(node, server_round),
             msg.SERVER_ROUND: server_round,
         })
-        return Message(content=RecordDict({msg.ARRAYS: arrays, msg.CONFIG: node_config}),
-                       dst_node_id=node.node_id, message_type=kind)
+        content = RecordDict({msg.ARRAYS: to_record(arrays, self.config.federation.wire_dtype), msg.CONFIG: node_config})
+        return Message(content=content, dst_node_id=node.node_id, message_type=kind)
 
     def _draw(self, node_ids: Iterable[int], fraction: float) -> list[int]:
         """`fraction` of `node_ids` (at least `min-nodes`, at most all), drawn with the run's
@@ -206,19 +136,22 @@ class SparseStrategy(Strategy):
         _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
         self.round.sampled = self._draw(connected, self.config.federation.fraction_train)
         self.discover(grid, self.round.sampled)
-        self.round.sent = [self._message(self.nodes[n], server_round, MessageType.TRAIN, config)
-                           for n in self.round.sampled if n in self.nodes]
-        return self.round.sent
+        messages = []
+        for node_id in (n for n in self.round.sampled if n in self.nodes):
+            sent = self.arrays_for(self.nodes[node_id], server_round)
+            self.round.sent_arrays[node_id] = sent
+            messages.append(self._message(self.nodes[node_id], server_round, MessageType.TRAIN, config, sent))
+        self.round.train_messages = messages
+        return messages
 
     def _send(self, grid: Grid, messages: Iterable[Message]) -> list[Message]:
         """Send the messages and wait for the replies (at most `federation.round-timeout`)."""
-        self.round.sent = list(messages)
-        return list(grid.send_and_receive(self.round.sent, timeout=self.config.federation.round_timeout))
+        return list(grid.send_and_receive(list(messages), timeout=self.config.federation.round_timeout))
 
-    def _outcomes(self, replies: Iterable[Message]) -> list[tuple[int, RecordDict]]:
-        """(node id, content) of each successful reply to the last messages sent. Every other
-        node asked (error reply, e.g. the node died, or no reply in time) is logged and counted."""
-        asked = self.round.asked()
+    def _outcomes(self, messages: list[Message], replies: Iterable[Message]) -> list[tuple[int, RecordDict]]:
+        """(node id, content) of each successful reply to `messages` (sent). Every other node
+        asked (error reply, e.g. the node died, or no reply in time) is logged and counted."""
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         succeeded, answered = [], set()
         for message in replies:
             node_id = asked.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
@@ -238,43 +171,31 @@ class SparseStrategy(Strategy):
         log(WARNING, "node %s (%s, %s) failed: %s", node_id, client_id, tier, reason)
 
     def _decode(self, replies: Iterable[Message]) -> list[Reply]:
-        """The successful, well-formed replies, each with its trained tensors: the global
-        tensors that were sent plus the updates it sent back (`self.global_arrays` still holds
-        what was sent). A malformed reply counts as its node's failure and is left out."""
-        decoded = []
-        for node_id, content in self._outcomes(replies):
+        """The successful replies that pass every check (`decode_train_reply`, `check_reply`,
+        an update not far larger than the round's others); each other one counts as its
+        node's failure, with the reason, and is left out."""
+        decoded: dict[int, Reply] = {}
+        for node_id, content in self._outcomes(self.round.train_messages, replies):
             try:
-                updates = self._checked_updates(content)
-            except ValueError as error:
+                reply = decode_train_reply(self.nodes[node_id], content, self.round.sent_arrays[node_id],
+                                           self.method_metrics, self.method_requests)
+                self.check_reply(reply)
+            except MalformedReply as error:
                 self._failed(node_id, f"malformed reply: {error}")
                 continue
-            decoded.append(Reply(self.nodes[node_id], trained_from(self.global_arrays, updates),
-                                 content[msg.METRICS], content.get(msg.REQUEST, ConfigRecord())))
-        return decoded
-
-    def _checked_updates(self, content: RecordDict) -> dict[str, np.ndarray]:
-        """A train reply's updates, after checking that it names only global tensors, in
-        their shapes, with finite values, and says how many rows it trained on."""
-        if msg.ARRAYS not in content or msg.METRICS not in content:
-            raise ValueError(f"it holds {sorted(content)}; a train reply needs '{msg.ARRAYS}' and '{msg.METRICS}'")
-        rows = content[msg.METRICS].get(msg.NUM_EXAMPLES)
-        if not isinstance(rows, int) or rows < 0:
-            raise ValueError(f"metric '{msg.NUM_EXAMPLES}' is {rows!r}; allowed: an integer >= 0")
-        updates = from_record(content[msg.ARRAYS])
-        for key, update in updates.items():
-            if key not in self.global_arrays:
-                raise ValueError(f"tensor '{key}' is not in the global model")
-            if update.shape != self.global_arrays[key].shape:
-                raise ValueError(f"tensor '{key}' has shape {update.shape}; the global one {self.global_arrays[key].shape}")
-            if not np.isfinite(update).all():
-                raise ValueError(f"tensor '{key}' holds NaN or Inf")
-        return updates
+            decoded[node_id] = reply
+        rms = {n: update_rms(r, self.round.sent_arrays[n]) for n, r in decoded.items()}
+        for node_id, reason in outliers(rms, self.config.federation.max_update_ratio).items():
+            self._failed(node_id, f"rejected reply: {reason}")
+            del decoded[node_id]
+        return list(decoded.values())
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """`aggregate` over the well-formed replies, if enough nodes replied; metrics of the round."""
+        """`aggregate` over the replies that pass every check, if enough nodes replied; the
+        round's train metrics."""
         decoded = self._decode(replies)
         self.round.replies = decoded
-        sampled = max(len(self.round.sampled), len(self.round.sent))
+        sampled = max(len(self.round.sampled), len(self.round.train_messages))
         needed = max(1, math.ceil(self.config.federation.min_reply_fraction * sampled))
         if len(decoded) < needed:
             log(WARNING, "round %d: %d of %d sampled nodes replied, federation.min-reply-fraction needs %d; "
@@ -285,48 +206,79 @@ class SparseStrategy(Strategy):
         return to_record(self.global_arrays), MetricRecord({
             msg.TRAIN_LOSS: train_loss(decoded), msg.NUM_EXAMPLES: sum(examples(r) for r in decoded)})
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round `server_round` is evaluated: every `eval.every` rounds and the last."""
+        return server_round % self.config.eval.every == 0 or server_round == self.config.rounds
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """`fraction-evaluate` of the connected nodes with a known budget evaluate their
-        personalised model on their held-out slice."""
-        self.global_arrays = from_record(arrays)
+        """In evaluated rounds (`eval.client` on), `fraction-evaluate` of the connected nodes
+        with a known budget evaluate their personalised model on their held-out slice."""
+        if not (self.config.eval.client and self.evaluates(server_round)):
+            self.round.eval_messages = []
+            return []
+        global_arrays = from_record(arrays)
         known = [n for n in grid.get_node_ids() if n in self.nodes]
         sampled = self._draw(known, self.config.federation.fraction_evaluate)
-        self.round.sent = [self._message(self.nodes[n], server_round, MessageType.EVALUATE, config) for n in sampled]
-        return self.round.sent
+        self.round.eval_messages = [
+            self._message(self.nodes[n], server_round, MessageType.EVALUATE, config,
+                          self._arrays_with(global_arrays, self.nodes[n], server_round)) for n in sampled]
+        return self.round.eval_messages
+
+    def _arrays_with(self, global_arrays: dict[str, np.ndarray], node: Node, server_round: int) -> dict[str, np.ndarray]:
+        """`arrays_for` a node, from `global_arrays` (leaves `self.global_arrays` as it was)."""
+        kept, self.global_arrays = self.global_arrays, global_arrays
+        try:
+            return self.arrays_for(node, server_round)
+        finally:
+            self.global_arrays = kept
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean, worst, and per-tier personalised accuracy."""
+        """Example-weighted mean, worst, and per-tier personalised accuracy of the replies
+        that pass their checks."""
         results = []
-        for node_id, content in self._outcomes(replies):
-            metrics = content[msg.METRICS]
-            if int(metrics[msg.NUM_EXAMPLES]) > 0:
-                results.append((self.nodes[node_id].tier, int(metrics[msg.NUM_EXAMPLES]), float(metrics[msg.ACCURACY])))
+        for node_id, content in self._outcomes(self.round.eval_messages, replies):
+            try:
+                rows, accuracy = check_eval_metrics(self.nodes[node_id], content)
+            except MalformedReply as error:
+                self._failed(node_id, f"malformed evaluate reply: {error}")
+                continue
+            if rows > 0:
+                results.append((self.nodes[node_id].tier, rows, accuracy))
         if not results:
             return None
         total = sum(n for _, n, _ in results)
         record = MetricRecord({
-            "accuracy-mean": sum(n * a for _, n, a in results) / total,
-            "accuracy-worst": min(a for _, _, a in results),
+            ACCURACY_MEAN: sum(n * a for _, n, a in results) / total,
+            ACCURACY_WORST: min(a for _, _, a in results),
         })
         for tier in sorted({t for t, _, _ in results}):
             accs = [a for t, _, a in results if t == tier]
-            record[f"accuracy.{tier}"] = sum(accs) / len(accs)
+            record[ACCURACY_OF_TIER.format(tier=tier)] = sum(accs) / len(accs)
         return record
 
     # ---- node discovery ----------------------------------------------------------------
     def discover(self, grid: Grid, node_ids: Iterable[int]) -> None:
         """Ask nodes not yet known for their client id, budget and data size (one query
-        message each); a malformed answer is the node's failure."""
+        message each). A malformed answer, or a client id another connected node already
+        has, is the node's failure."""
         unknown = [n for n in node_ids if n not in self.nodes]
         if not unknown:
             return
         content = RecordDict({msg.CONFIG: ConfigRecord({msg.RUN_CONFIG: config_to_yaml(self.config)})})
         queries = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
-        for node_id, reply in self._outcomes(self._send(grid, queries)):
+        connected = set(grid.get_node_ids())
+        for node_id, reply in self._outcomes(queries, self._send(grid, queries)):
             try:
-                self.nodes[node_id] = node_from_query(node_id, reply)
-            except ValueError as error:
+                node = node_from_query(node_id, reply)
+            except MalformedReply as error:
                 self._failed(node_id, str(error))
+                continue
+            twin = next((n for n in self.nodes.values() if n.client_id == node.client_id and n.node_id in connected), None)
+            if twin is not None:
+                self._failed(node_id, f"client id {node.client_id!r} is already node {twin.node_id}'s; "
+                                      "give each node its own node_config client-id")
+                continue
+            self.nodes[node_id] = node
 
     # ---- the round loop ----------------------------------------------------------------
     def start(
@@ -338,14 +290,24 @@ class SparseStrategy(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
     ) -> Result:
-        """Run `num_rounds` rounds, as Flower's `Strategy.start` does (same arguments and
-        Result), with what a fedmoe run needs beside it: nodes are queried for their budget
-        up front, failures are counted, client-side and server-side evaluation run every
-        `eval.every` rounds (and after the last), and `on_round` gets each round's record.
-        `timeout` defaults to federation.round-timeout."""
+        """Run rounds `first_round`..`num_rounds`, as Flower's `Strategy.start` does (same
+        arguments and Result), with what a fedmoe run needs beside it: nodes are queried for
+        their budget up front, failures are counted, client-side and server-side evaluation
+        run every `eval.every` rounds (and after the last), `on_checkpoint` gets the run's
+        state after every round and then `on_round` the round's record. `timeout` defaults to
+        federation.round-timeout. To resume a run: `load_state_dict` its checkpoint's
+        strategy state, pass its arrays and the round after it as `first_round`.
+
+        (Flower's own `Strategy.start` can drive this strategy too, through the configure /
+        aggregate methods; it then evaluates every round on the server and writes no round
+        records or checkpoints.)"""
         if timeout is not None and timeout != self.config.federation.round_timeout:
             self.config = _with_round_timeout(self.config, timeout)
+        if num_rounds != self.config.rounds:
+            self.config = dataclasses.replace(self.config, rounds=num_rounds)
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
@@ -354,12 +316,13 @@ class SparseStrategy(Strategy):
         arrays = initial_arrays
         # Learn every node's budget up front, so a node that dies later is still named with
         # its tier (nodes that join later are asked when sampled). A one-time cost per node.
-        self.round = RoundState(0)
+        self.round = RoundState(first_round - 1)
         _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
         self.discover(grid, connected)
-        server_eval = self._evaluate_on_server(0, arrays, evaluate_fn, result)
-        self.on_round(self._round_record(t_start, server_eval, None))
-        for server_round in range(1, num_rounds + 1):
+        if first_round == 1:
+            server_eval = self._evaluate_on_server(0, arrays, evaluate_fn, result)
+            self.on_round(self._round_record(t_start, server_eval, None))
+        for server_round in range(first_round, num_rounds + 1):
             self.round = RoundState(server_round)
             with timed(self.round.phases, "train"):
                 replies = self._send(grid, self.configure_train(server_round, arrays, train_config, grid))
@@ -370,16 +333,17 @@ class SparseStrategy(Strategy):
                 arrays = result.arrays = new_arrays
                 result.train_metrics_clientapp[server_round] = train_metrics
             server_eval = client_eval = None
-            if server_round % self.config.eval.every == 0 or server_round == num_rounds:
-                if self.config.eval.client:
+            if self.evaluates(server_round):
+                messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
+                if messages:
                     with timed(self.round.phases, "client_eval"):
-                        eval_replies = self._send(grid, self.configure_evaluate(server_round, arrays, evaluate_config, grid))
-                        client_eval = self.aggregate_evaluate(server_round, eval_replies)
+                        client_eval = self.aggregate_evaluate(server_round, self._send(grid, messages))
                     if client_eval is not None:
                         result.evaluate_metrics_clientapp[server_round] = client_eval
                 server_eval = self._evaluate_on_server(server_round, arrays, evaluate_fn, result)
+            self.on_checkpoint(Checkpoint(server_round, self.name, from_record(arrays), self.state_dict()))
             self.on_round(self._round_record(t_start, server_eval, client_eval))
-        log(INFO, "Strategy %s finished %d rounds in %.0f s", self.name, num_rounds, time.time() - t_start)
+        log(INFO, "Strategy %s finished rounds %d-%d in %.0f s", self.name, first_round, num_rounds, time.time() - t_start)
         return result
 
     def _evaluate_on_server(self, server_round: int, arrays: ArrayRecord,
@@ -394,36 +358,9 @@ class SparseStrategy(Strategy):
         return metrics
 
     def _round_record(self, t_start: float, server_eval: MetricRecord | None, client_eval: MetricRecord | None) -> dict:
-        client_eval = client_eval or {}
-        replies = self.round.replies
-        tiers = sorted({r.node.tier for r in replies})
-        usage = self.utilisation(replies)
-        return {
-            "round": self.round.server_round,
-            "wall_time_s": time.time() - t_start,
-            "phase_seconds": dict(self.round.phases),
-            "global_accuracy": server_eval[msg.ACCURACY] if server_eval else None,
-            "global_loss": server_eval[msg.LOSS] if server_eval else None,
-            "client_accuracy": {k.split(".", 1)[1]: v for k, v in client_eval.items() if k.startswith("accuracy.")},
-            "client_accuracy_mean": client_eval.get("accuracy-mean"),
-            "client_accuracy_worst": client_eval.get("accuracy-worst"),
-            "train_loss": train_loss(replies) if replies else None,
-            "expert_utilisation": usage.tolist() if usage is not None else None,
-            "bytes_down": {str(r.node.node_id): int(r.metrics[msg.BYTES_DOWN]) for r in replies},
-            "bytes_up": {str(r.node.node_id): int(r.metrics[msg.BYTES_UP]) for r in replies},
-            "step_seconds": {t: float(np.mean([float(r.metrics[msg.STEP_SECONDS]) for r in replies if r.node.tier == t])) for t in tiers},
-            "peak_rss_mb": {t: max(float(r.metrics[msg.PEAK_RSS_MB]) for r in replies if r.node.tier == t) for t in tiers},
-            "server_peak_rss_mb": peak_rss_mb(),
-            "clients": {str(r.node.node_id): client_record(r) for r in replies},
-            "num_replies": len(replies),
-            "failures": len(self.round.failures),
-            "failed_nodes": list(self.round.failures),
-        }
-
-    def utilisation(self, replies: list[Reply]) -> np.ndarray | None:
-        """[L, M] share of routed tokens per expert over the replies that report routing, or None."""
-        return utilisation([unflatten(r.metrics[msg.ROUTED_TOKENS], self.num_layers)
-                            for r in replies if msg.ROUTED_TOKENS in r.metrics])
+        tiers = sorted({node.tier for node in self.nodes.values()})
+        return round_record(self.round, time.time() - t_start, server_eval, client_eval, tiers,
+                            self.round_metrics(self.round.replies))
 
 
 def _with_round_timeout(config: RunConfig, timeout: float) -> RunConfig:

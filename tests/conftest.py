@@ -14,3 +14,48 @@ def ag_news_dir() -> Path:
     if not (AG_NEWS_DIR / "train.csv").is_file():
         pytest.skip(f"AG News not found at {AG_NEWS_DIR}")
     return AG_NEWS_DIR
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes run in this process: every message is answered at once by
+    the ClientApp's own handlers (query, train, evaluate), node i with the node_config
+    of simulated partition i."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.node_configs = {101 + i: {"partition-id": i, "num-partitions": num_nodes} for i in range(num_nodes)}
+        self.sent = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        from fedmoe_app import messages as msg
+        from fedmoe_app.config import config_from_yaml
+        from fedmoe_app.handlers import HANDLERS
+        from fedmoe_app.node import query_answer
+
+        replies = []
+        for message in messages:
+            self.sent += 1
+            message.metadata.__dict__["_message_id"] = f"m{self.sent}"
+            node_config = self.node_configs[message.metadata.dst_node_id]
+            if message.metadata.message_type == MessageType.QUERY:
+                config = config_from_yaml(message.content[msg.CONFIG][msg.RUN_CONFIG])
+                answer = query_answer(config, node_config)
+                content = RecordDict({name: ConfigRecord(record) for name, record in answer.items()})
+            else:
+                content = HANDLERS[message.metadata.message_type](message.content, node_config)
+            replies.append(Message(content, reply_to=message))
+        return replies
+
+
+@pytest.fixture
+def server_identity():
+    """The task identity a ServerApp process has (Flower needs it to build messages)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None

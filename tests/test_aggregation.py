@@ -13,7 +13,7 @@ from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
 from fedmoe_app.records import from_record, to_record
 from strategies import make_strategy
-from strategies.base import Node
+from strategies.replies import Node
 from strategies.core import Contribution, sparse_weighted_average
 
 E0, E1, E2 = (f"layers.0.moe.experts.{e}.w_in.weight" for e in range(3))
@@ -58,11 +58,15 @@ def test_unknown_key_is_an_error():
         sparse_weighted_average({E0: np.zeros(1)}, [Contribution({"bogus": np.zeros(1)}, {"bogus": 1.0})])
 
 
+REQUIRED = {"train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0, "bytes-down": 8, "bytes-up": 8}
+
+
 def reply(node_id, arrays, metrics, request=None):
+    """A successful train reply from `node_id` (the metrics every reply has filled in)."""
     message = Mock()
     message.has_error.return_value = False
     message.metadata.src_node_id = node_id
-    content = {"arrays": to_record(arrays), "metrics": MetricRecord(metrics)}
+    content = {"arrays": to_record(arrays), "metrics": MetricRecord({**REQUIRED, **metrics})}
     if request is not None:
         content["request"] = ConfigRecord(request)
     message.content = RecordDict(content)
@@ -71,7 +75,13 @@ def reply(node_id, arrays, metrics, request=None):
 
 def node(node_id, tier="rpi4", held=2):
     budget = dataclasses.replace(load_tiers("conf/devices.yaml")[tier], experts_held=held, top_k=1, lora_rank=4)
-    return Node(node_id, f"client-{node_id}", budget, 100)
+    return Node(node_id, f"client-{node_id}", budget, 5000)
+
+
+def aggregate(strategy, replies, server_round=1):
+    """`aggregate_train` of replies to a round that sent every node the whole global model."""
+    strategy.round.sent_arrays = {n: dict(strategy.global_arrays) for n in strategy.nodes}
+    return strategy.aggregate_train(server_round, replies)
 
 
 def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
@@ -89,7 +99,7 @@ def test_fft_moe_weights_experts_by_rows_times_routing_share_and_head_by_rows():
     r2 = reply(2, {E1: np.full(2, 4, np.float32), ROUTER: np.full((3, 2), 3, np.float32),
                    "head.weight": np.full(2, 4, np.float32)},
                {"num-examples": 10, "train-loss": 2.0, "routed-tokens": [0, 6, 0]}, {"next-experts": [1, 2]})
-    arrays, metrics = strategy.aggregate_train(1, [r1, r2])
+    arrays, metrics = aggregate(strategy, [r1, r2])
     new = from_record(arrays)
     # node 1: 30 rows, routing share [0.75, 0.25, 0]; node 2: 10 rows, share [0, 1, 0]
     np.testing.assert_allclose(new[E0], 1.0)
@@ -124,7 +134,7 @@ def test_fft_moe_router_rows_ignore_a_shift_shared_by_the_held_rows():
     informative[1] = [1.0, 1.0]  # node 2 holds experts 1, 2 and raised row 1 against row 2
     r2 = reply(2, {ROUTER: informative, E1: np.zeros(2, np.float32), E2: np.zeros(2, np.float32)},
                {"num-examples": 10, "train-loss": 1.0, "routed-tokens": [0, 5, 5, 0]})
-    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    arrays, _ = aggregate(strategy, [r1, r2])
     expected = start.copy()
     # node 2's change centred: +0.5 on row 1, -0.5 on row 2; node 1's shift centres to 0
     expected[1] += 0.5 * 0.5  # row 1: nodes 1 and 2 at equal weight (10 rows x share 0.5)
@@ -140,11 +150,12 @@ def test_clients_weigh_by_the_rows_they_hold_not_the_samples_they_processed(stra
     strategy = make_strategy(config, num_layers=1)
     strategy.nodes = {1: node(1), 2: node(2)}
     strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
+    routing = strategy_name == "fft_moe"  # only FFT-MoE's clients report routing
     orin = reply(1, {"head.weight": np.full(2, 1, np.float32)},
-                 {"num-examples": 9, "samples-processed": 384, "train-loss": 1.0, "routed-tokens": [300, 84]})
+                 {"num-examples": 9, "samples-processed": 384, **({"routed-tokens": [300, 84]} if routing else {})})
     rpi4 = reply(2, {"head.weight": np.full(2, 0, np.float32)},
-                 {"num-examples": 1974, "samples-processed": 64, "train-loss": 1.0, "routed-tokens": [64, 0]})
-    arrays, metrics = strategy.aggregate_train(1, [orin, rpi4])
+                 {"num-examples": 1974, "samples-processed": 64, **({"routed-tokens": [64, 0]} if routing else {})})
+    arrays, metrics = aggregate(strategy, [orin, rpi4])
     np.testing.assert_allclose(from_record(arrays)["head.weight"], 9 / (9 + 1974), rtol=1e-6)
     assert metrics["num-examples"] == 1983
 
@@ -169,7 +180,7 @@ def test_fedavg_lora_weights_everything_by_examples():
     strategy.global_arrays = {key: np.zeros(2, np.float32)}
     r1 = reply(1, {key: np.full(2, 1, np.float32)}, {"num-examples": 1, "train-loss": 0.5})
     r2 = reply(2, {key: np.full(2, 5, np.float32)}, {"num-examples": 3, "train-loss": 0.5})
-    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    arrays, _ = aggregate(strategy, [r1, r2])
     np.testing.assert_allclose(from_record(arrays)[key], 4.0)
 
 
@@ -182,13 +193,17 @@ def test_failed_reply_is_counted_and_skipped():
     failed.has_error.return_value = True
     failed.metadata.src_node_id = 1
     failed.error.reason = "node died"
-    assert strategy.aggregate_train(1, [failed]) == (None, None)
+    assert aggregate(strategy, [failed]) == (None, None)
     assert strategy.round.failures == [{"node_id": "1", "client_id": "client-1", "tier": "rpi4", "reason": "node died"}]
 
 
 @pytest.mark.parametrize("bad_arrays,bad_metrics,reason", [
-    ({"layers.9.unknown.weight": np.ones(2, np.float32)}, {}, "tensor 'layers.9.unknown.weight' is not in the global model"),
-    ({"head.weight": np.ones(3, np.float32)}, {}, r"tensor 'head.weight' has shape \(3,\); the global one \(2,\)"),
+    ({"layers.9.unknown.weight": np.ones(2, np.float32)}, {}, "tensor 'layers.9.unknown.weight' was not sent to this node"),
+    ({"head.weight": np.ones(3, np.float32)}, {}, r"tensor 'head.weight' has shape \(3,\); the one sent \(2,\)"),
+    ({"head.weight": np.ones(2, np.int32)}, {}, "tensor 'head.weight' has dtype int32; allowed: a float dtype"),
+    ({"head.weight": np.ones(2, np.float32)}, {"num-examples": 10**9}, r"metric 'num-examples' is 1000000000; .* <= 5000"),
+    ({"head.weight": np.ones(2, np.float32)}, {"train-loss": float("nan")}, "metric 'train-loss' is nan"),
+    ({"head.weight": np.ones(2, np.float32)}, {"step-seconds": [0.1, 0.2]}, r"metric 'step-seconds' is \[0.1, 0.2\]"),
     ({"head.weight": np.array([1.0, np.nan], np.float32)}, {}, "tensor 'head.weight' holds NaN or Inf"),
     ({"head.weight": np.array([np.inf, 0.0], np.float32)}, {}, "holds NaN or Inf"),
     ({"head.weight": np.ones(2, np.float32)}, {"num-examples": -4}, "metric 'num-examples' is -4"),
@@ -200,7 +215,7 @@ def test_a_malformed_reply_is_its_nodes_failure_and_is_not_averaged(bad_arrays, 
     strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
     good = reply(1, {"head.weight": np.full(2, 3, np.float32)}, {"num-examples": 10, "train-loss": 0.5})
     bad = reply(2, bad_arrays, {"num-examples": 10, "train-loss": 0.5, **bad_metrics})
-    arrays, metrics = strategy.aggregate_train(1, [good, bad])
+    arrays, metrics = aggregate(strategy, [good, bad])
     np.testing.assert_allclose(from_record(arrays)["head.weight"], 3.0)  # the good reply alone
     assert metrics["num-examples"] == 10
     failures = strategy.round.failures
@@ -226,7 +241,7 @@ def _fft_moe_after_one_round():
                {"next-experts": [0, 2]})
     r2 = reply(2, {E1: np.ones(2, np.float32)}, {"num-examples": 5, "train-loss": 1.0, "routed-tokens": [0, 4, 4]},
                {"next-experts": [1, 2]})
-    strategy.aggregate_train(1, [r1, r2])
+    aggregate(strategy, [r1, r2])
     return config, strategy
 
 
@@ -263,5 +278,38 @@ def test_a_strategy_may_replace_the_sparse_average():
     strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
     r1 = reply(1, {"head.weight": np.full(2, 3, np.float32)}, {"num-examples": 1, "train-loss": 0.5})
     r2 = reply(2, {"head.weight": np.full(2, 9, np.float32)}, {"num-examples": 1, "train-loss": 0.5})
-    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    arrays, _ = aggregate(strategy, [r1, r2])
     np.testing.assert_allclose(from_record(arrays)["head.weight"], 3.0)
+
+
+@pytest.mark.parametrize("bad_metrics,bad_request,reason", [
+    ({"routed-tokens": [1, 2]}, None, "'routed-tokens' is not 1 x 3 counts"),
+    ({"routed-tokens": [1, -2, 0]}, None, "'routed-tokens' is not 1 x 3 counts"),
+    ({}, None, "'routed-tokens' is not"),
+    ({"routed-tokens": [1, 2, 0]}, {"next-experts": [0, 0]}, "'next-experts' is not 2 distinct experts in \\[0, 3\\)"),
+    ({"routed-tokens": [1, 2, 0]}, {"next-experts": [0, 7]}, "'next-experts' is not 2 distinct"),
+    ({"routed-tokens": [1, 2, 0]}, {"next-experts": [0, 1, 2]}, "'next-experts' is not 2 distinct"),
+])
+def test_a_malformed_fft_moe_reply_is_its_nodes_failure(bad_metrics, bad_request, reason):
+    strategy = make_strategy(load_config("conf/fft_moe.yaml", "moe.num-experts=3"), num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {E0: np.zeros(2, np.float32), E1: np.zeros(2, np.float32), E2: np.zeros(2, np.float32)}
+    good = reply(1, {E0: np.ones(2, np.float32)}, {"num-examples": 10, "routed-tokens": [4, 0, 0]}, {"next-experts": [0, 1]})
+    bad = reply(2, {E1: np.ones(2, np.float32)}, {"num-examples": 10, **bad_metrics}, bad_request)
+    arrays, _ = aggregate(strategy, [good, bad])
+    np.testing.assert_allclose(from_record(arrays)[E1], 0.0)  # the bad reply's expert is not averaged in
+    assert [f["node_id"] for f in strategy.round.failures] == ["2"]
+    assert re.search(reason, strategy.round.failures[0]["reason"])
+    assert "client-2" not in strategy.subsets or strategy.subsets["client-2"] != [[0, 0]]
+
+
+def test_an_update_far_larger_than_the_rounds_others_is_rejected():
+    strategy = make_strategy(load_config("conf/fedavg_lora.yaml", "federation.max-update-ratio=10"), num_layers=1)
+    strategy.nodes = {n: node(n) for n in (1, 2, 3, 4)}
+    strategy.global_arrays = {"head.weight": np.zeros(4, np.float32)}
+    moves = {1: 0.01, 2: 0.02, 3: 0.015, 4: 5.0}  # node 4: 333x the median of the others
+    arrays, _ = aggregate(strategy, [reply(n, {"head.weight": np.full(4, m, np.float32)}, {"num-examples": 10})
+                                     for n, m in moves.items()])
+    np.testing.assert_allclose(from_record(arrays)["head.weight"], (0.01 + 0.02 + 0.015) / 3, rtol=1e-6)
+    assert [f["node_id"] for f in strategy.round.failures] == ["4"]
+    assert "update RMS 5 is over federation.max-update-ratio (10)" in strategy.round.failures[0]["reason"]

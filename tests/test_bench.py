@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fedmoe_app.bench import report
-from fedmoe_app.bench.kernels import moe_and_dense
-from fedmoe_app.bench.learning import cell_overrides, first_reaching, mix_overrides, overhead_ratio, sample_steps
-from fedmoe_app.bench.run import headline, strategy_entry
-from fedmoe_app.bench.suites import HEADLINE, SUITES
+from bench import report
+from bench.kernels import moe_and_dense
+from bench.learning import cell_overrides, first_reaching, mix_overrides, overhead_ratio, sample_steps
+from bench.run import headline, strategy_entry
+from bench.suites import HEADLINE, SUITES
 from fedmoe_app.budgets import tiers_for_population
 from fedmoe_app.config import load_config
 from fedmoe_app.batches import EncodedSet, iterate_batches

@@ -144,9 +144,15 @@ def test_the_loop_is_loss_terms_backward_hook_step_observe(ag_news_dir):
     assert torch.equal(model.head.weight, weight)  # the hook's edit held through the step
 
 
-def test_client_id_is_stable_and_named_by_node_config(tmp_path):
-    from fedmoe_app.node import client_id
+def test_client_id_is_stable_and_named_by_node_config(tmp_path, monkeypatch):
+    from fedmoe_app.node import CLIENT_ID_FILE, client_id
 
     assert client_id({"partition-id": 3, "num-partitions": 10}) == "partition-3"
     assert client_id({"client-id": "pi-kitchen", "data-path": str(tmp_path)}) == "pi-kitchen"
-    assert client_id({"data-path": str(tmp_path)}).endswith(f":{tmp_path}")
+    first = client_id({"data-path": str(tmp_path)})  # a device: made once, kept in its data folder
+    assert len(first) == 32 and (tmp_path / CLIENT_ID_FILE).read_text().strip() == first
+    monkeypatch.chdir(tmp_path.parent)  # a restart, from another working directory, a relative path
+    assert client_id({"data-path": tmp_path.name}) == first
+    other = tmp_path / "other-device"
+    other.mkdir()
+    assert client_id({"data-path": str(other)}) != first

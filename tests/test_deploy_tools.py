@@ -8,13 +8,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 from flwr.common.config import parse_config_args
 
+from deploy.credentials import write_node_key, write_tls_certificates
+from deploy.device_data import split_for_devices
+from deploy.local_federation import LocalFederation, NodeSpec, main
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import load_config
 from fedmoe_app.data import load_client_data
 from fedmoe_app.rows import device_client_data, read_csv
-from fedmoe_app.deploy.credentials import write_node_key, write_tls_certificates
-from fedmoe_app.deploy.device_data import split_for_devices
-from fedmoe_app.deploy.local_federation import LocalFederation, NodeSpec, main
 
 
 def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):

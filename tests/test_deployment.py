@@ -9,11 +9,11 @@ import socket
 import psutil
 import pytest
 
+from deploy.credentials import write_node_key
+from deploy.device_data import split_for_devices
+from deploy.local_federation import HOST, LocalFederation, NodeSpec, free_port, run_config_string
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
-from fedmoe_app.deploy.credentials import write_node_key
-from fedmoe_app.deploy.device_data import split_for_devices
-from fedmoe_app.deploy.local_federation import HOST, LocalFederation, NodeSpec, free_port, run_config_string
 
 TINY = (
     "model.backbone=tiny-bert data.max-train-rows=300 data.alpha=0.5 eval.test-samples=100 "
@@ -111,15 +111,17 @@ def test_tls_deployment_refuses_strangers_and_survives_a_dead_node(tmp_path, ag_
         assert (run_dir / name).is_file(), f"missing {name}"
     records = records_of(run_dir)
     killed = str(federation.nodes[1].node_id)
+    by_node = lambda record: {c["node_id"]: c for c in record["clients"].values()}  # noqa: E731 (keyed by client id)
     # round 1: the killed node's failure is named and counted; the others' replies make the round
-    assert records[1]["num_replies"] == 2 and killed not in records[1]["clients"]
+    assert records[1]["num_replies"] == 2 and killed not in by_node(records[1])
     assert [f["tier"] for f in records[1]["failed_nodes"] if f["node_id"] == killed] == ["jetson-nano"]
-    # round 2: the restarted node (same registered key, same id) trains again
-    assert records[2]["num_replies"] == 3 and records[2]["clients"][killed]["tier"] == "jetson-nano"
+    # round 2: the restarted node (same registered key, same id) trains again, under its own client id
+    assert records[2]["num_replies"] == 3 and by_node(records[2])[killed]["tier"] == "jetson-nano"
+    assert len(records[2]["clients"]) == 3 and all(len(client_id) == 32 for client_id in records[2]["clients"])
     # each node trained with its own tier's budget, as reported in its reply
     budgets = load_tiers("conf/devices.yaml")
     for node in federation.nodes:
-        client = records[2]["clients"][str(node.node_id)]
+        client = by_node(records[2])[str(node.node_id)]
         budget = budgets[node.tier]
         assert client["tier"] == node.tier
         assert client["steps"] == budget.local_steps and client["batch_size"] == budget.batch_size

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from bench.simulation import connection_toml, gpu_share
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config
 from fedmoe_app.methods.fft_moe import FFTMoEClient
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
 from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
-from fedmoe_app.simulation import connection_toml, gpu_share
 from fedmoe_app.system import torch_device
 from fedmoe_app.train import evaluate, train_local
 

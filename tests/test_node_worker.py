@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from bench import cold_start
 from fedmoe_app import node_worker
-from fedmoe_app.bench import cold_start
 from fedmoe_app.records import from_record
 from tests.test_cold_start import TINY, device_folder
 

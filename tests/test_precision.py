@@ -11,6 +11,8 @@ from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
 from fedmoe_app.model import build_model, load_tokenizer, trainable_parameters, trainable_state
 from fedmoe_app.precision import resolve_precision
+from fedmoe_app.budgets import load_tiers
+from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.train import evaluate, train_local
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -113,7 +115,8 @@ def test_a_bf16_round_keeps_trainable_tensors_and_optimiser_state_in_float32(cpu
     config = tiny_config(ag_news_dir, "bf16")
     model = build_model(config, 4, "moe", top_k=2)
     before = {k: v.detach().clone() for k, v in trainable_state(model).items()}
-    result = train_local(model, batches, 3, 1e-2, 0.0)
+    method = ClientMethod(config, load_tiers(config.devices.file)["rpi4"], [], {})  # the task loss alone
+    result = train_local(model, batches, 3, 1e-2, 0.0, method)
     assert np.isfinite(result.loss) and result.steps == 3
     after = trainable_state(model)
     assert all(v.dtype == torch.float32 for v in after.values())

@@ -34,7 +34,7 @@ class FakeGrid:
 
     def __init__(self, node_ids):
         self.connected = list(node_ids)
-        self.dead, self.silent = set(), set()
+        self.dead, self.silent, self.garbage = set(), set(), set()
         self.sent: list[tuple[str, int]] = []  # (message type, node id)
 
     def get_node_ids(self):
@@ -53,7 +53,10 @@ class FakeGrid:
                 error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
                 replies.append(error)
                 continue
-            replies.append(Message(self.answer(node_id, message), reply_to=message))
+            content = self.answer(node_id, message)
+            if node_id in self.garbage and message.metadata.message_type == MessageType.TRAIN:
+                content["arrays"] = to_record({KEY: np.full(2, np.nan, np.float32)})
+            replies.append(Message(content, reply_to=message))
         return replies
 
     @staticmethod
@@ -165,7 +168,7 @@ def test_flowers_own_round_loop_runs_a_fedmoe_strategy():
 
     grid = FakeGrid([11, 12, 13])
     grid.dead = {13}
-    config = load_config("conf/fedavg_lora.yaml", "federation.min-nodes=3")
+    config = load_config("conf/fedavg_lora.yaml", "federation.min-nodes=3 rounds=2 eval.every=2")
     strategy = make_strategy(config, num_layers=1)
     strategy.discover(grid, [11, 12, 13])
     result = Strategy.start(strategy, grid, to_record({KEY: np.zeros(2, np.float32)}), num_rounds=2)
@@ -173,6 +176,8 @@ def test_flowers_own_round_loop_runs_a_fedmoe_strategy():
     assert result.train_metrics_clientapp[2]["num-examples"] == 20
     assert result.evaluate_metrics_clientapp[2]["accuracy-mean"] == 0.5
     assert [f["node_id"] for f in strategy.round.failures] == ["13"]  # the dead node, named, in round 2
+    evaluated = [n for kind, n in grid.sent if kind == MessageType.EVALUATE]
+    assert sorted(evaluated) == [11, 12]  # in round 2 only: eval.every holds under Flower's loop too
 
 
 def test_start_returns_flowers_result_with_every_rounds_metrics():
@@ -185,3 +190,13 @@ def test_start_returns_flowers_result_with_every_rounds_metrics():
     assert evaluated == [0, 1, 2] and sorted(result.evaluate_metrics_serverapp) == [0, 1, 2]
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     np.testing.assert_allclose(from_record(result.arrays)[KEY], 2 * (11 + 12) / 2)
+
+
+def test_a_malformed_reply_is_a_failure_with_its_reason_in_the_round_record():
+    grid = FakeGrid([11, 12, 13])
+    grid.garbage = {12}
+    value, records = run(grid, "federation.min-nodes=3")
+    assert records[1]["num_replies"] == 2 and "client-12" not in records[1]["clients"]
+    assert records[1]["failed_nodes"] == [{"node_id": "12", "client_id": "client-12", "tier": "jetson-nano",
+                                           "reason": "malformed reply: tensor '" + KEY + "' holds NaN or Inf"}]
+    np.testing.assert_allclose(value, (11 + 13) / 2)  # the NaN never reaches the global model

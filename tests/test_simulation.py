@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.simulation import LocalSimulation
 from fedmoe_app.results import load_adapter
-from fedmoe_app.simulation import LocalSimulation
 from strategies import STRATEGIES
 
 TINY = (

@@ -18,7 +18,7 @@ from fedmoe_app.config import load_config
 from fedmoe_app.records import from_record, record_nbytes, to_record, trained_from, updates_from
 from strategies import make_strategy
 from fedmoe_app.budgets import load_tiers
-from strategies.base import Node
+from strategies.replies import Node
 
 KEY = "backbone.encoder.layer.0.attention.self.query.lora_A.default.weight"
 
@@ -151,7 +151,8 @@ def reply(node_id, updates, wire, examples):
     message.has_error.return_value = False
     message.metadata.src_node_id = node_id
     message.content = RecordDict({"arrays": to_record(updates, wire),
-                                  "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0})})
+                                  "metrics": MetricRecord({"num-examples": examples, "train-loss": 1.0, "step-seconds": 0.1,
+                                                           "peak-rss-mb": 1.0, "bytes-down": 8, "bytes-up": 8})})
     return message
 
 
@@ -159,7 +160,8 @@ def test_strategy_sends_values_in_the_wire_dtype_and_aggregates_updates_in_float
     strategy = make_strategy(load_config("conf/fedavg_lora.yaml", "federation.wire-dtype=bf16"), num_layers=1)
     strategy.nodes = {n: Node(n, f"client-{n}", load_tiers("conf/devices.yaml")["rpi4"], 100) for n in (1, 2)}
     strategy.global_arrays = {KEY: np.full(4, 0.02, np.float32)}
-    down = strategy._message(strategy.nodes[1], 1, MessageType.TRAIN, ConfigRecord())
+    strategy.round.sent_arrays = {n: strategy.arrays_for(strategy.nodes[n], 1) for n in (1, 2)}
+    down = strategy._message(strategy.nodes[1], 1, MessageType.TRAIN, ConfigRecord(), strategy.round.sent_arrays[1])
     assert down.content["arrays"][KEY].dtype == "bfloat16"
     np.testing.assert_array_equal(from_record(down.content["arrays"])[KEY], bf16(strategy.global_arrays[KEY]))
     u1, u2 = np.full(4, 1e-4, np.float32), np.full(4, -3e-4, np.float32)

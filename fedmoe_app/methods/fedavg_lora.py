@@ -12,4 +12,5 @@ class FedAvgLoRAClient(LoRAClient):
     name = "fedavg_lora"
 
     def rank(self) -> int:
+        """lora.rank, the same on every client."""
         return self.config.lora.rank

@@ -36,9 +36,11 @@ class FFTMoEClient(MoEClient):
         self.het_weight = heterogeneity_weight(self.label_counts, self.budget.experts_held, self.config.moe.num_experts)
 
     def loss_terms(self, model: AdapterClassifier) -> torch.Tensor:
+        """Load balancing, heterogeneity-aware routing and z-loss terms (`auxiliary_loss`)."""
         return auxiliary_loss(model.trace.routes, self.config.loss, self.het_weight, self.global_usage)
 
     def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Routing counts, and the experts to hold next round."""
         metrics, request = super().report()
         if self.routing is not None:
             request[msg.NEXT_EXPERTS] = [e for layer in self.routing.preferred_experts(self.budget.experts_held)

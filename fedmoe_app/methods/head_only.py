@@ -8,5 +8,4 @@ from fedmoe_app.methods.base import ClientMethod
 class HeadOnlyClient(ClientMethod):
     """The task loss on the head; nothing else."""
 
-    name = "head_only"
-    adapter = "head"
+    name = "head_only"  # adapter: the base's 'head'

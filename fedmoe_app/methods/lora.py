@@ -21,6 +21,7 @@ class LoRAClient(ClientMethod):
         return self.budget.lora_rank
 
     def model_options(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """LoRA at `rank()`; the received LoRA tensors must have that rank."""
         received = lora_rank_of(arrays)
         if received is not None and received != self.rank():
             raise ValueError(f"received LoRA tensors of rank {received}; {self.name or 'this method'} trains "

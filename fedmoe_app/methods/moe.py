@@ -10,7 +10,7 @@ import numpy as np
 from fedmoe_app import messages as msg
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import AdapterClassifier, num_layers
-from fedmoe_app.records import flatten, held_experts
+from fedmoe_app.records import held_experts
 from fedmoe_app.routing import RoutingStats
 
 
@@ -24,16 +24,18 @@ class MoEClient(ClientMethod):
         self.routing: RoutingStats | None = None  # of the steps taken so far
 
     def model_options(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The experts received (per layer) and the budget's top-k."""
         return {"held": held_experts(list(arrays), num_layers(self.config)), "top_k": self.budget.top_k}
 
     def after_step(self, model: AdapterClassifier) -> None:
+        """Count the routing of the step's tokens."""
         if self.routing is None:
             moes = model.moe_layers
             self.routing = RoutingStats.empty(len(moes), moes[0].num_experts)
         self.routing.add(model.trace.routes)
 
     def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The routing slots each expert received, per layer."""
         if self.routing is None:
             return {}, {}
-        return {msg.ROUTED_TOKENS: [int(x) for x in self.routing.routed_tokens.reshape(-1)],
-                msg.GATE_PROB: flatten(self.routing.gate_prob)}, {}
+        return {msg.ROUTED_TOKENS: [int(x) for x in self.routing.routed_tokens.reshape(-1)]}, {}

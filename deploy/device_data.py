@@ -6,7 +6,7 @@ devices trains on exactly the rows simulation client i of N would; and
 `device-<i>/test.csv`: an IID share of the test split (local test data; it also tells the
 device every label exists). A SuperNode points at its folder with node_config `data-path`.
 
-Usage: python -m fedmoe_app.deploy.device_data --config conf/fft_moe.yaml --devices 3 --out DIR
+Usage: python -m deploy.device_data --config conf/fft_moe.yaml --devices 3 --out DIR
        [--overrides "data.alpha=0.1"] [--data-dir ../shared/data/ag_news]
 """
 

@@ -13,7 +13,7 @@ Each SuperNode gets the node_config a real device would have: `partition-id`,
 Every process started here (and its children: SuperExec, ServerApp, ClientApps) is stopped
 when the federation closes, also on an error or Ctrl-C.
 
-Usage: python -m fedmoe_app.deploy.local_federation --mode tls --tiers rpi4,jetson-nano,jetson-orin
+Usage: python -m deploy.local_federation --mode tls --tiers rpi4,jetson-nano,jetson-orin
        --config conf/fft_moe.yaml [--overrides "rounds=2"] [--data-dir DIR] [--results-dir DIR]
 """
 
@@ -37,10 +37,10 @@ import psutil
 from flwr.cli.flower_config import write_superlink_connection
 from flwr.cli.typing import SuperLinkConnection
 
+from deploy.credentials import NodeKey, TlsFiles, write_node_key, write_tls_certificates
+from deploy.device_data import split_for_devices
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import APP_DIR, load_config
-from fedmoe_app.deploy.credentials import NodeKey, TlsFiles, write_node_key, write_tls_certificates
-from fedmoe_app.deploy.device_data import split_for_devices
 
 MODES = ("insecure", "tls")
 BIN = Path(sys.executable).parent

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from deploy.local_federation import free_port, run_config_string, stop_process_tree
 from fedmoe_app.config import APP_DIR
-from fedmoe_app.deploy.local_federation import free_port, run_config_string, stop_process_tree
 
 FLWR = Path(sys.executable).parent / "flwr"
 CONNECTION = "local-simulation"

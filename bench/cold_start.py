@@ -22,7 +22,7 @@ without them reports null there. Each process gets `--repeats` turns; the first 
 an empty token cache (a fresh cache folder per invocation; the OS's page cache is not
 dropped), the later ones are summarised by their best run and their per-phase median.
 
-Usage: python -m fedmoe_app.bench.cold_start --data-path DIR --tier rpi4 [--repeats 3]
+Usage: python -m bench.cold_start --data-path DIR --tier rpi4 [--repeats 3]
        [--config conf/fft_moe.yaml] [--data-dir ../shared/data/ag_news] [--overrides ""]
        [--warm-worker true|false]
 With the node worker on (the default on a device, see fedmoe_app/node_worker.py) the first
@@ -50,7 +50,7 @@ PHASES = ("handler", "imports", "data", "model", "first_step", "reply")
 APP_MARKS = {"imports": "imports", "data": "data", "model": "model", "first_step": "first-step"}
 WATCHED_MODULES = ("torch", "transformers", "tokenizers", "peft", "datasets", "pyarrow", "flwr_datasets", "matplotlib")
 RUN_ID, NODE_ID, SUPERLINK_NODE_ID = 1, 7, 1
-APP_DIR = Path(__file__).resolve().parents[2]
+APP_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_AG_NEWS = APP_DIR.parent / "shared" / "data" / "ag_news"
 
 
@@ -87,8 +87,9 @@ def write_messages(config_path: str, overrides: str, data_dir: str, tier: str, d
     strategy.global_arrays = state_to_numpy(model)
     # Messages are built in a ServerApp process, which knows its run and task.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = RUN_ID, 1, SUPERLINK_NODE_ID
+    sent = strategy.arrays_for(node, 1)
     for kind, message_type in (("train", MessageType.TRAIN), ("evaluate", MessageType.EVALUATE)):
-        save_content(strategy._message(node, 1, message_type, ConfigRecord()).content, out / kind)
+        save_content(strategy._message(node, 1, message_type, ConfigRecord(), sent).content, out / kind)
 
 
 def save_content(content, stem: Path) -> None:
@@ -112,7 +113,7 @@ def save_content(content, stem: Path) -> None:
 def _run_child(kind: str, folder: Path, env: dict) -> dict:
     """Run the message `folder/<kind>.*` in a fresh process; its JSON line (phases, reply)."""
     done = subprocess.run(
-        [sys.executable, "-m", "fedmoe_app.bench.cold_start", "--child", kind, "--message-dir", str(folder)],
+        [sys.executable, "-m", "bench.cold_start", "--child", kind, "--message-dir", str(folder)],
         cwd=APP_DIR, capture_output=True, text=True, env=env, timeout=900,
     )
     if done.returncode != 0:
@@ -142,6 +143,8 @@ def _fresh_cache_env(cache: Path) -> dict:
 def measure(data_path: str, tier: str, repeats: int, config_path: str, overrides: str, data_dir: str,
             warm_worker: bool = True) -> dict:
     """Phases of every message kind, `repeats` fresh processes each (see the module docstring)."""
+    from fedmoe_app import messages as msg
+
     with tempfile.TemporaryDirectory(prefix="fedmoe-cold-start-") as tmp:
         folder = Path(tmp)
         env = _fresh_cache_env(folder / "cache")
@@ -163,7 +166,7 @@ def measure(data_path: str, tier: str, repeats: int, config_path: str, overrides
         "phases": list(PHASES),
         "kinds": {kind: {**_summary(r), "runs": [x["phases"] for x in r], "modules": r[-1]["modules"]}
                   for kind, r in runs.items()},
-        "train_reply_seconds": {k: v for k, v in runs["train"][-1]["reply"]["metrics"].items() if k.endswith("-seconds")},
+        "train_reply_seconds": {k: v for k, v in runs["train"][-1]["reply"][msg.METRICS].items() if k.endswith("-seconds")},
     }
 
 
@@ -204,10 +207,12 @@ def child(kind: str, message_dir: Path) -> None:
 
     start = psutil.Process().create_time()
     marks = _app_marks()
+    from fedmoe_app import messages as msg  # after the app's marks: not part of its start-up
+
     phases = {"handler": handler - start, "reply": replied - start}
     for phase, name in APP_MARKS.items():
         phases[phase] = marks[name] - start if name in marks else None
-    metrics = dict(reply.content["metrics"]) if "metrics" in reply.content else {}
+    metrics = dict(reply.content[msg.METRICS]) if msg.METRICS in reply.content else {}
     if phases["data"] is None and "startup-seconds" in metrics:  # a node worker did the work
         phases.update(_phases_from_metrics(metrics))
     if phases["imports"] is None:

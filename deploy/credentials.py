@@ -8,7 +8,7 @@
   (`--auth-supernode-private-key`), the public key is registered on the SuperLink with
   `flwr supernode register`.
 
-Usage: python -m fedmoe_app.deploy.credentials --out DIR --hosts 127.0.0.1,localhost --nodes 3
+Usage: python -m deploy.credentials --out DIR --hosts 127.0.0.1,localhost --nodes 3
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmoe_app.bench.learning import read_run, simulate
-from fedmoe_app.bench.suites import Suite
-from fedmoe_app.simulation import LocalSimulation
+from bench.learning import read_run, simulate
+from bench.simulation import LocalSimulation
+from bench.suites import Suite
 
 SAMPLED = 10
 

@@ -1,6 +1,6 @@
 """Run a benchmark suite and write results/bench/<suite>.json, <suite>.md and PNG plots.
 
-Usage: python -m fedmoe_app.bench --suite quick|skew|full [--data-dir DIR] [--out results/bench]
+Usage: python -m bench --suite quick|skew|full [--data-dir DIR] [--out results/bench]
        [--strategies fft_moe,fedavg_lora] [--fresh]
 
 Finished learning runs, ceilings and scale runs are kept under <out>/<suite>-runs/ and
@@ -20,12 +20,12 @@ from statistics import mean, stdev
 import flwr
 import torch
 
-from fedmoe_app.bench import kernels, report
-from fedmoe_app.bench.client_cost import measure_in_subprocess
-from fedmoe_app.bench.learning import run_ceilings, run_cells, strategy_file
-from fedmoe_app.bench.scale import run_scale
-from fedmoe_app.bench.speedups import measure_speedups
-from fedmoe_app.bench.suites import HEADLINE, SUITES, Suite
+from bench import kernels, report
+from bench.client_cost import measure_in_subprocess
+from bench.learning import run_ceilings, run_cells, strategy_file
+from bench.scale import run_scale
+from bench.speedups import measure_speedups
+from bench.suites import HEADLINE, SUITES, Suite
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config, resolve_path
 from fedmoe_app.precision import resolve_precision

@@ -9,6 +9,8 @@ import math
 import time
 from pathlib import Path
 
+from bench.simulation import LocalSimulation
+from bench.suites import PARTITIONS, Suite
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, load_config
 from fedmoe_app.batches import encode, iterate_batches
@@ -18,10 +20,7 @@ from fedmoe_app.model import load_tokenizer, state_to_numpy
 from fedmoe_app.records import to_record
 from fedmoe_app.results import SUMMARY_FILE, read_rounds
 from fedmoe_app.server import GlobalEvaluator
-from fedmoe_app.simulation import LocalSimulation
 from fedmoe_app.train import train_local
-
-from fedmoe_app.bench.suites import PARTITIONS, Suite
 
 CEILING_BATCH_SIZE = 32
 

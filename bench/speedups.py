@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from fedmoe_app.bench.kernels import torch_threads
+from bench.kernels import torch_threads
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig
 from fedmoe_app.batches import encode, iterate_batches

@@ -3,7 +3,7 @@
 by torch's FLOP counter, bytes down and up (in the wire dtype), and their ratio to the full
 adapter set, at the configured precision.
 
-Usage: python -m fedmoe_app.bench.client_cost --strategy fft_moe --tier rpi4 [--data-dir DIR]
+Usage: python -m bench.client_cost --strategy fft_moe --tier rpi4 [--data-dir DIR]
 Prints one JSON object.
 """
 
@@ -94,7 +94,7 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
 def measure_in_subprocess(strategy: str, tier: str, overrides: str, timeout_s: float = 900) -> dict:
     """`measure` in a fresh Python process (its own peak memory); the JSON it prints."""
     done = subprocess.run(
-        [sys.executable, "-m", "fedmoe_app.bench.client_cost", "--strategy", strategy, "--tier", tier,
+        [sys.executable, "-m", "bench.client_cost", "--strategy", strategy, "--tier", tier,
          "--overrides", overrides], cwd=APP_DIR, capture_output=True, text=True, timeout=timeout_s,
     )
     if done.returncode != 0:

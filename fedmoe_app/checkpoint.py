@@ -1,0 +1,69 @@
+"""A run's checkpoint: what the server needs to continue a run after it stopped.
+
+After every round the server writes results/<run-name>/checkpoint.safetensors: the global
+arrays as tensors, and in the file's metadata (JSON text) the round, the strategy's name
+and its state (`state_dict`, which holds its random generator). One file, written to a
+temporary name, flushed to disk and renamed over the last one, so a crash at any moment
+leaves the previous complete round or this one, never a mix. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
+
+from fedmoe_app.config import ConfigError
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "fedmoe-checkpoint-1"
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after round `server_round`."""
+
+    server_round: int
+    strategy: str
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, Any]
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Write `checkpoint` into `run_dir` atomically; returns its path."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    temporary = path.with_name(f".{path.name}.tmp")
+    metadata = {
+        "format": FORMAT,
+        "server_round": str(checkpoint.server_round),
+        "strategy": checkpoint.strategy,
+        "strategy_state": json.dumps(checkpoint.strategy_state, allow_nan=False),
+    }
+    save_file({k: np.ascontiguousarray(a) for k, a in checkpoint.arrays.items()}, str(temporary), metadata=metadata)
+    with open(temporary, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """The checkpoint in `run_dir`; ConfigError if there is none or it is not one of ours."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(f"run folder '{run_dir}' has no {CHECKPOINT_FILE}: it finished no round, or is not a fedmoe run")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ConfigError(f"checkpoint '{path}' cannot be read: {error}") from error
+    if metadata.get("format") != FORMAT:
+        raise ConfigError(f"checkpoint '{path}' has format {metadata.get('format')!r}; allowed: {FORMAT}")
+    return Checkpoint(int(metadata["server_round"]), metadata["strategy"], arrays,
+                      json.loads(metadata["strategy_state"]))

@@ -1,0 +1,169 @@
+"""What the server knows of a node, a train reply once decoded, and the checks every reply
+passes before anything in it is used: a reply that fails one is its node's failure, with
+the reason, and is never averaged in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedmoe_app import messages as msg
+from fedmoe_app.budgets import DeviceBudget
+from fedmoe_app.config import ConfigError
+from fedmoe_app.records import from_record, trained_from
+from fedmoe_app.startup import PHASE_METRICS
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the server knows of a node (from its query reply): its stable client id, its
+    budget and the number of rows it trains on."""
+
+    node_id: int
+    client_id: str
+    budget: DeviceBudget
+    num_examples: int
+
+    @property
+    def tier(self) -> str:
+        """The node's device tier."""
+        return self.budget.tier
+
+
+@dataclass
+class Reply:
+    """A train reply that passed every check, decoded: `arrays` are the tensors the client
+    trained (what it was sent plus the updates it sent back)."""
+
+    node: Node
+    arrays: dict[str, np.ndarray]
+    metrics: MetricRecord
+    request: ConfigRecord
+
+
+class MalformedReply(ValueError):
+    """A reply breaks the message contract; the message says how."""
+
+
+def examples(reply: Reply) -> int:
+    """The local training rows of the client behind a reply."""
+    return int(reply.metrics[msg.NUM_EXAMPLES])
+
+
+def train_loss(replies: list[Reply]) -> float:
+    """Example-weighted mean task loss of the replies."""
+    total = sum(examples(r) for r in replies)
+    return sum(float(r.metrics[msg.TRAIN_LOSS]) * examples(r) for r in replies) / max(total, 1)
+
+
+def node_from_query(node_id: int, content: RecordDict) -> Node:
+    """The Node a query reply describes; MalformedReply if it is not one."""
+    try:
+        info, budget = content[msg.NODE], content[msg.BUDGET]
+        client_id, rows = info[msg.CLIENT_ID], info[msg.NUM_EXAMPLES]
+        if not isinstance(client_id, str) or not client_id:
+            raise MalformedReply(f"'{msg.CLIENT_ID}' is {client_id!r}; allowed: a non-empty string")
+        _check_count(msg.NUM_EXAMPLES, rows)
+        return Node(node_id, client_id, DeviceBudget.from_record(dict(budget)), rows)
+    except (KeyError, TypeError, ConfigError) as error:
+        raise MalformedReply(f"malformed query reply: {error}") from error
+
+
+# Train metrics every reply carries (numbers >= 0), and those it may carry; a method's own
+# are checked by its strategy's `check_reply`.
+REQUIRED_TRAIN_METRICS = (msg.TRAIN_LOSS, msg.STEP_SECONDS, msg.PEAK_RSS_MB, msg.BYTES_DOWN, msg.BYTES_UP)
+OPTIONAL_TRAIN_METRICS = (msg.SAMPLES_PROCESSED, msg.STEPS, msg.TRAIN_SECONDS, *PHASE_METRICS)
+
+
+def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.ndarray],
+                       method_metrics: tuple[str, ...] = (), method_requests: tuple[str, ...] = ()) -> Reply:
+    """A train reply checked against what was `sent` to its node: it holds arrays, metrics
+    (and an optional request); its tensors are floats, among those sent, in their shapes,
+    finite; its rows are an integer from 0 to what the node declared; its metrics numbers;
+    no metric or request is one that neither every method nor this one (`method_metrics`,
+    `method_requests`, whose values its strategy checks) sends. MalformedReply otherwise."""
+    for name in content:
+        if name not in (msg.ARRAYS, msg.METRICS, msg.REQUEST):
+            raise MalformedReply(f"it holds record '{name}'; allowed: {msg.ARRAYS}, {msg.METRICS}, {msg.REQUEST}")
+    if msg.ARRAYS not in content or msg.METRICS not in content:
+        raise MalformedReply(f"it holds {sorted(content)}; a train reply needs '{msg.ARRAYS}' and '{msg.METRICS}'")
+    metrics, request = content[msg.METRICS], content.get(msg.REQUEST, ConfigRecord())
+    known = {msg.NUM_EXAMPLES, *REQUIRED_TRAIN_METRICS, *OPTIONAL_TRAIN_METRICS, *method_metrics}
+    unknown = sorted(set(metrics) - known) or sorted(f"request '{k}'" for k in set(request) - set(method_requests))
+    if unknown:
+        raise MalformedReply(f"it holds {unknown[0]!r}, which this method's clients do not send")
+    _check_count(msg.NUM_EXAMPLES, metrics.get(msg.NUM_EXAMPLES), most=node.num_examples)
+    for key in REQUIRED_TRAIN_METRICS:
+        _check_number(key, metrics.get(key))
+    for key in OPTIONAL_TRAIN_METRICS:
+        if key in metrics:
+            _check_number(key, metrics[key])
+    try:
+        updates = from_record(content[msg.ARRAYS])
+    except (ValueError, TypeError) as error:
+        raise MalformedReply(f"its arrays cannot be decoded: {error}") from error
+    for key, update in updates.items():
+        if key not in sent:
+            raise MalformedReply(f"tensor '{key}' was not sent to this node")
+        if not np.issubdtype(update.dtype, np.floating):
+            raise MalformedReply(f"tensor '{key}' has dtype {update.dtype}; allowed: a float dtype")
+        if update.shape != sent[key].shape:
+            raise MalformedReply(f"tensor '{key}' has shape {update.shape}; the one sent {sent[key].shape}")
+        if not np.isfinite(update).all():
+            raise MalformedReply(f"tensor '{key}' holds NaN or Inf")
+    return Reply(node, trained_from(sent, updates), metrics, request)
+
+
+def check_eval_metrics(node: Node, content: RecordDict) -> tuple[int, float]:
+    """(rows, accuracy) of an evaluate reply; MalformedReply if they are not a count and a
+    share in [0, 1]."""
+    if msg.METRICS not in content:
+        raise MalformedReply(f"it holds {sorted(content)}; an evaluate reply needs '{msg.METRICS}'")
+    metrics = content[msg.METRICS]
+    rows = _check_count(msg.NUM_EXAMPLES, metrics.get(msg.NUM_EXAMPLES))
+    accuracy = metrics.get(msg.ACCURACY)
+    if rows and not (_is_number(accuracy) and 0.0 <= accuracy <= 1.0):
+        raise MalformedReply(f"metric '{msg.ACCURACY}' is {accuracy!r}; allowed: a number in [0, 1]")
+    return rows, float(accuracy) if rows else math.nan
+
+
+def update_rms(reply: Reply, sent: Mapping[str, np.ndarray]) -> float:
+    """Root mean square of a reply's updates over every value it trained (comparable across
+    replies that hold different tensors)."""
+    squares = sum(float(np.sum((a.astype(np.float64) - sent[k]) ** 2)) for k, a in reply.arrays.items())
+    size = sum(a.size for a in reply.arrays.values())
+    return math.sqrt(squares / size) if size else 0.0
+
+
+def outliers(rms: Mapping[int, float], ratio: float) -> dict[int, str]:
+    """Node id -> reason, for updates whose RMS exceeds `ratio` times the median of the
+    others' (needs 3 or more replies; `ratio` 0 checks nothing)."""
+    found = {}
+    if ratio <= 0 or len(rms) < 3:
+        return found
+    for node_id, value in rms.items():
+        median = float(np.median([v for n, v in rms.items() if n != node_id]))
+        if value > ratio * median:
+            found[node_id] = (f"update RMS {value:.3g} is over federation.max-update-ratio ({ratio:g}) times "
+                              f"the median of the round's other replies ({median:.3g})")
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(key: str, value: Any) -> None:
+    if not (_is_number(value) and value >= 0):
+        raise MalformedReply(f"metric '{key}' is {value!r}; allowed: a finite number >= 0")
+
+
+def _check_count(key: str, value: Any, most: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (most is not None and value > most):
+        limit = f" and <= {most} (the rows the node declared)" if most is not None else ""
+        raise MalformedReply(f"metric '{key}' is {value!r}; allowed: an integer >= 0{limit}")
+    return value

@@ -1,0 +1,123 @@
+"""Fuzz: hostile and malformed train replies pushed through the server's aggregation. Each
+must be counted as its node's failure with a reason, never crash the round, and leave the
+global model exactly as the well-formed replies alone make it."""
+
+import dataclasses
+import random
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedmoe_app.budgets import load_tiers
+from fedmoe_app.config import load_config
+from fedmoe_app.records import from_record, to_record
+from strategies import make_strategy
+from strategies.replies import Node
+
+HEAD, E0, E1, ROUTER = "head.weight", "layers.0.moe.experts.0.w_in.weight", "layers.0.moe.experts.1.w_in.weight", \
+    "layers.0.moe.router.weight"
+GOOD = {  # what the client halves send: (metrics, request)
+    "fft_moe": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0, "bytes-down": 8,
+                 "bytes-up": 8, "routed-tokens": [5, 5]}, {"next-experts": [0, 1]}),
+    "fedavg_lora": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0,
+                     "bytes-down": 8, "bytes-up": 8}, {}),
+}
+HOSTILE = 99  # the hostile node's id
+
+
+def global_arrays():
+    return {HEAD: np.zeros((2, 3), np.float32), E0: np.zeros((2, 3), np.float32), E1: np.zeros((2, 3), np.float32),
+            ROUTER: np.zeros((2, 3), np.float32)}
+
+
+def message(node_id, content):
+    m = Mock()
+    m.has_error.return_value = False
+    m.metadata.src_node_id = node_id
+    m.content = content
+    return m
+
+
+def good_reply(strategy_name, node_id, move):
+    updates = {k: np.full(a.shape, move, np.float32) for k, a in global_arrays().items()}
+    metrics, request = GOOD[strategy_name]
+    return message(node_id, RecordDict({"arrays": to_record(updates), "metrics": MetricRecord(metrics),
+                                        "request": ConfigRecord(request)}))
+
+
+def hostile_content(strategy_name, rng: random.Random) -> tuple[str, RecordDict]:
+    """(kind, content) of one hostile reply, drawn at random."""
+    updates = {k: np.full(a.shape, 0.015, np.float32) for k, a in global_arrays().items()}
+    metrics, request = dict(GOOD[strategy_name][0]), dict(GOOD[strategy_name][1])
+    records: dict = {}
+    key = rng.choice(sorted(updates))
+    kind = rng.choice(["nan", "inf", "shape", "dtype", "huge", "extra-tensor", "missing-metric", "list-metric",
+                       "negative-metric", "nan-metric", "rows", "float-rows", "extra-record", "no-arrays",
+                       "routed", "next-experts", "bf16-stype"])
+    if kind in ("nan", "inf"):
+        bad = updates[key].copy()
+        bad.flat[rng.randrange(bad.size)] = np.nan if kind == "nan" else rng.choice([np.inf, -np.inf])
+        updates[key] = bad
+    elif kind == "shape":
+        updates[key] = np.zeros(rng.choice([(3, 2), (2,), (2, 3, 1), (4, 3)]), np.float32)
+    elif kind == "dtype":
+        updates[key] = np.zeros((2, 3), rng.choice([np.int32, np.int8, np.uint16, np.bool_]))
+    elif kind == "huge":
+        updates[key] = np.full((2, 3), rng.choice([1e3, 1e5, -1e4]), np.float32)
+    elif kind == "extra-tensor":
+        updates[rng.choice(["layers.0.moe.experts.7.w_in.weight", "backbone.embeddings.weight", "x"])] = np.zeros(3, np.float32)
+    elif kind == "missing-metric":
+        del metrics[rng.choice(sorted(metrics))]
+    elif kind == "list-metric":
+        metrics[rng.choice(["num-examples", "train-loss", "peak-rss-mb"])] = [1.0, 2.0]
+    elif kind == "negative-metric":
+        metrics[rng.choice(["num-examples", "train-loss", "step-seconds", "bytes-down"])] = -rng.randint(1, 9)
+    elif kind == "nan-metric":
+        metrics[rng.choice(["train-loss", "step-seconds", "peak-rss-mb"])] = rng.choice([float("nan"), float("inf")])
+    elif kind == "rows":
+        metrics["num-examples"] = rng.choice([10**6, 10**12])  # more rows than the node declared: a weight grab
+    elif kind == "float-rows":
+        metrics["num-examples"] = 10.5
+    elif kind == "extra-record":
+        records["node"] = ConfigRecord({"client-id": "someone-else"})
+    elif kind == "routed":
+        metrics["routed-tokens"] = rng.choice([[5], [5, 5, 5], [-1, 3], [1.5, 2.0]])
+    elif kind == "next-experts":
+        request["next-experts"] = rng.choice([[0, 0], [0, 5], [1], [0, 1, 1], [-1, 0]])
+    content = {"metrics": MetricRecord(metrics), "request": ConfigRecord(request), **records}
+    if kind == "bf16-stype":
+        content["arrays"] = ArrayRecord({key: Array(dtype="bfloat16", shape=(2, 3), stype="numpy.ndarray", data=b"\0" * 12)})
+    elif kind != "no-arrays":
+        content["arrays"] = to_record(updates)
+    return kind, RecordDict(content)
+
+
+def round_of(strategy_name, replies):
+    """(strategy, new global arrays) after one aggregation of `replies` from nodes 1-3 and 99."""
+    strategy = make_strategy(load_config(f"conf/{strategy_name}.yaml", "moe.num-experts=2"), num_layers=1)
+    budget = dataclasses.replace(load_tiers("conf/devices.yaml")["rpi4"], experts_held=2)
+    strategy.nodes = {n: Node(n, f"client-{n}", budget, 100) for n in (1, 2, 3, HOSTILE)}
+    strategy.global_arrays = global_arrays()
+    strategy.round.sent_arrays = {n: global_arrays() for n in strategy.nodes}
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return strategy, from_record(arrays)
+
+
+@pytest.mark.parametrize("strategy_name", ["fft_moe", "fedavg_lora"])
+def test_fuzz_hostile_replies_are_rejected_and_change_nothing(strategy_name):
+    goods = [good_reply(strategy_name, 1, 0.01), good_reply(strategy_name, 2, 0.02), good_reply(strategy_name, 3, 0.015)]
+    _, reference = round_of(strategy_name, goods)
+    rng = random.Random(f"fuzz-{strategy_name}")
+    kinds = {}
+    for _ in range(120):  # x 2 strategies: 240 hostile replies
+        kind, content = hostile_content(strategy_name, rng)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        strategy, new = round_of(strategy_name, goods + [message(HOSTILE, content)])  # must not raise
+        assert [f["node_id"] for f in strategy.round.failures] == [str(HOSTILE)], kind
+        assert strategy.round.failures[0]["reason"].startswith(("malformed reply", "rejected reply")), kind
+        assert [r.node.node_id for r in strategy.round.replies] == [1, 2, 3], kind
+        for key in reference:
+            np.testing.assert_array_equal(new[key], reference[key], err_msg=f"{kind} moved {key}")
+    assert len(kinds) >= 15  # (nearly) every kind of hostility was drawn

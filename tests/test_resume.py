@@ -1,0 +1,81 @@
+"""Checkpoint and resume: a server that dies after a random round and is resumed from its
+checkpoint ends with exactly the global arrays of a run that never stopped, for every
+registered strategy (runs in this process on tiny models, clients served by the
+ClientApp's own handlers)."""
+
+import random
+
+import numpy as np
+import pytest
+
+from conftest import InProcessGrid
+from fedmoe_app.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from fedmoe_app.config import ConfigError, load_config
+from fedmoe_app.methods import method_class
+from fedmoe_app.model import num_layers, state_to_numpy
+from fedmoe_app.records import from_record, to_record
+from strategies import STRATEGIES, make_strategy
+
+ROUNDS = 3
+
+
+class ServerDied(Exception):
+    """Stands for the server process being killed."""
+
+
+def tiny_config(strategy, data_dir):
+    return load_config(f"conf/{strategy}.yaml", (
+        f"model.backbone=tiny-bert data.data-dir={data_dir} data.max-train-rows=240 moe.num-experts=4 "
+        f"moe.expert-hidden=8 rounds={ROUNDS} eval.client=false federation.min-nodes=3"))
+
+
+def run(config, checkpoint_dir, die_after=None, resume: Checkpoint | None = None):
+    """The server side of a run on an in-process grid of 3 nodes; final global arrays."""
+    checkpoint_dir.mkdir(exist_ok=True)
+
+    def checkpoint(state: Checkpoint):
+        save_checkpoint(checkpoint_dir, state)
+        if state.server_round == die_after:
+            raise ServerDied(state.server_round)
+
+    strategy = make_strategy(config, num_layers(config), on_checkpoint=checkpoint)
+    if resume is None:
+        arrays, first_round = state_to_numpy(method_class(config.strategy).global_model(config, 4)), 1
+    else:
+        strategy.load_state_dict(resume.strategy_state)
+        arrays, first_round = resume.arrays, resume.server_round + 1
+    result = strategy.start(InProcessGrid(3), to_record(arrays), num_rounds=config.rounds, first_round=first_round)
+    return from_record(result.arrays)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_resume_after_the_server_dies_ends_as_the_uninterrupted_run(strategy, ag_news_dir, tmp_path, server_identity):
+    config = tiny_config(strategy, ag_news_dir)
+    uninterrupted = run(config, tmp_path / "full")
+    die_after = random.Random(strategy).randint(1, ROUNDS - 1)  # a random round, the same each time
+    with pytest.raises(ServerDied):
+        run(config, tmp_path / "killed", die_after=die_after)
+    checkpoint = load_checkpoint(tmp_path / "killed")
+    assert (checkpoint.server_round, checkpoint.strategy) == (die_after, strategy)
+    resumed = run(config, tmp_path / "killed", resume=checkpoint)
+    assert set(resumed) == set(uninterrupted)
+    for key in uninterrupted:
+        np.testing.assert_array_equal(resumed[key], uninterrupted[key], err_msg=key)
+    assert load_checkpoint(tmp_path / "killed").server_round == ROUNDS
+
+
+def test_resume_needs_a_checkpoint_of_ours(tmp_path):
+    with pytest.raises(ConfigError, match="has no checkpoint.safetensors"):
+        load_checkpoint(tmp_path)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_is_replaced_whole(tmp_path):
+    save_checkpoint(tmp_path, Checkpoint(1, "head_only", {"head.weight": np.zeros((2, 2), np.float32)}, {"a": 1}))
+    save_checkpoint(tmp_path, Checkpoint(2, "head_only", {"head.weight": np.ones((2, 2), np.float32)}, {"a": 2}))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.server_round == 2 and loaded.strategy_state == {"a": 2}
+    np.testing.assert_array_equal(loaded.arrays["head.weight"], np.ones((2, 2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # no temporary file left
