@@ -25,7 +25,7 @@ CERTS_DIR ?= $(CURDIR)/.deploy/credentials
 SUPERLINK_HOSTS ?= 127.0.0.1,localhost
 NODES ?= 3
 
-.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench
+.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench-skew bench
 
 install: $(STAMP)
 
@@ -54,6 +54,9 @@ test: install flwr-config
 BENCH_ARGS ?=
 bench-quick: install
 	$(BIN)/python -m bench --suite quick --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
+
+bench-skew: install
+	$(BIN)/python -m bench --suite skew --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
 
 bench: install
 	$(BIN)/python -m bench --suite full --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
