@@ -122,10 +122,16 @@ class SparseStrategy(Strategy):
 
     def _draw(self, node_ids: Iterable[int], fraction: float) -> list[int]:
         """`fraction` of `node_ids` (at least `min-nodes`, at most all), drawn with the run's
-        seeded generator; sorted."""
-        node_ids = sorted(node_ids)
+        seeded generator; in client-id order, so that a run with the same seed and clients
+        draws (and FFT-MoE spreads experts) alike whatever node ids Flower hands out."""
+        node_ids = sorted(node_ids, key=self._order)
         size = min(len(node_ids), max(self.config.federation.min_nodes, math.ceil(fraction * len(node_ids))))
-        return sorted(self.random.sample(node_ids, size)) if size < len(node_ids) else node_ids
+        return sorted(self.random.sample(node_ids, size), key=self._order) if size < len(node_ids) else node_ids
+
+    def _order(self, node_id: int) -> tuple[int, str, int]:
+        """Sort key of a node: known nodes by client id, then unknown ones by node id."""
+        node = self.nodes.get(node_id)
+        return (0, node.client_id, node_id) if node else (1, "", node_id)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Wait for `min-nodes` connected nodes, sample `fraction-train` of them (querying the

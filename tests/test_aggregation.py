@@ -250,6 +250,7 @@ def test_resume_strategy_state_survives_json_and_continues_the_same():
     state = json.loads(json.dumps(strategy.state_dict()))  # JSON-able: what a checkpoint holds
     fresh = make_strategy(config, num_layers=1)
     fresh.load_state_dict(state)
+    fresh.nodes = dict(strategy.nodes)  # a resumed server learns its nodes again
     assert fresh.subsets == strategy.subsets == {"client-1": [[0, 2]], "client-2": [[1, 2]]}
     np.testing.assert_array_equal(fresh.global_usage, strategy.global_usage)
     # usage: uniform 1/3 moved half way to the routed shares [4, 4, 4] / 12 = 1/3 each

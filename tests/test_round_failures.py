@@ -200,3 +200,16 @@ def test_a_malformed_reply_is_a_failure_with_its_reason_in_the_round_record():
     assert records[1]["failed_nodes"] == [{"node_id": "12", "client_id": "client-12", "tier": "jetson-nano",
                                            "reason": "malformed reply: tensor '" + KEY + "' holds NaN or Inf"}]
     np.testing.assert_allclose(value, (11 + 13) / 2)  # the NaN never reaches the global model
+
+
+def test_the_same_clients_under_other_node_ids_are_drawn_alike():
+    draws = []
+    for ids in ([11, 12, 13, 14], [940, 730, 520, 310]):  # clients 11-14 behind other (reordered) node ids
+        client_of = dict(zip(ids, [11, 12, 13, 14]))
+        grid = FakeGrid(ids)
+        grid.answer = lambda node_id, message, c=client_of: FakeGrid.answer(c[node_id], message)
+        config = load_config("conf/fedavg_lora.yaml", "federation.min-nodes=1 federation.fraction-train=0.5")
+        strategy = make_strategy(config, num_layers=1)
+        strategy.discover(grid, grid.get_node_ids())
+        draws.append([[strategy.nodes[n].client_id for n in strategy._draw(grid.get_node_ids(), 0.5)] for _ in range(5)])
+    assert draws[0] == draws[1]
