@@ -224,21 +224,51 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class Replacement(dict):
+    """A mapping given as one override's value: it replaces the key's value, not merges into it."""
+
+
 def _merge(base: dict, update: dict) -> dict:
-    """Deep-merge `update` into a copy of `base`."""
+    """Deep-merge `update` into a copy of `base` (a Replacement replaces)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, Replacement):
+            merged[key] = dict(value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
+def split_overrides(text: str) -> list[str]:
+    """The `key=value` items of an overrides string: split at spaces outside brackets,
+    braces and quotes, so a value may be a YAML mapping or list with spaces in it."""
+    items, current, closing, quote = [], "", [], ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "{[":
+            closing.append("}" if char == "{" else "]")
+        elif char in "}]":
+            if not closing or closing.pop() != char:
+                raise ConfigError(f"overrides '{text}': unbalanced '{char}'")
+        elif char.isspace() and not closing:
+            items, current = items + [current] if current else items, ""
+            continue
+        current += char
+    if closing or quote:
+        raise ConfigError(f"overrides '{text}': unclosed {quote or closing[-1]!r}")
+    return items + [current] if current else items
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
-    """Parse 'rounds=3 data.alpha=0.1' into a nested mapping; values are YAML scalars."""
+    """Parse 'rounds=3 data.alpha=0.1 devices.simulation-mix={rpi4: 1.0}' into a nested
+    mapping; values are YAML (a mapping value replaces the key's whole mapping)."""
     nested: dict[str, Any] = {}
-    for item in text.split():
+    for item in split_overrides(text):
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. data.alpha=0.1)")
         dotted, raw = item.split("=", 1)
@@ -246,7 +276,12 @@ def parse_overrides(text: str) -> dict[str, Any]:
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as error:
+            problem = getattr(error, "problem", None) or "not YAML"
+            raise ConfigError(f"override '{dotted}': value {raw!r} is not valid YAML ({problem})") from error
+        node[leaf] = Replacement(value) if isinstance(value, dict) else value
     return nested
 
 

@@ -1,5 +1,6 @@
 """Config loading, validation errors, device tiers and budgets."""
 
+import re
 import dataclasses
 import typing
 
@@ -141,3 +142,24 @@ def test_the_default_config_file_is_written_once_for_flower_and_python():
 
     pyproject = tomllib.loads((APP_DIR / "pyproject.toml").read_text())
     assert pyproject["tool"]["flwr"]["app"]["config"]["config"] == DEFAULT_CONFIG_FILE
+
+
+def test_an_override_may_be_a_mapping_with_spaces_and_it_replaces_the_default():
+    from fedmoe_app.config import split_overrides
+
+    assert split_overrides("rounds=3  devices.simulation-mix={rpi4: 0.5, jetson-orin: 0.5} data.alpha=0.1") == [
+        "rounds=3", "devices.simulation-mix={rpi4: 0.5, jetson-orin: 0.5}", "data.alpha=0.1"]
+    config = load_config("conf/fft_moe.yaml", "devices.simulation-mix={rpi4: 1.0} rounds=2")
+    assert config.devices.simulation_mix == {"rpi4": 1.0} and config.rounds == 2  # not merged into the default mix
+    assert load_config("conf/fft_moe.yaml", 'run-name="a b"').run_name == "a b"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ("devices.simulation-mix={rpi4: 1.0", "unclosed '}'"),
+    ("rounds=3]", "unbalanced ']'"),
+    ("rounds", "must look like key=value"),
+    ("data.alpha=@x", "override 'data.alpha': value '@x' is not valid YAML"),
+])
+def test_a_bad_override_is_a_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("conf/fft_moe.yaml", overrides)
