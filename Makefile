@@ -42,9 +42,10 @@ $(FLWR_HOME)/config.toml: conf/flwr-config.toml
 	mkdir -p $(FLWR_HOME)
 	cp conf/flwr-config.toml $@
 
+# Checks the config and data first, exits non-zero if the run fails; Ctrl-C stops the run (fedmoe_app/launch.py).
 run: install flwr-config
-	$(BIN)/flwr run . local-simulation --stream --run-config \
-	  "config='$(CONFIG)' overrides='$(OVERRIDES)' results-dir='$(RESULTS_DIR)' data-dir='$(DATA_DIR)'"
+	$(BIN)/python -m fedmoe_app.launch --config "$(CONFIG)" --overrides "$(OVERRIDES)" \
+	  --results-dir "$(RESULTS_DIR)" --data-dir "$(DATA_DIR)"
 
 test: install flwr-config
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from deploy.local_federation import free_port, run_config_string, stop_process_tree
+from deploy.local_federation import free_port, stop_process_tree
+from fedmoe_app.config import run_config_string
 from fedmoe_app.config import APP_DIR
 
 FLWR = Path(sys.executable).parent / "flwr"

@@ -40,7 +40,7 @@ from flwr.cli.typing import SuperLinkConnection
 from deploy.credentials import NodeKey, TlsFiles, write_node_key, write_tls_certificates
 from deploy.device_data import split_for_devices
 from fedmoe_app.budgets import load_tiers
-from fedmoe_app.config import APP_DIR, load_config
+from fedmoe_app.config import APP_DIR, load_config, run_config_string
 
 MODES = ("insecure", "tls")
 BIN = Path(sys.executable).parent
@@ -303,11 +303,6 @@ class LocalFederation:
         if not runs or runs[0]["status"] != "finished:completed":
             raise DeploymentError(f"run {run_id} did not complete: {runs[0]['status'] if runs else 'unknown'}")
         return runs[0]
-
-
-def run_config_string(config: str, overrides: str, results_dir: str, data_dir: str) -> str:
-    """The app's `--run-config` value (the four keys of pyproject.toml)."""
-    return f"config='{config}' overrides='{overrides}' results-dir='{results_dir}' data-dir='{data_dir}'"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -416,6 +416,11 @@ def config_from_yaml(text: str) -> RunConfig:
 RUN_CONFIG_KEYS = ("config", "overrides", "results-dir", "data-dir")
 
 
+def run_config_string(config: str, overrides: str, results_dir: str, data_dir: str) -> str:
+    """The app's `flwr run --run-config` value (the four keys of pyproject.toml)."""
+    return f"config='{config}' overrides='{overrides}' results-dir='{results_dir}' data-dir='{data_dir}'"
+
+
 def config_from_run_config(run_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
     """The RunConfig a Flower run asks for: its `config` file, then `results-dir` and
     `data-dir` when given, then the `overrides` string (highest precedence)."""

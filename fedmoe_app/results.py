@@ -93,19 +93,29 @@ class RunResults:
         (self.run_dir / CONFIG_FILE).write_text(config_yaml)
 
     @classmethod
-    def resume(cls, run_dir: Path, last_round: int) -> "RunResults":
-        """The results of a stopped run, to continue after round `last_round`: the round
-        records after it (written after its last checkpoint) are dropped."""
+    def at(cls, run_dir: Path) -> "RunResults":
+        """The results folder of an existing run, as it is."""
         results = cls.__new__(cls)
         results.run_dir = Path(run_dir)
         results.metrics_path = results.run_dir / METRICS_FILE
+        return results
+
+    @classmethod
+    def resume(cls, run_dir: Path, last_round: int) -> "RunResults":
+        """The results of a stopped run, to continue after round `last_round`: the round
+        records after it (written after its last checkpoint) are dropped."""
+        results = cls.at(run_dir)
+        (results.run_dir / STATUS_FILE).unlink(missing_ok=True)  # it said stopped or failed; it runs again
         kept = [r for r in read_rounds(results.run_dir) if r["round"] <= last_round]
         _write_atomically(results.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
         return results
 
     def set_status(self, status: str, **details: Any) -> None:
         """Write status.json: `running` (with the last complete round), `complete`, `failed`
-        or `stopped` (with a reason), so a folder says whether its run finished."""
+        or `stopped` (with a reason), so a folder says whether its run finished. A run the
+        user stopped stays `stopped` (its ServerApp may still write a round before it ends)."""
+        if self.status().get("status") == "stopped" and status != "stopped":
+            return
         _write_atomically(self.run_dir / STATUS_FILE, json.dumps(to_json_safe({"status": status, **details}), indent=2) + "\n")
 
     def log_round(self, record: dict) -> None:
@@ -119,6 +129,11 @@ class RunResults:
     def rounds(self) -> list[dict]:
         """The round records logged so far, in order."""
         return read_rounds(self.run_dir)
+
+    def status(self) -> dict:
+        """status.json as written last ({} if none yet)."""
+        path = self.run_dir / STATUS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def last_round(self) -> int:
         """The last round recorded so far (0 if none)."""

@@ -11,7 +11,8 @@ import pytest
 
 from deploy.credentials import write_node_key
 from deploy.device_data import split_for_devices
-from deploy.local_federation import HOST, LocalFederation, NodeSpec, free_port, run_config_string
+from deploy.local_federation import HOST, LocalFederation, NodeSpec, free_port
+from fedmoe_app.config import run_config_string
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
 
