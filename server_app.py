@@ -1,5 +1,6 @@
 """fedmoe ServerApp: config -> model -> strategy -> rounds -> results directory."""
 
+import dataclasses
 import os
 from logging import INFO
 
@@ -33,6 +34,10 @@ def main(grid: Grid, context: Context) -> None:
     check_mix(config)
     splits = load_splits(config.data, config.seed)
     log(INFO, "fedmoe: strategy %s | dataset: %s", config.strategy, splits.source)
+    if splits.label_names and not config.data.label_names:  # clients (devices too) map names alike
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, label_names=splits.label_names))
+    if splits.label_names:
+        log(INFO, "fedmoe: labels are names: %s", ", ".join(f"{i} = {n}" for i, n in enumerate(splits.label_names)))
 
     model = method_class(config.strategy).global_model(config, splits.num_labels)
     log(INFO, "fedmoe: precision %s (%s); each client resolves train.precision on its own hardware",
@@ -45,6 +50,8 @@ def main(grid: Grid, context: Context) -> None:
         initial, first_round = checkpoint.arrays, checkpoint.server_round + 1
         log(INFO, "fedmoe: resuming %s after round %d", config.run_name, checkpoint.server_round)
     log(INFO, "fedmoe: results go to %s", results.run_dir)
+    if splits.label_names:
+        results.write_labels(splits.label_names)
 
     def on_round(record: dict) -> None:
         results.log_round(record)

@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from fedmoe_app.config import RunConfig, load_config
-from fedmoe_app.data import load_partition, load_splits, read_csv, write_csv
+from fedmoe_app.data import load_partition, load_splits
+from fedmoe_app.rows import read_csv, write_csv
 
 
 def device_dir(out_dir: Path, index: int) -> Path:

@@ -114,7 +114,7 @@ def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id
     """A device's own data-path folder (read without `datasets`), else its simulated partition."""
     data_path = str(node_config.get(msg.DATA_PATH, ""))
     if data_path:
-        return device_client_data(data_path, config.data.holdout_fraction, config.seed)
+        return device_client_data(data_path, config.data.holdout_fraction, config.seed, config.data.label_names)
     from fedmoe_app.data import load_client_data  # partitioning needs `datasets` and `flwr_datasets`
 
     return load_client_data(config.data, config.seed, partition_id, num_partitions)

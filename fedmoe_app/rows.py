@@ -77,23 +77,56 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------------- CSV files
 
 
-def read_csv(path: Path) -> TextRows:
-    """A `text,label` CSV file's rows (text: str, label: int >= 0)."""
+def read_csv(path: Path, label_names: Sequence[str] = ()) -> TextRows:
+    """A `text,label` CSV file's rows: every text non-empty, every label an integer >= 0 or,
+    with `label_names`, one of them (its index). DataError naming the file and line otherwise."""
+    texts, raw, lines = read_raw_csv(path)
+    return TextRows(texts, label_ids(path, raw, lines, label_names))
+
+
+def read_raw_csv(path: Path) -> tuple[list[str], list[str], list[int]]:
+    """(texts, labels as written, line numbers) of a `text,label` CSV file with at least its
+    header; DataError naming the file (and line) if it is empty, has another header, or a
+    row has no text or no label."""
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if not {"text", "label"} <= set(reader.fieldnames or ()):
-            raise DataError(f"{path} must have the header text,label; found {','.join(reader.fieldnames or ())!r}")
-        texts, labels = [], []
-        for line, row in enumerate(reader, start=2):
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                label = -1
-            if label < 0:
-                raise DataError(f"{path} line {line}: label must be an integer >= 0, got {row['label']!r}")
-            texts.append(row["text"] or "")
+        if reader.fieldnames is None:
+            raise DataError(f"{path} is empty; it needs the header text,label and one row per example")
+        if not {"text", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{path} must have the header text,label; found {','.join(reader.fieldnames)!r}")
+        texts, labels, lines = [], [], []
+        for row in reader:
+            line = reader.line_num  # the row's last line (a quoted text may span several)
+            text, label = (row["text"] or "").strip(), (row["label"] or "").strip()
+            if not text:
+                raise DataError(f"{path} line {line}: the text is empty")
+            if not label:
+                raise DataError(f"{path} line {line}: the label is empty")
+            texts.append(row["text"])
             labels.append(label)
-    return TextRows(texts, labels)
+            lines.append(line)
+    return texts, labels, lines
+
+
+def integer_labels(raw: Sequence[str]) -> bool:
+    """Whether every label as written is an integer >= 0."""
+    return all(label.isdigit() for label in raw)
+
+
+def label_ids(path: Path, raw: Sequence[str], lines: Sequence[int], label_names: Sequence[str] = ()) -> list[int]:
+    """The ids of labels as written: integers as they are, names by their index in
+    `label_names`; DataError naming the file and line of the first that is neither."""
+    if label_names:
+        index = {name: i for i, name in enumerate(label_names)}
+        for label, line in zip(raw, lines):
+            if label not in index:
+                raise DataError(f"{path} line {line}: label {label!r} is not one of data.label-names {list(label_names)}")
+        return [index[label] for label in raw]
+    for label, line in zip(raw, lines):
+        if not label.isdigit():
+            raise DataError(f"{path} line {line}: label must be an integer >= 0, got {label!r} "
+                            "(labels that are names need data.label-names, or a local dataset folder)")
+    return [int(label) for label in raw]
 
 
 def count_rows(path: Path) -> int:
@@ -156,16 +189,17 @@ def device_train_csv(data_path: str) -> Path:
     return path
 
 
-def device_client_data(data_path: str, fraction: float, seed: int) -> ClientData:
-    """A device's own train.csv with its held-out slice; the number of labels is counted
-    over train.csv and, if there is one, test.csv."""
+def device_client_data(data_path: str, fraction: float, seed: int, label_names: Sequence[str] = ()) -> ClientData:
+    """A device's own train.csv with its held-out slice (labels that are names mapped by
+    `label_names`, data.label-names of the run); the number of labels is counted over
+    train.csv and, if there is one, test.csv."""
     path = device_train_csv(data_path)
-    rows = read_csv(path)
+    rows = read_csv(path, label_names)
     if len(rows) == 0:
         raise DataError(f"node_config 'data-path' is '{data_path}', whose train.csv has no rows")
     labels = list(rows.labels)
     if (path.parent / "test.csv").is_file():
-        labels += read_csv(path.parent / "test.csv").labels
+        labels += read_csv(path.parent / "test.csv", label_names).labels
     return client_data(rows, fraction, seed, max(labels) + 1, path.resolve())
 
 

@@ -11,7 +11,7 @@ from fedmoe_app import data
 from fedmoe_app.config import DataConfig, defaults
 from fedmoe_app.batches import EncodedSet, encode, iterate_batches
 from fedmoe_app.data import DataError, load_client_data, load_splits, load_test_set
-from fedmoe_app.rows import count_rows, device_client_data, holdout_size, label_counts, split_holdout
+from fedmoe_app.rows import count_rows, device_client_data, holdout_size, label_counts, read_csv, split_holdout
 
 
 @pytest.fixture(autouse=True)
@@ -130,10 +130,44 @@ def test_data_dir_without_csv_files_names_the_files(tmp_path):
 def test_bad_csv_content_is_named(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\nok,0\nbad,positive\n")
     with pytest.raises(DataError, match=r"train\.csv line 3: label must be an integer >= 0, got 'positive'"):
-        data.read_csv(tmp_path / "train.csv")
+        read_csv(tmp_path / "train.csv")
     (tmp_path / "test.csv").write_text("sentence,target\nok,0\n")
     with pytest.raises(DataError, match=r"test\.csv must have the header text,label; found 'sentence,target'"):
-        data.read_csv(tmp_path / "test.csv")
+        read_csv(tmp_path / "test.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv is empty; it needs the header text,label"):
+        read_csv(tmp_path / "empty.csv")
+    (tmp_path / "blank.csv").write_text('text,label\nok,0\n"  ",1\n')
+    with pytest.raises(DataError, match=r"blank\.csv line 3: the text is empty"):
+        read_csv(tmp_path / "blank.csv")
+    (tmp_path / "nolabel.csv").write_text('text,label\nok,0\n"two\nlines",\n')
+    with pytest.raises(DataError, match=r"nolabel\.csv line 4: the label is empty"):  # a text over lines 3-4
+        read_csv(tmp_path / "nolabel.csv")
+
+
+def test_labels_that_are_names_map_to_sorted_ids_and_reach_devices(tmp_path):
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,label\ngreat,positive\nawful,negative\nmeh,neutral\nfine,positive\n")
+    (folder / "test.csv").write_text("text,label\ngood,positive\nbad,negative\n")
+    splits = load_splits(defaults(DataConfig, data_dir=str(folder)), seed=0)
+    assert splits.label_names == ("negative", "neutral", "positive") and splits.num_labels == 3
+    assert splits.train["label"][:] == [2, 0, 1, 2] and splits.test["label"][:] == [2, 0]
+    # a device reads its own folder with the run's names (data.label-names, sent in the run config)
+    device = device_client_data(str(folder), 0.0, 0, splits.label_names)
+    assert device.rows.labels == [2, 0, 1, 2]
+    with pytest.raises(DataError, match=r"train\.csv line 2: label must be an integer >= 0, got 'positive' "
+                                         r"\(labels that are names need data\.label-names"):
+        device_client_data(str(folder), 0.0, 0)
+    with pytest.raises(DataError, match=r"line 4: label 'neutral' is not one of data\.label-names \['negative', 'positive'\]"):
+        read_csv(folder / "train.csv", ("negative", "positive"))
+
+
+def test_a_test_label_that_train_lacks_is_an_error_naming_its_line(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,0\nb,1\n")
+    (tmp_path / "test.csv").write_text("text,label\nc,1\nd,3\n")
+    with pytest.raises(DataError, match=r"test\.csv line 3: label '3' does not occur in .*train\.csv, so no client could learn it"):
+        load_splits(defaults(DataConfig, data_dir=str(tmp_path)), seed=0)
 
 
 def test_test_set_subsample(ag_news_dir):
@@ -266,8 +300,8 @@ def test_holdout_split_is_the_one_datasets_made(num_rows, fraction, seed):
 def test_count_rows_counts_records_not_lines(tmp_path):
     path = tmp_path / "train.csv"
     path.write_text('text,label\n"two\nlines",0\n\nplain,1\n"a ""quoted"", text",2\n')
-    assert count_rows(path) == len(data.read_csv(path)) == 3
-    assert data.read_csv(path)["text"] == ["two\nlines", "plain", 'a "quoted", text']
+    assert count_rows(path) == len(read_csv(path)) == 3
+    assert read_csv(path)["text"] == ["two\nlines", "plain", 'a "quoted", text']
 
 
 def test_label_counts():

@@ -1,0 +1,39 @@
+"""The ServerApp's whole run in this process (clients served by the ClientApp's handlers on
+an in-process grid): labels written as names reach every client and the results."""
+
+import csv
+import json
+
+from flwr.app import Context, RecordDict
+
+from conftest import InProcessGrid
+from server_app import main
+
+NAMES = ["world", "sports", "business", "science"]  # AG News's classes, written as names
+
+
+def named_copy(source, target, rows):
+    """The first `rows` rows of each AG News file with their labels written as names."""
+    target.mkdir()
+    for split in ("train", "test"):
+        with open(source / f"{split}.csv", newline="") as f, open(target / f"{split}.csv", "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(["text", "label"])
+            for i, row in enumerate(csv.DictReader(f)):
+                if i == rows:
+                    break
+                writer.writerow([row["text"], NAMES[int(row["label"])]])
+
+
+def test_labels_that_are_names_run_end_to_end_and_are_saved(ag_news_dir, tmp_path, server_identity):
+    named_copy(ag_news_dir, tmp_path / "named", 300)
+    run_config = {"config": "conf/head_only.yaml", "results-dir": str(tmp_path / "results"),
+                  "data-dir": str(tmp_path / "named"),
+                  "overrides": "model.backbone=tiny-bert rounds=1 run-name=named federation.min-nodes=3 eval.test-samples=50"}
+    main(InProcessGrid(3), Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    run_dir = tmp_path / "results" / "named"
+    assert json.loads((run_dir / "labels.json").read_text()) == {"0": "business", "1": "science", "2": "sports", "3": "world"}
+    assert "label-names:\n  - business\n  - science\n  - sports\n  - world" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
+    record = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["num_replies"] == 3 and record["failures"] == 0
