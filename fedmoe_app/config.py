@@ -118,6 +118,14 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Client faults injected in simulation (fedmoe_app/faults.py)."""
+
+    share: float  # share of the simulated clients that fault each round (at least one if > 0)
+    kinds: tuple[str, ...]  # raise | hang | garbage
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Server-side and client-side evaluation."""
 
@@ -147,7 +155,10 @@ class RunConfig:
     federation: FederationConfig
     devices: DevicesConfig
     eval: EvalConfig
+    faults: FaultsConfig
 
+
+FAULT_KINDS = ("raise", "hang", "garbage")
 
 CHOICES = {
     "model.pooling": ("mean", "cls"),
@@ -379,6 +390,12 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"config key 'eval.max-length' must be >= 0 (0: as in training), got {config.eval.max_length}")
     if not 0.0 <= config.moe.usage_momentum < 1.0:
         raise ConfigError(f"config key 'moe.usage-momentum' is {config.moe.usage_momentum}; allowed: [0, 1)")
+    if not 0.0 <= config.faults.share <= 1.0:
+        raise ConfigError(f"config key 'faults.share' is {config.faults.share}; allowed: [0, 1]")
+    unknown = [k for k in config.faults.kinds if k not in FAULT_KINDS]
+    if unknown or not config.faults.kinds:
+        raise ConfigError(f"config key 'faults.kinds' is {list(config.faults.kinds)}; allowed: a non-empty list of "
+                          f"{', '.join(FAULT_KINDS)}")
     if config.federation.max_update_ratio < 0:
         raise ConfigError(f"config key 'federation.max-update-ratio' is {config.federation.max_update_ratio}; "
                           "allowed: >= 0 (0 = off)")

@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
+from fedmoe_app import faults
 from fedmoe_app import messages as msg
 from fedmoe_app.client import client_task
 from fedmoe_app.records import from_record, record_nbytes, to_record, updates_from
@@ -19,9 +20,12 @@ def train_reply(content: RecordDict, node_config: Mapping[str, Any], origin: flo
     process that received the message started (see `startup.begin_message`)."""
     config = content[msg.CONFIG]
     task = client_task(config[msg.RUN_CONFIG], node_config, origin)
+    fault = faults.fault_of(task.config, node_config, int(config[msg.SERVER_ROUND]))
+    faults.before_training(fault, task.config)
     received = from_record(content[msg.ARRAYS])
     arrays, metrics, request = task.train(received, config)
-    reply_arrays = to_record(updates_from(arrays, received), task.config.federation.wire_dtype)
+    updates = updates_from(arrays, received)
+    reply_arrays = to_record(faults.garbled(updates) if fault == "garbage" else updates, task.config.federation.wire_dtype)
     metrics[msg.BYTES_DOWN] = record_nbytes(content[msg.ARRAYS])
     metrics[msg.BYTES_UP] = record_nbytes(reply_arrays)
     return RecordDict({msg.ARRAYS: reply_arrays, msg.METRICS: MetricRecord(metrics), msg.REQUEST: ConfigRecord(request)})

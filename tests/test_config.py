@@ -163,3 +163,11 @@ def test_an_override_may_be_a_mapping_with_spaces_and_it_replaces_the_default():
 def test_a_bad_override_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("conf/fft_moe.yaml", overrides)
+
+
+def test_fault_injection_is_off_by_default_and_checked():
+    assert load_config().faults.share == 0.0
+    with pytest.raises(ConfigError, match=r"'faults.kinds' is \['explode'\]; allowed: a non-empty list of raise, hang, garbage"):
+        load_config("conf/fft_moe.yaml", "faults.kinds=[explode]")
+    with pytest.raises(ConfigError, match=r"'faults.share' is 1.5; allowed: \[0, 1\]"):
+        load_config("conf/fft_moe.yaml", "faults.share=1.5")
