@@ -46,7 +46,7 @@ def test_run_config_precedence_and_environment():
 
 def test_defaults_live_only_in_base_yaml():
     sections = [RunConfig] + [t for t in typing.get_type_hints(RunConfig).values() if dataclasses.is_dataclass(t)]
-    assert len(sections) == 10
+    assert len(sections) == 11
     for cls in sections:
         for f in dataclasses.fields(cls):
             no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
