@@ -5,6 +5,9 @@ Files:
     metrics.jsonl         one JSON object per round (the record below), appended as the run goes
     summary.json          the run's headline numbers
     adapter.safetensors   the final global adapter weights (+ string metadata)
+    checkpoint.safetensors  the state after the last complete round (fedmoe_app/checkpoint.py)
+    status.json           running (last round) | complete | failed (error) | stopped (reason)
+    labels.json           label id -> name, when the data names its labels
     accuracy.png, expert_utilisation.png   plots of metrics.jsonl (see plots.py)
 
 The round record (one line of metrics.jsonl):
@@ -21,14 +24,14 @@ The round record (one line of metrics.jsonl):
     client_accuracy_worst: float | None
     train_loss: float | None
     expert_utilisation: list[list[float]] | None
-                                        [layer][expert]: share of routed tokens per expert in that layer
-                                        this round (rows sum to 1); None for strategies without experts (LoRA)
-    bytes_down: dict[str, int]          node id (str) -> bytes sent to it this round
-    bytes_up: dict[str, int]            node id -> bytes received from it
+                                        (FFT-MoE only) [layer][expert]: share of routed tokens per expert
+                                        in that layer this round (rows sum to 1)
+    bytes_down: dict[str, int]          client id -> bytes sent to it this round
+    bytes_up: dict[str, int]            client id -> bytes received from it
     step_seconds: dict[str, float]      tier -> mean seconds per local step
     peak_rss_mb: dict[str, float]       tier -> largest peak resident memory of a client process
     server_peak_rss_mb: float           peak resident memory of the ServerApp process so far
-    clients: dict[str, dict]            node id -> client_id (stable across restarts), tier, the
+    clients: dict[str, dict]            client id (stable across restarts) -> node_id, tier, the
                                         budget (experts_held, top_k, batch_size, max_length,
                                         local_steps, lora_rank, ram_gb), num_examples (local
                                         training rows), samples_processed (batch x steps), steps, step_seconds,
