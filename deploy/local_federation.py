@@ -20,9 +20,7 @@ Usage: python -m deploy.local_federation --mode tls --tiers rpi4,jetson-nano,jet
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -41,6 +39,7 @@ from deploy.credentials import NodeKey, TlsFiles, write_node_key, write_tls_cert
 from deploy.device_data import split_for_devices
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import APP_DIR, load_config, run_config_string
+from fedmoe_app.launch import flwr_json, started_run_id
 
 MODES = ("insecure", "tls")
 BIN = Path(sys.executable).parent
@@ -227,13 +226,7 @@ class LocalFederation:
 
     def flwr(self, *args: str, timeout_s: float = 60.0) -> dict:
         """Run a `flwr` CLI command against this federation; its JSON answer."""
-        done = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=self.env, cwd=APP_DIR,
-                              capture_output=True, text=True, timeout=timeout_s)
-        try:
-            answer = json.loads(done.stdout[done.stdout.index("{"):])
-        except ValueError:
-            answer = {"success": False, "error-message": done.stdout + done.stderr}
-        return answer
+        return flwr_json(*args, env=self.env, timeout_s=timeout_s)
 
     def register(self, public_key: Path) -> int:
         """Register a SuperNode public key on the SuperLink; the node id it will have."""
@@ -289,8 +282,7 @@ class LocalFederation:
             assert process.stdout is not None
             for line in process.stdout:
                 on_line(line.rstrip("\n"))
-                if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                    run_id = match.group(1)
+                run_id = run_id or started_run_id(line)
             process.wait()
         finally:
             watchdog.cancel()

@@ -59,13 +59,20 @@ def named_run(config: RunConfig, overrides: str) -> tuple[str, str]:
     return name, f"{overrides} run-name={name}".strip()
 
 
-def flwr_json(*args: str) -> dict:
-    """The JSON answer of a `flwr` command ({} if it gave none)."""
-    done = subprocess.run([str(FLWR), *args, "--format", "json"], capture_output=True, text=True, cwd=APP_DIR)
+def flwr_json(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> dict:
+    """The JSON answer of a `flwr` CLI command (success false and the output if it gave none)."""
+    done = subprocess.run([str(FLWR), *args, "--format", "json"], env=env, cwd=APP_DIR,
+                          capture_output=True, text=True, timeout=timeout_s)
     try:
-        return json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {}
+        return json.loads(done.stdout[done.stdout.index("{"):])
+    except ValueError:
+        return {"success": False, "error-message": done.stdout + done.stderr}
+
+
+def started_run_id(line: str) -> str | None:
+    """The run id in `flwr run`'s line announcing it, else None."""
+    match = re.search(r"Successfully started run (\d+)", line)
+    return match.group(1) if match else None
 
 
 def run_status(run_id: str, connection: str) -> str:
@@ -119,8 +126,7 @@ def launch(config_file: str, overrides: str, results_dir: str, data_dir: str, co
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line.rstrip("\n"))
-            if run_id is None and (match := re.search(r"Successfully started run (\d+)", line)):
-                run_id = match.group(1)
+            run_id = run_id or started_run_id(line)
         process.wait()
     except KeyboardInterrupt:
         return _stop(process, run_id, connection, run_dir, name)
@@ -140,7 +146,7 @@ def _stop(process: subprocess.Popen, run_id: str | None, connection: str, run_di
     """Ctrl-C: stop the run on the SuperLink, end the log stream, mark the results stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
     if run_id is not None:
-        subprocess.run([str(FLWR), "stop", run_id, connection], cwd=APP_DIR, capture_output=True, text=True)
+        flwr_json("stop", run_id, connection)
         deadline = time.time() + STOP_WAIT_SECONDS  # the ServerApp may finish a write first
         while not run_status(run_id, connection).startswith("finished") and time.time() < deadline:
             time.sleep(1)

@@ -36,7 +36,7 @@ from fedmoe_app.config import RunConfig, config_to_yaml
 from fedmoe_app.records import from_record, to_record
 from strategies.core import Contribution, Weight, sparse_weighted_average
 from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_train_reply, examples,
-                                node_from_query, outliers, train_loss, update_rms)
+                                node_from_query, outliers, train_loss)
 from strategies.rounds import ACCURACY_MEAN, ACCURACY_OF_TIER, ACCURACY_WORST, RoundState, round_record, timed
 
 
@@ -55,6 +55,16 @@ class SparseStrategy(Strategy):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.random = random.Random(config.seed)
         self.round = RoundState(0)
+
+    @property
+    def config(self) -> RunConfig:
+        """The run's configuration."""
+        return self._config
+
+    @config.setter
+    def config(self, config: RunConfig) -> None:
+        self._config = config
+        self.config_yaml = config_to_yaml(config)  # sent with every message: serialised once
 
     # ---- hooks -------------------------------------------------------------------------
     def arrays_for(self, node: Node, server_round: int) -> dict[str, np.ndarray]:
@@ -114,7 +124,7 @@ class SparseStrategy(Strategy):
     def _message(self, node: Node, server_round: int, kind: str, config: ConfigRecord,
                  arrays: dict[str, np.ndarray]) -> Message:
         node_config = ConfigRecord({
-            msg.RUN_CONFIG: config_to_yaml(self.config), **config, **self.config_for(node, server_round),
+            msg.RUN_CONFIG: self.config_yaml, **config, **self.config_for(node, server_round),
             msg.SERVER_ROUND: server_round,
         })
         content = RecordDict({msg.ARRAYS: to_record(arrays, self.config.federation.wire_dtype), msg.CONFIG: node_config})
@@ -190,7 +200,7 @@ class SparseStrategy(Strategy):
                 self._failed(node_id, f"malformed reply: {error}")
                 continue
             decoded[node_id] = reply
-        rms = {n: update_rms(r, self.round.sent_arrays[n]) for n, r in decoded.items()}
+        rms = {n: r.update_rms for n, r in decoded.items()}
         for node_id, reason in outliers(rms, self.config.federation.max_update_ratio).items():
             self._failed(node_id, f"rejected reply: {reason}")
             del decoded[node_id]
@@ -222,21 +232,13 @@ class SparseStrategy(Strategy):
         if not (self.config.eval.client and self.evaluates(server_round)):
             self.round.eval_messages = []
             return []
-        global_arrays = from_record(arrays)
+        self.global_arrays = from_record(arrays)  # what each node is sent below (train replies are decoded already)
         known = [n for n in grid.get_node_ids() if n in self.nodes]
         sampled = self._draw(known, self.config.federation.fraction_evaluate)
         self.round.eval_messages = [
-            self._message(self.nodes[n], server_round, MessageType.EVALUATE, config,
-                          self._arrays_with(global_arrays, self.nodes[n], server_round)) for n in sampled]
+            self._message(self.nodes[n], server_round, MessageType.EVALUATE, config, self.arrays_for(self.nodes[n], server_round))
+            for n in sampled]
         return self.round.eval_messages
-
-    def _arrays_with(self, global_arrays: dict[str, np.ndarray], node: Node, server_round: int) -> dict[str, np.ndarray]:
-        """`arrays_for` a node, from `global_arrays` (leaves `self.global_arrays` as it was)."""
-        kept, self.global_arrays = self.global_arrays, global_arrays
-        try:
-            return self.arrays_for(node, server_round)
-        finally:
-            self.global_arrays = kept
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean, worst, and per-tier personalised accuracy of the replies
@@ -244,7 +246,7 @@ class SparseStrategy(Strategy):
         results = []
         for node_id, content in self._outcomes(self.round.eval_messages, replies):
             try:
-                rows, accuracy = check_eval_metrics(self.nodes[node_id], content)
+                rows, accuracy = check_eval_metrics(content)
             except MalformedReply as error:
                 self._failed(node_id, f"malformed evaluate reply: {error}")
                 continue
@@ -270,7 +272,7 @@ class SparseStrategy(Strategy):
         unknown = [n for n in node_ids if n not in self.nodes]
         if not unknown:
             return
-        content = RecordDict({msg.CONFIG: ConfigRecord({msg.RUN_CONFIG: config_to_yaml(self.config)})})
+        content = RecordDict({msg.CONFIG: ConfigRecord({msg.RUN_CONFIG: self.config_yaml})})
         queries = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
         connected = set(grid.get_node_ids())
         for node_id, reply in self._outcomes(queries, self._send(grid, queries)):

@@ -43,6 +43,7 @@ class Reply:
     arrays: dict[str, np.ndarray]
     metrics: MetricRecord
     request: ConfigRecord
+    update_rms: float  # root mean square of its updates over every value it trained
 
 
 class MalformedReply(ValueError):
@@ -115,10 +116,10 @@ def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.nd
             raise MalformedReply(f"tensor '{key}' has shape {update.shape}; the one sent {sent[key].shape}")
         if not np.isfinite(update).all():
             raise MalformedReply(f"tensor '{key}' holds NaN or Inf")
-    return Reply(node, trained_from(sent, updates), metrics, request)
+    return Reply(node, trained_from(sent, updates), metrics, request, _rms(updates))
 
 
-def check_eval_metrics(node: Node, content: RecordDict) -> tuple[int, float]:
+def check_eval_metrics(content: RecordDict) -> tuple[int, float]:
     """(rows, accuracy) of an evaluate reply; MalformedReply if they are not a count and a
     share in [0, 1]."""
     if msg.METRICS not in content:
@@ -131,12 +132,11 @@ def check_eval_metrics(node: Node, content: RecordDict) -> tuple[int, float]:
     return rows, float(accuracy) if rows else math.nan
 
 
-def update_rms(reply: Reply, sent: Mapping[str, np.ndarray]) -> float:
-    """Root mean square of a reply's updates over every value it trained (comparable across
-    replies that hold different tensors)."""
-    squares = sum(float(np.sum((a.astype(np.float64) - sent[k]) ** 2)) for k, a in reply.arrays.items())
-    size = sum(a.size for a in reply.arrays.values())
-    return math.sqrt(squares / size) if size else 0.0
+def _rms(updates: Mapping[str, np.ndarray]) -> float:
+    """Root mean square over every value of `updates` (comparable across replies that hold
+    different tensors)."""
+    size = sum(u.size for u in updates.values())
+    return math.sqrt(sum(float(np.dot(u.ravel(), u.ravel())) for u in updates.values()) / size) if size else 0.0
 
 
 def outliers(rms: Mapping[int, float], ratio: float) -> dict[int, str]:

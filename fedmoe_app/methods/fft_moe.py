@@ -63,8 +63,7 @@ def auxiliary_loss(
     if loss.balance > 0:
         total = total + loss.balance * torch.stack([load_balancing_loss(r) for r in routes]).mean()
     if loss.heterogeneity > 0 and het_weight > 0 and global_usage is not None:
-        usage = global_usage.to(device)
-        het = torch.stack([heterogeneity_loss(r, usage[i]) for i, r in enumerate(routes)])
+        het = torch.stack([heterogeneity_loss(r, global_usage[i]) for i, r in enumerate(routes)])
         total = total + loss.heterogeneity * het_weight * het.mean()
     if loss.z_loss > 0:
         total = total + loss.z_loss * torch.stack([router_z_loss(r) for r in routes]).mean()
