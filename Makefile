@@ -20,8 +20,10 @@ PYTEST_ARGS ?=
 # Deployment on this machine (see docs/DEPLOY.md): one SuperNode per tier, `tls` or `insecure`.
 DEPLOY_MODE ?= tls
 DEPLOY_TIERS ?= rpi4,jetson-nano,jetson-orin
+# Logs, keys and per-device data of deployments.
+DEPLOY_DIR ?= $(CURDIR)/.deploy
 # Credentials for real devices: the names / IPs the SuperLink is reached at, and how many nodes.
-CERTS_DIR ?= $(CURDIR)/.deploy/credentials
+CERTS_DIR ?= $(DEPLOY_DIR)/credentials
 SUPERLINK_HOSTS ?= 127.0.0.1,localhost
 NODES ?= 3
 
@@ -65,7 +67,8 @@ bench: install
 # Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
 deploy-local: install flwr-config
 	$(BIN)/python -m deploy.local_federation --mode $(DEPLOY_MODE) --tiers $(DEPLOY_TIERS) \
-	  --config $(CONFIG) --overrides "$(OVERRIDES)" --data-dir "$(DATA_DIR)" --results-dir $(RESULTS_DIR)
+	  --config $(CONFIG) --overrides "$(OVERRIDES)" --data-dir "$(DATA_DIR)" --results-dir $(RESULTS_DIR) \
+	  --work-dir $(DEPLOY_DIR)
 
 # TLS certificates for the SuperLink and key pairs for NODES SuperNodes (real devices).
 certs: install
@@ -74,11 +77,11 @@ certs: install
 # Split the configured dataset into NODES per-device folders (copy one to each device).
 device-data: install
 	$(BIN)/python -m deploy.device_data --config $(CONFIG) --overrides "$(OVERRIDES)" \
-	  --data-dir "$(DATA_DIR)" --devices $(NODES) --out $(CURDIR)/.deploy/devices
+	  --data-dir "$(DATA_DIR)" --devices $(NODES) --out $(DEPLOY_DIR)/devices
 
 # Stop the local SuperLink that `flwr run` started (it outlives the command).
 stop:
 	-pkill -f "flower-superlink.*$(FLWR_HOME)/local-superlink" && echo "local SuperLink stopped"
 
 clean: stop
-	rm -rf $(VENV) $(FLWR_HOME) .pytest_cache .deploy
+	rm -rf $(VENV) $(FLWR_HOME) .pytest_cache $(DEPLOY_DIR)

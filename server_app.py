@@ -15,11 +15,15 @@ from fedmoe_app.data import load_splits
 from fedmoe_app.methods import method_class
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
-from fedmoe_app.results import RunResults
+from fedmoe_app.results import RunResults, this_process
 from fedmoe_app.server import GlobalEvaluator, resumed_run, round_line, run_dir, summarise
 from strategies import make_strategy
 
 app = ServerApp()
+
+
+class RunStopped(Exception):
+    """The user stopped the run (its status.json says `stopped`): end after this round."""
 
 
 @app.main()
@@ -55,8 +59,10 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round(record: dict) -> None:
         results.log_round(record)
-        results.set_status("running", last_round=record["round"], rounds=config.rounds)
+        results.set_status("running", last_round=record["round"], rounds=config.rounds, server=this_process())
         log(INFO, "fedmoe: %s", round_line(record, config.rounds))
+        if results.stop_requested() and record["round"] < config.rounds:
+            raise RunStopped(record["round"])
 
     def on_checkpoint(state: Checkpoint) -> None:
         save_checkpoint(results.run_dir, state)
@@ -64,10 +70,13 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(config, num_layers(config), on_round, on_checkpoint)
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint.strategy_state)
-    results.set_status("running", last_round=first_round - 1, rounds=config.rounds)
+    results.set_status("running", last_round=first_round - 1, rounds=config.rounds, server=this_process())
     try:
         result = strategy.start(grid, to_record(initial), num_rounds=config.rounds,
                                 evaluate_fn=GlobalEvaluator(config, model), first_round=first_round)
+    except RunStopped as stopped:
+        log(INFO, "fedmoe: stopped by the user after round %d; continue with resume=%s", stopped.args[0], config.run_name)
+        return
     except Exception as error:
         results.set_status("failed", error=f"{type(error).__name__}: {error}", last_round=results.last_round())
         raise

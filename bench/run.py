@@ -1,10 +1,12 @@
 """Run a benchmark suite and write results/bench/<suite>.json, <suite>.md and PNG plots.
 
 Usage: python -m bench --suite quick|skew|full [--data-dir DIR] [--out results/bench]
-       [--strategies fft_moe,fedavg_lora] [--fresh]
+       [--strategies fft_moe,fedavg_lora] [--fresh] [--smoke]
 
 Finished learning runs, ceilings and scale runs are kept under <out>/<suite>-runs/ and
 reused by the next invocation (so a long suite can be resumed); --fresh reruns them.
+--smoke runs every section of the suite at its smallest (a tiny random backbone, one round)
+to check a setup in minutes; it writes <suite>-smoke.json and its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from bench.client_cost import measure_in_subprocess
 from bench.learning import run_ceilings, run_cells, strategy_file
 from bench.scale import run_scale
 from bench.speedups import measure_speedups
-from bench.suites import HEADLINE, SUITES, Suite
+from bench.suites import HEADLINE, SUITES, Suite, smoke
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config, resolve_path
 from fedmoe_app.precision import resolve_precision
@@ -131,7 +133,7 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     kernel_rows = kernels.kernel_cases(KERNEL_HIDDEN, config.moe.expert_hidden, suite.kernel_cases, suite.kernel_tokens,
                                        precisions, threads=config.train.threads, device=device)
     log("bench: client cost per strategy and tier, at the resolved precision and at fp32")
-    costs = [measure_with_fp32(s, t, base_overrides) for s in strategies for t in tiers]
+    costs = [measure_with_fp32(s, t, base_overrides) for s in strategies for t in tiers[:suite.cost_tiers or None]]
     speedups = None
     if suite.speedups:
         log("bench: before/after of the optimisations")
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/bench")
     parser.add_argument("--strategies", default="", help="comma-separated; default: every registered strategy")
     parser.add_argument("--fresh", action="store_true", help="rerun finished runs instead of reusing them")
+    parser.add_argument("--smoke", action="store_true", help="the suite at its smallest: checks a setup, measures nothing")
     args = parser.parse_args(argv)
     if args.suite not in SUITES:
         raise ConfigError(f"--suite is {args.suite!r}; allowed: {', '.join(SUITES)}")
@@ -186,5 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"--strategies names {unknown}; allowed: {', '.join(STRATEGIES)}")
-    run_suite(SUITES[args.suite], strategies, resolve_path(args.out), args.data_dir, args.fresh)
+    suite = smoke(SUITES[args.suite]) if args.smoke else SUITES[args.suite]
+    run_suite(suite, strategies, resolve_path(args.out), args.data_dir, args.fresh)
     return 0

@@ -3,7 +3,7 @@ with 5 seeds x 6 rounds, IID and Dirichlet 0.5 beside it) and `full` (the matrix
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Data splits of the learning matrix: name -> run-config overrides.
 PARTITIONS = {
@@ -34,6 +34,7 @@ class Suite:
     kernel_cases: tuple[tuple[int, int], ...] = ((16, 2),)  # (experts M, top-k)
     kernel_tokens: int = 2048
     speedups: bool = False  # measure the optimisations before/after
+    cost_tiers: int = 0  # client cost of the first N tiers of conf/devices.yaml (0: every tier)
     overrides: str = ""  # applied to every run of the suite
 
     def cells(self) -> list[tuple[str, str, int]]:
@@ -62,3 +63,17 @@ SUITES = {
         kernel_cases=((4, 1), (8, 1), (8, 2), (16, 1), (16, 2), (16, 4), (32, 2), (64, 2)),
     ),
 }
+
+# A tiny random backbone and a few hundred rows: every section runs, in about a minute.
+SMOKE_OVERRIDES = "model.backbone=tiny-bert data.max-train-rows=300 eval.test-samples=100 moe.num-experts=4 moe.expert-hidden=8"
+
+
+def smoke(suite: Suite) -> Suite:
+    """`suite` at its smallest, to check a setup end to end before a long run (its numbers
+    mean nothing): a tiny random backbone, one round, seed 0, the headline cell, the first
+    kernel case, tier and scale population; results go to <suite>-smoke.json."""
+    return replace(
+        suite, name=f"{suite.name}-smoke", rounds=1, partitions=(HEADLINE[0],), mixes=(HEADLINE[1],), seeds=(0,),
+        headline_seeds=(0,), scale_populations=suite.scale_populations[:1], scale_rounds=1,
+        kernel_cases=suite.kernel_cases[:1], kernel_tokens=256, cost_tiers=1, overrides=f"{suite.overrides} {SMOKE_OVERRIDES}".strip(),
+    )

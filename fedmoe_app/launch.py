@@ -4,8 +4,9 @@
    a bad key, value, tier or data file ends the command with its error and exit code 2.
 2. The app runs with `flwr run . <connection> --stream`; its log goes to the console.
 3. Exit code 0 only if the run completed; otherwise 1, and the last line printed is the
-   run's error. Ctrl-C stops the run on the SuperLink (not just the log stream), marks
-   its results folder stopped (status.json) and says how to resume it; exit code 130.
+   run's error. Ctrl-C marks the run's results folder stopped (status.json; its ServerApp
+   ends after the round in progress), stops the run on the SuperLink (not just the log
+   stream), waits for the ServerApp to end and says how to resume the run; exit code 130.
 
 Usage: python -m fedmoe_app.launch [--config conf/fft_moe.yaml] [--overrides "rounds=3"]
        [--results-dir results] [--data-dir DIR] [--connection local-simulation]
@@ -59,6 +60,16 @@ def named_run(config: RunConfig, overrides: str) -> tuple[str, str]:
     return name, f"{overrides} run-name={name}".strip()
 
 
+def pinned_paths(config: RunConfig) -> str:
+    """Overrides naming the checked run's results and data folders as absolute paths: the
+    ServerApp runs from Flower's copy of the app, where a relative path would mean another
+    folder. (A resumed run's data folder is its own config.yaml's.)"""
+    paths = {"results-dir": str(resolve_path(config.results_dir))}
+    if config.data.data_dir and not config.resume:
+        paths["data.data-dir"] = str(resolve_path(config.data.data_dir))
+    return " ".join(f"{key}={json.dumps(path)}" for key, path in paths.items())
+
+
 def flwr_json(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> dict:
     """The JSON answer of a `flwr` CLI command (success false and the output if it gave none)."""
     done = subprocess.run([str(FLWR), *args, "--format", "json"], env=env, cwd=APP_DIR,
@@ -95,18 +106,34 @@ def last_error(lines: list[str]) -> str:
 
 
 def mark_stopped(run_dir: Path, run_id: str) -> None:
-    """Say in the run's status.json that it was stopped, keeping what it wrote."""
+    """Say in the run's status.json that it was stopped, keeping what it wrote; its ServerApp
+    reads this and ends after the round in progress."""
     from fedmoe_app.results import RunResults
 
     if not run_dir.is_dir():
         return
     results = RunResults.at(run_dir)
+    status = results.status()
     results.set_status("stopped", reason=f"Ctrl-C: run {run_id} stopped by the user", last_round=results.last_round(),
-                       rounds=results.status().get("rounds"))
+                       rounds=status.get("rounds"), server=status.get("server"))
+
+
+def wait_for_server_exit(run_dir: Path, deadline: float) -> bool:
+    """Wait until the ServerApp process writing `run_dir` has ended (or `deadline`); whether it has."""
+    from fedmoe_app.results import RunResults
+
+    results = RunResults.at(run_dir)
+    while results.writer_running():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def launch(config_file: str, overrides: str, results_dir: str, data_dir: str, connection: str) -> int:
-    """Check, run and watch one run (see the module docstring); the exit code."""
+    """Check, run and watch one run (see the module docstring); the exit code. Relative
+    `results_dir` and `data_dir` are relative to the working directory."""
+    results_dir, data_dir = (str(Path(d).expanduser().resolve()) if d else "" for d in (results_dir, data_dir))
     run_config = {"config": config_file, "overrides": overrides, "results-dir": results_dir, "data-dir": data_dir}
     try:
         config = checked_config(run_config)
@@ -114,6 +141,7 @@ def launch(config_file: str, overrides: str, results_dir: str, data_dir: str, co
         print(f"fedmoe: error: {error}", file=sys.stderr)
         return ERROR_EXIT
     name, overrides = named_run(config, overrides)
+    overrides = f"{overrides} {pinned_paths(config)}".strip()
     run_dir = resolve_path(config.results_dir) / name
     args = [str(FLWR), "run", ".", connection, "--stream",
             "--run-config", run_config_string(config_file, overrides, results_dir, data_dir)]
@@ -143,21 +171,24 @@ def launch(config_file: str, overrides: str, results_dir: str, data_dir: str, co
 
 
 def _stop(process: subprocess.Popen, run_id: str | None, connection: str, run_dir: Path, name: str) -> int:
-    """Ctrl-C: stop the run on the SuperLink, end the log stream, mark the results stopped."""
+    """Ctrl-C: mark the results stopped (the ServerApp ends after its round in progress), stop
+    the run on the SuperLink, wait for the ServerApp to end, end the log stream."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    mark_stopped(run_dir, run_id or "?")
+    deadline = time.time() + STOP_WAIT_SECONDS
     if run_id is not None:
         flwr_json("stop", run_id, connection)
-        deadline = time.time() + STOP_WAIT_SECONDS  # the ServerApp may finish a write first
         while not run_status(run_id, connection).startswith("finished") and time.time() < deadline:
             time.sleep(1)
+    ended = not run_dir.is_dir() or wait_for_server_exit(run_dir, deadline)
     process.terminate()
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-    mark_stopped(run_dir, run_id or "?")
-    print(f"\nfedmoe: run {run_id or '(not started)'} stopped on the SuperLink; what it wrote is kept in {run_dir} "
-          f"(status.json: stopped). Continue it with: make run OVERRIDES=\"resume={name}\"", file=sys.stderr)
+    still = "" if ended else " (its ServerApp is still in a round and ends after it)"
+    print(f"\nfedmoe: run {run_id or '(not started)'} stopped on the SuperLink{still}; what it wrote is kept in "
+          f"{run_dir} (status.json: stopped). Continue it with: make run OVERRIDES=\"resume={name}\"", file=sys.stderr)
     return STOPPED_EXIT
 
 

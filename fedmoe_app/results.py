@@ -6,7 +6,7 @@ Files:
     summary.json          the run's headline numbers
     adapter.safetensors   the final global adapter weights (+ string metadata)
     checkpoint.safetensors  the state after the last complete round (fedmoe_app/checkpoint.py)
-    status.json           running (last round) | complete | failed (error) | stopped (reason)
+    status.json           running (last round, the ServerApp's host and pid) | complete | failed (error) | stopped (reason)
     labels.json           label id -> name, when the data names its labels
     accuracy.png, expert_utilisation.png   plots of metrics.jsonl (see plots.py)
 
@@ -50,10 +50,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
@@ -117,10 +119,30 @@ class RunResults:
     def set_status(self, status: str, **details: Any) -> None:
         """Write status.json: `running` (with the last complete round), `complete`, `failed`
         or `stopped` (with a reason), so a folder says whether its run finished. A run the
-        user stopped stays `stopped` (its ServerApp may still write a round before it ends)."""
-        if self.status().get("status") == "stopped" and status != "stopped":
-            return
+        user stopped stays `stopped`; a round its ServerApp completes before it ends still
+        moves `last_round` on."""
+        current = self.status()
+        if current.get("status") == "stopped" and status != "stopped":
+            status, details = "stopped", {**current, "last_round": details.get("last_round", current.get("last_round"))}
+            details.pop("status")
         _write_atomically(self.run_dir / STATUS_FILE, json.dumps(to_json_safe({"status": status, **details}), indent=2) + "\n")
+
+    def stop_requested(self) -> bool:
+        """Whether the user stopped the run (status.json says `stopped`); its ServerApp then
+        ends after the round in progress."""
+        return self.status().get("status") == "stopped"
+
+    def writer_running(self) -> bool:
+        """Whether the ServerApp process that last wrote this run (status.json's `server`)
+        still runs; False when it ran on another machine (it cannot be seen from here)."""
+        server = self.status().get("server") or {}
+        if server.get("host") != socket.gethostname() or "pid" not in server:
+            return False
+        try:
+            process = psutil.Process(server["pid"])
+            return process.create_time() == server.get("started") and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
     def log_round(self, record: dict) -> None:
         """Append one round record to metrics.jsonl, on disk before returning."""
@@ -180,6 +202,11 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+def this_process() -> dict:
+    """This process's host, id and start time (status.json's `server`: the process writing a run)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
 
 
 def read_rounds(run_dir: Path) -> list[dict]:

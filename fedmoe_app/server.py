@@ -18,7 +18,7 @@ from fedmoe_app.config import ConfigError, RunConfig, config_from_yaml, config_t
 from fedmoe_app.data import load_test_set
 from fedmoe_app.model import AdapterClassifier, load_state, load_tokenizer
 from fedmoe_app.records import from_record
-from fedmoe_app.results import CONFIG_FILE
+from fedmoe_app.results import CONFIG_FILE, RunResults
 from fedmoe_app.train import evaluate
 
 
@@ -58,6 +58,11 @@ def resumed_run(config: RunConfig) -> tuple[RunConfig, Checkpoint]:
     if not (folder / CONFIG_FILE).is_file():
         raise ConfigError(f"config key 'resume' is {config.resume!r}, but {folder} holds no {CONFIG_FILE}; "
                           f"allowed: the run-name of a run folder in results-dir {resolve_path(config.results_dir)}")
+    writer = RunResults.at(folder)
+    if writer.writer_running():
+        server = writer.status()["server"]
+        raise ConfigError(f"config key 'resume' is {config.resume!r}, but its ServerApp (process {server['pid']}) "
+                          f"is still writing {folder}; resume it once that process has ended")
     saved = config_from_yaml((folder / CONFIG_FILE).read_text())
     saved = dataclasses.replace(saved, resume=config.resume, run_name=config.resume, results_dir=config.results_dir)
     ignored = _differing_keys(config_to_dict(config), config_to_dict(saved))

@@ -12,7 +12,7 @@ from bench import report
 from bench.kernels import moe_and_dense
 from bench.learning import cell_overrides, first_reaching, mix_overrides, overhead_ratio, sample_steps
 from bench.run import headline, strategy_entry
-from bench.suites import HEADLINE, SUITES
+from bench.suites import HEADLINE, SUITES, smoke
 from fedmoe_app.budgets import tiers_for_population
 from fedmoe_app.config import load_config
 from fedmoe_app.batches import EncodedSet, iterate_batches
@@ -146,3 +146,13 @@ def test_head_only_baseline_trains_and_sends_only_the_classifier():
     config = load_config("conf/head_only.yaml", "model.backbone=tiny-bert")
     model = METHODS["head_only"].global_model(config, 4)
     assert set(trainable_state(model)) == {"head.weight", "head.bias"}
+
+
+def test_a_smoke_suite_is_each_suite_at_its_smallest_and_writes_apart():
+    for name, suite in SUITES.items():
+        small = smoke(suite)
+        assert small.name == f"{name}-smoke" and small.rounds == 1 and small.cells() == [(*HEADLINE, 0)]
+        assert len(small.kernel_cases) == 1 and small.cost_tiers == 1 and len(small.scale_populations) <= 1
+        assert small.speedups == suite.speedups  # every section of the suite still runs
+        config = load_config("conf/fft_moe.yaml", small.overrides)
+        assert config.model.backbone == "tiny-bert" and config.data.max_train_rows == 300

@@ -42,6 +42,16 @@ def test_run_config_precedence_and_environment():
     config = config_from_run_config(run_config, {"FEDMOE_DATA_DIR": "/env"})
     assert config.strategy == "fedavg_lora" and config.results_dir == "/r" and config.data.data_dir == "/b"
     assert config_from_run_config({"config": "conf/fft_moe.yaml"}, {"FEDMOE_DATA_DIR": "/env"}).data.data_dir == "/env"
+    assert config_from_run_config({"config": "conf/fft_moe.yaml", "data-dir": "/a"}, {"FEDMOE_DATA_DIR": "/env"}).data.data_dir == "/a"
+
+
+def test_a_named_dataset_is_not_read_from_the_default_datasets_copy():
+    # `make run OVERRIDES="data.dataset=<hub id>"` passes the AG News copy as data-dir: the hub id must win
+    named = config_from_run_config({"overrides": "data.dataset=org/reviews", "data-dir": "/ag_news"}, {"FEDMOE_DATA_DIR": "/env"})
+    assert named.data.dataset == "org/reviews" and named.data.data_dir == ""
+    explicit = config_from_run_config({"overrides": "data.dataset=org/reviews data.data-dir=/copy", "data-dir": "/ag_news"})
+    assert explicit.data.data_dir == "/copy"  # a folder named for it is still its local copy
+    assert config_from_run_config({"overrides": "data.dataset=ag_news", "data-dir": "/ag_news"}).data.data_dir == "/ag_news"
 
 
 def test_defaults_live_only_in_base_yaml():
@@ -75,6 +85,9 @@ def test_missing_key_names_it():
 def test_yaml_round_trip():
     config = load_config("conf/fft_moe.yaml", "rounds=2")
     assert config_from_yaml(config_to_yaml(config)) == config
+    # what a client and a resumed run read: a mapping given by override stays as given
+    mix = load_config("conf/fft_moe.yaml", "devices.simulation-mix={rpi4: 1.0}")
+    assert config_from_yaml(config_to_yaml(mix)).devices.simulation_mix == {"rpi4": 1.0}
 
 
 @pytest.mark.parametrize(

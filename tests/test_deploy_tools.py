@@ -78,3 +78,7 @@ def test_bad_deployment_input_names_the_field_and_the_allowed_values(tmp_path, c
         main(["--tiers", "rpi4,jetson-xavier", "--work-dir", str(tmp_path)])
     assert "--tiers has ['jetson-xavier']; allowed: rpi4, jetson-nano, jetson-orin" in capsys.readouterr().err
     assert not (tmp_path / "devices").exists()  # refused before anything was written
+    with pytest.raises(SystemExit):  # the run would wait for a second node forever
+        main(["--tiers", "rpi4", "--work-dir", str(tmp_path)])
+    assert "--tiers starts 1 SuperNodes but federation.min-nodes is 2, so no round could start" in capsys.readouterr().err
+    assert not (tmp_path / "devices").exists()

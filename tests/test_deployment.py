@@ -1,7 +1,8 @@
 """End to end: a real deployment on loopback. A SuperLink and SuperNodes run as separate
 processes, each node with its own tier and data folder, and `flwr run . <connection>` runs
-the app against them; insecure, and TLS with SuperNode authentication, where a node with an
-unregistered key is refused and a node killed mid-run rejoins."""
+the app against them, with TLS and SuperNode authentication: a node with an unregistered
+key is refused and a node killed mid-run rejoins. (`make deploy-local`, TLS and insecure:
+tests/test_readme.py.)"""
 
 import json
 import socket
@@ -55,24 +56,6 @@ def assert_all_stopped(pids, ports):
     for port in ports:
         with socket.socket() as s:
             assert s.connect_ex((HOST, port)) != 0, f"port {port} still open"
-
-
-@pytest.mark.slow
-def test_insecure_deployment_runs_the_app(tmp_path, ag_news_dir, token_cache_dir):
-    overrides = f"{TINY} rounds=1 run-name=insecure"
-    federation = federation_for(tmp_path, ag_news_dir, "conf/fedavg_lora.yaml", overrides, ["rpi4", "jetson-orin"], "insecure")
-    with federation:
-        pids = all_pids(federation)
-        run = federation.run_app(
-            run_config_string("conf/fedavg_lora.yaml", overrides, str(tmp_path / "results"), str(ag_news_dir)),
-            on_line=lambda line: None, timeout_s=600,
-        )
-    assert run["status"] == "finished:completed"
-    records = records_of(tmp_path / "results" / "insecure")
-    assert records[1]["num_replies"] == 2 and records[1]["failures"] == 0
-    assert sorted(c["tier"] for c in records[1]["clients"].values()) == ["jetson-orin", "rpi4"]
-    assert len(list(token_cache_dir.glob("*.npz"))) == 2  # each node's train.csv tokenised once, cached
-    assert_all_stopped(pids, [federation.port] + [n.port for n in federation.nodes])
 
 
 @pytest.mark.slow

@@ -1,9 +1,8 @@
 """`make run`'s launcher (fedmoe_app/launch.py): a bad config fails at once with its error
-last and a non-zero exit; a run that fails exits non-zero with its error last; Ctrl-C
-stops the run on the SuperLink, marks its results stopped, and `resume=` finishes it."""
+last and a non-zero exit; a run that fails exits non-zero with its error last. (Ctrl-C and
+`resume=` through `make run`: tests/test_readme.py.)"""
 
-import json
-import signal
+import dataclasses
 import subprocess
 import sys
 import time
@@ -11,7 +10,8 @@ import time
 import pytest
 
 from bench.simulation import LocalSimulation
-from fedmoe_app.config import APP_DIR
+from fedmoe_app.config import APP_DIR, load_config, parse_overrides
+from fedmoe_app.launch import pinned_paths
 
 TINY = "model.backbone=tiny-bert data.max-train-rows=300 eval.test-samples=100 moe.num-experts=4 moe.expert-hidden=8"
 
@@ -53,30 +53,11 @@ def test_a_failing_run_exits_non_zero_with_its_error_last(simulation, tmp_path, 
     assert line.startswith("fedmoe: error: run ") and "ended finished:failed" in line and "NotADirectoryError" in line, line
 
 
-@pytest.mark.slow
-def test_ctrl_c_stops_the_run_and_resume_finishes_it(simulation, tmp_path, ag_news_dir):
-    process = launcher(simulation, f"{TINY} rounds=30 run-name=stopped", tmp_path, ag_news_dir)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "round  2/30" in line:
-            process.send_signal(signal.SIGINT)  # what Ctrl-C in `make run` sends
-            break
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 130, "".join(lines)[-3000:] + output[-3000:]
-    assert 'make run OVERRIDES="resume=stopped"' in last_line(output)
-    run_dir = tmp_path / "stopped"
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "stopped" and 2 <= status["last_round"] < 30
-    run_id = next(word for line in lines for word in line.split() if word.isdigit() and len(word) > 8)
-    listed = subprocess.run([str(sys.executable.rsplit("/", 1)[0] + "/flwr"), "ls", "local-simulation", "--run-id", run_id,
-                             "--format", "json"], cwd=APP_DIR, env=simulation.env, capture_output=True, text=True)
-    assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:stopped"  # stopped on the SuperLink, not just the log
-    time.sleep(2)
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "stopped"  # nothing ran on to overwrite it
-    resumed = launcher(simulation, "resume=stopped", tmp_path, ag_news_dir)
-    output, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, output[-3000:]
-    rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == list(range(31))
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
+def test_the_run_gets_absolute_results_and_data_folders():
+    """The ServerApp runs from Flower's copy of the app: relative folders are pinned to what
+    the launcher checked; a path with spaces stays one override."""
+    config = load_config("conf/fft_moe.yaml", 'results-dir=out data.data-dir="my data"')
+    pinned = pinned_paths(config)
+    assert parse_overrides(pinned) == {"results-dir": str(APP_DIR / "out"), "data": {"data-dir": str(APP_DIR / "my data")}}
+    resumed = dataclasses.replace(config, resume="earlier")
+    assert parse_overrides(pinned_paths(resumed)) == {"results-dir": str(APP_DIR / "out")}

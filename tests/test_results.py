@@ -2,11 +2,12 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
-from fedmoe_app.results import RunResults, load_adapter
+from fedmoe_app.results import RunResults, load_adapter, this_process
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIERS = ("rpi4", "jetson-orin")
@@ -140,3 +141,14 @@ def test_plots_single_round_and_large_grid(tmp_path, num_rounds, num_layers, num
         results.log_round(record)
     for path in results.write_plots():
         assert_png(path)
+
+
+def test_a_stopped_run_stays_stopped_and_counts_the_rounds_its_server_still_completes(tmp_path):
+    results = RunResults(tmp_path / "run", "rounds: 8\n")
+    results.set_status("running", last_round=2, rounds=8, server=this_process())
+    assert results.status()["server"]["pid"] == os.getpid() and results.writer_running()
+    results.set_status("stopped", reason="Ctrl-C", last_round=2, rounds=8)
+    results.set_status("running", last_round=3, rounds=8, server=this_process())  # the ServerApp had not ended yet
+    assert results.status() == {"status": "stopped", "reason": "Ctrl-C", "last_round": 3, "rounds": 8}
+    results.set_status("complete", last_round=8, rounds=8)
+    assert results.status()["status"] == "stopped" and results.status()["last_round"] == 8

@@ -3,6 +3,7 @@ checkpoint ends with exactly the global arrays of a run that never stopped, for 
 registered strategy (runs in this process on tiny models, clients served by the
 ClientApp's own handlers)."""
 
+import os
 import random
 
 import numpy as np
@@ -10,10 +11,12 @@ import pytest
 
 from conftest import InProcessGrid
 from fedmoe_app.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
-from fedmoe_app.config import ConfigError, load_config
+from fedmoe_app.config import ConfigError, config_to_yaml, load_config
 from fedmoe_app.methods import method_class
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
+from fedmoe_app.results import RunResults, this_process
+from fedmoe_app.server import resumed_run
 from strategies import STRATEGIES, make_strategy
 
 ROUNDS = 3
@@ -79,3 +82,17 @@ def test_a_checkpoint_is_replaced_whole(tmp_path):
     assert loaded.server_round == 2 and loaded.strategy_state == {"a": 2}
     np.testing.assert_array_equal(loaded.arrays["head.weight"], np.ones((2, 2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_FILE]  # no temporary file left
+
+
+def test_resume_is_refused_while_the_runs_server_still_writes_it(tmp_path):
+    config = load_config("conf/head_only.yaml", f"results-dir={tmp_path} run-name=busy")
+    results = RunResults(tmp_path / "busy", config_to_yaml(config))
+    save_checkpoint(results.run_dir, Checkpoint(1, "head_only", {"head.weight": np.zeros((2, 2), np.float32)}, {}))
+    results.set_status("running", last_round=1, rounds=3, server=this_process())  # this process: alive
+    results.set_status("stopped", reason="Ctrl-C", last_round=1, rounds=3, server=results.status()["server"])
+    resume = load_config("conf/head_only.yaml", f"results-dir={tmp_path} resume=busy")
+    with pytest.raises(ConfigError, match=f"its ServerApp \\(process {os.getpid()}\\) is still writing"):
+        resumed_run(resume)
+    results.set_status("stopped", reason="Ctrl-C", last_round=1, rounds=3,
+                       server={**this_process(), "started": this_process()["started"] - 1})  # a reused process id
+    assert resumed_run(resume)[1].server_round == 1

@@ -1,4 +1,5 @@
-"""End to end: real `flwr run` simulations (local SuperLink, Ray backend) of each strategy."""
+"""End to end: real `flwr run` simulations (local SuperLink, Ray backend) of each strategy.
+(MiniLM, Ctrl-C and resume through `make run`: tests/test_readme.py.)"""
 
 import json
 from pathlib import Path
@@ -60,36 +61,8 @@ def test_simulation_tiny_bert(simulation, tmp_path, ag_news_dir, strategy):
 
 
 @pytest.mark.slow
-def test_simulation_minilm_one_round(simulation, tmp_path, ag_news_dir):
-    overrides = (
-        "model.backbone=minilm rounds=1 data.max-train-rows=300 eval.test-samples=200 "
-        "moe.num-experts=4 run-name=minilm"
-    )
-    simulation.run("conf/fft_moe.yaml", overrides, tmp_path, ag_news_dir, timeout_s=900)
-    summary = check_results(tmp_path / "minilm", rounds=1, num_labels=4)
-    assert summary["backbone"] == "minilm"
-
-
-@pytest.mark.slow
 def test_bad_config_stops_the_run_with_a_named_error(simulation, tmp_path, ag_news_dir):
     done = simulation.run("conf/fft_moe.yaml", "data.partitioner=random", tmp_path, ag_news_dir, timeout_s=300)
     output = done.stdout + done.stderr
     assert "data.partitioner" in output and "iid, dirichlet, pathological" in output
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.slow
-def test_resume_a_stopped_run_through_flwr_run(simulation, tmp_path, ag_news_dir):
-    """A run configured for 2 rounds that stopped after round 1 (made here by running 1 round
-    and restoring the 2 in its config.yaml) continues with `resume=<run-name>` under a real
-    `flwr run`: round 2 is appended, the run ends complete."""
-    first = simulation.run("conf/fft_moe.yaml", f"{TINY} rounds=1 run-name=stopped", tmp_path, ag_news_dir, timeout_s=900)
-    run_dir = tmp_path / "stopped"
-    assert (run_dir / "checkpoint.safetensors").is_file(), first.stdout[-3000:] + first.stderr[-3000:]
-    config_file = run_dir / "config.yaml"
-    config_file.write_text(config_file.read_text().replace("rounds: 1\n", "rounds: 2\n"))
-    (run_dir / "summary.json").unlink()
-    done = simulation.run("conf/fft_moe.yaml", "resume=stopped", tmp_path, ag_news_dir, timeout_s=900)
-    assert "resuming stopped after round 1" in done.stdout + done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
-    check_results(run_dir, rounds=2, num_labels=4)
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
