@@ -1,0 +1,112 @@
+"""Backbone experts from a dense FFN ("MoE-fication", DESIGN section 2).
+
+A transformer layer's FFN `W2 act(W1 x + b1) + b2` is split by its intermediate neurons
+into M equal groups S_e: expert e computes `W2[:, S_e] act(W1[S_e, :] x + b1[S_e])`, so the
+sum over all M experts (plus b2) is the dense FFN, and a token that runs K experts costs
+K / M of its FFN. Groups are contiguous slices or balanced k-means clusters of W1's rows
+(neurons with similar input weights fire together, as in MoEfication, Zhang et al. 2022).
+The router starts from the groups' centroids: its logit for expert e is the mean
+pre-activation of e's neurons (bias left out), so before any training it picks the groups
+whose neurons are the most excited.
+
+The frozen slices never travel; each expert carries a LoRA on its two slices (`BackboneExperts`),
+which is what clients train.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPINGS = ("kmeans", "contiguous")
+KMEANS_ITERATIONS = 20
+
+
+def balanced_kmeans(rows: torch.Tensor, k: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
+    """[k, n / k] row indices: `rows` [n, d] in k clusters of equal size. Each iteration
+    assigns (row, cluster) pairs in order of distance, a cluster taking rows until full,
+    then moves each centroid to its rows' mean."""
+    n = rows.shape[0]
+    size = n // k
+    generator = torch.Generator().manual_seed(seed)
+    centroids = rows[torch.randperm(n, generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        distance = torch.cdist(rows, centroids)  # [n, k]
+        order = torch.argsort(distance.reshape(-1), stable=True)
+        cluster_of = torch.full((n,), -1, dtype=torch.long)
+        filled = [0] * k
+        for pair in order.tolist():
+            row, cluster = divmod(pair, k)
+            if cluster_of[row] < 0 and filled[cluster] < size:
+                cluster_of[row] = cluster
+                filled[cluster] += 1
+        moved = torch.stack([rows[cluster_of == c].mean(0) for c in range(k)])
+        if torch.equal(moved, centroids):
+            break
+        centroids = moved
+    return torch.stack([torch.nonzero(cluster_of == c).squeeze(1) for c in range(k)])
+
+
+def group_neurons(w1: torch.Tensor, num_experts: int, grouping: str, seed: int = 0) -> torch.Tensor:
+    """[M, F / M] indices of the FFN's intermediate neurons in each expert, each row sorted:
+    `contiguous` slices, or `kmeans` (balanced k-means on the rows of `w1` [F, d])."""
+    neurons = w1.shape[0]
+    if grouping not in GROUPINGS:
+        raise ValueError(f"moe.grouping is {grouping!r}; allowed: {', '.join(GROUPINGS)}")
+    if num_experts < 1 or neurons % num_experts:
+        raise ValueError(f"moe.num-experts is {num_experts}; a backbone FFN of {neurons} neurons splits into a "
+                         f"divisor of {neurons} equal experts")
+    if grouping == "contiguous":
+        return torch.arange(neurons).reshape(num_experts, -1)
+    groups = balanced_kmeans(F.normalize(w1.detach().float(), dim=1), num_experts, seed)
+    return groups.sort(dim=1).values
+
+
+def router_from_groups(w1: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """[M, d] router weights: row e is the mean of W1's rows in group e, so the logit of
+    expert e is its neurons' mean pre-activation (without bias)."""
+    return w1.detach().float()[groups].mean(dim=1)
+
+
+class BackboneExperts(nn.Module):
+    """The held backbone experts of one FFN. Expert `held[i]` is the frozen slice pair
+    `w_in[i]` = W1[S_e] [g, d], `b_in[i]` = b1[S_e], `w_out[i]` = W2[:, S_e] [d, g] (buffers:
+    they never train or travel) with a LoRA on each, rank r, scale alpha / r:
+    `W1[S_e] + s B_in A_in` and `W2[:, S_e] + s B_out A_out`. B starts at zero, so a fresh
+    expert computes its dense slice exactly."""
+
+    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: torch.Tensor,
+                 held: Sequence[int], rank: int, alpha: float, activation: Callable[[torch.Tensor], torch.Tensor],
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.held = sorted(int(e) for e in held)
+        index = groups[self.held]  # [E, g]
+        self.register_buffer("w_in", w1.detach()[index].clone())  # [E, g, d]
+        self.register_buffer("b_in", b1.detach()[index].clone())  # [E, g]
+        self.register_buffer("w_out", w2.detach()[:, index].permute(1, 0, 2).clone())  # [E, d, g]
+        count, width, hidden = len(self.held), index.shape[1], w1.shape[1]
+        self.scale = alpha / rank
+        self.activation = activation
+        generator = torch.Generator().manual_seed(seed)
+        # PEFT's LoRA initialisation: A as nn.Linear's default (Kaiming uniform), B zero
+        self.lora_in_a = nn.Parameter(torch.empty(count, rank, hidden).uniform_(
+            -1 / math.sqrt(hidden), 1 / math.sqrt(hidden), generator=generator))
+        self.lora_in_b = nn.Parameter(torch.zeros(count, width, rank))
+        self.lora_out_a = nn.Parameter(torch.empty(count, rank, width).uniform_(
+            -1 / math.sqrt(width), 1 / math.sqrt(width), generator=generator))
+        self.lora_out_b = nn.Parameter(torch.zeros(count, hidden, rank))
+
+    def expert_state(self) -> dict[str, torch.Tensor]:
+        """Each held expert's trainable tensors, as views named `<expert>.lora_in_a` and so on."""
+        names = ("lora_in_a", "lora_in_b", "lora_out_a", "lora_out_b")
+        return {f"{expert}.{name}": getattr(self, name)[i] for i, expert in enumerate(self.held) for name in names}
+
+    def forward_one(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Held expert number `i` (local index) on tokens `x` [n, d] (without the FFN's b2)."""
+        pre = F.linear(x, self.w_in[i], self.b_in[i]) + self.scale * F.linear(F.linear(x, self.lora_in_a[i]), self.lora_in_b[i])
+        hidden = self.activation(pre)
+        return F.linear(hidden, self.w_out[i]) + self.scale * F.linear(F.linear(hidden, self.lora_out_a[i]), self.lora_out_b[i])

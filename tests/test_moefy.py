@@ -1,0 +1,81 @@
+"""MoE-fication of a dense FFN (fedmoe_app/moefy.py): neuron groups, the router's start,
+and backbone experts whose sum is the dense FFN."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel
+
+from fedmoe_app.moefy import BackboneExperts, group_neurons, router_from_groups
+
+
+def tiny_ffn():
+    """The first layer's FFN of a random tiny BERT: W1 [F, d], b1, W2 [d, F], b2, activation."""
+    torch.manual_seed(0)
+    layer = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).encoder.layer[0]
+    return (layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight,
+            layer.output.dense.bias, layer.intermediate.intermediate_act_fn)
+
+
+@pytest.mark.parametrize("grouping", ["contiguous", "kmeans"])
+def test_groups_partition_the_neurons_into_equal_experts(grouping):
+    w1 = tiny_ffn()[0]
+    groups = group_neurons(w1, 8, grouping)
+    assert groups.shape == (8, 8)
+    assert sorted(groups.reshape(-1).tolist()) == list(range(64))
+    assert all(row == sorted(row) for row in groups.tolist())
+    if grouping == "contiguous":
+        assert groups[1].tolist() == list(range(8, 16))
+
+
+def test_balanced_kmeans_finds_planted_groups():
+    torch.manual_seed(1)
+    directions = F.normalize(torch.randn(4, 16), dim=1) * 10
+    planted = torch.randperm(32).reshape(4, 8)  # neurons of group c point along direction c
+    w1 = torch.empty(32, 16)
+    for c in range(4):
+        w1[planted[c]] = directions[c] + 0.1 * torch.randn(8, 16)
+    found = {tuple(row) for row in group_neurons(w1, 4, "kmeans").tolist()}
+    assert found == {tuple(sorted(row)) for row in planted.tolist()}
+
+
+def test_bad_expert_counts_and_groupings_name_the_key():
+    w1 = tiny_ffn()[0]
+    with pytest.raises(ValueError, match="moe.num-experts is 6; a backbone FFN of 64 neurons"):
+        group_neurons(w1, 6, "contiguous")
+    with pytest.raises(ValueError, match="moe.grouping is 'random'; allowed: kmeans, contiguous"):
+        group_neurons(w1, 8, "random")
+
+
+def test_the_router_starts_at_each_groups_mean_pre_activation():
+    w1 = tiny_ffn()[0]
+    groups = group_neurons(w1, 8, "kmeans")
+    x = torch.randn(5, 32)
+    expected = torch.stack([(x @ w1.T)[:, g].mean(dim=1) for g in groups], dim=1)  # by hand, group by group
+    torch.testing.assert_close(x @ router_from_groups(w1, groups).T, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grouping", ["contiguous", "kmeans"])
+def test_all_experts_with_zero_lora_are_the_dense_ffn(grouping):
+    w1, b1, w2, b2, act = tiny_ffn()
+    groups = group_neurons(w1, 8, grouping)
+    experts = BackboneExperts(w1, b1, w2, groups, held=range(8), rank=4, alpha=8, activation=act)
+    x = torch.randn(7, 32)
+    dense = F.linear(act(F.linear(x, w1, b1)), w2, b2)
+    moe = sum(experts.forward_one(i, x) for i in range(8)) + b2
+    torch.testing.assert_close(moe, dense, rtol=0, atol=1e-5)
+
+
+def test_an_experts_lora_is_added_to_its_two_slices():
+    w1, b1, w2, _, act = tiny_ffn()
+    groups = group_neurons(w1, 4, "contiguous")
+    experts = BackboneExperts(w1, b1, w2, groups, held=[1, 3], rank=2, alpha=4, activation=act)
+    with torch.no_grad():
+        experts.lora_in_b.normal_()
+        experts.lora_out_b.normal_()
+    x, s, g = torch.randn(3, 32), 4 / 2, groups[3]  # local expert 1 is global expert 3
+    w_in = w1[g] + s * experts.lora_in_b[1] @ experts.lora_in_a[1]
+    w_out = w2[:, g] + s * experts.lora_out_b[1] @ experts.lora_out_a[1]
+    torch.testing.assert_close(experts.forward_one(1, x), act(x @ w_in.T + b1[g]) @ w_out.T, rtol=1e-5, atol=1e-5)
+    assert set(experts.expert_state()) == {f"{e}.{n}" for e in (1, 3) for n in ("lora_in_a", "lora_in_b", "lora_out_a", "lora_out_b")}
+    assert not any(name.startswith(("w_", "b_")) for name, _ in experts.named_parameters())  # the slices never train
