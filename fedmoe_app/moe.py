@@ -198,11 +198,12 @@ class SparseMoE(nn.Module):
         self,
         hidden_size: int,
         num_experts: int,
-        experts: BottleneckExperts,
+        experts: nn.Module,  # BottleneckExperts or moefy.BackboneExperts: held, forward_one, forward_sorted
         top_k: int,
         renormalize: bool = True,
         renormalize_top1: bool = False,
         dispatch: str = "auto",
+        unit_gates: bool = False,
     ) -> None:
         super().__init__()
         if not experts.held:
@@ -217,6 +218,10 @@ class SparseMoE(nn.Module):
         # the task. Switch Transformer gates top-1 with the raw probability; so do we.
         self.renormalize = renormalize and (top_k > 1 or renormalize_top1)
         self.dispatch = dispatch
+        # Backbone experts are slices of one FFN: a chosen slice counts in full (with all M
+        # chosen, their sum is the dense FFN), yet the router must learn from the task. So
+        # the gate is g / stopgrad(g): 1 forward, the gradient of g backward (straight-through).
+        self.unit_gates = unit_gates
         self.router = TopKRouter(hidden_size, num_experts)
         self.experts = experts
         held_mask = torch.zeros(num_experts, dtype=torch.bool)
@@ -234,20 +239,21 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         """Mix the top-k experts' outputs for tokens `x` [N, d]."""
         route = self.router(x, self.held_mask, self.top_k, self.renormalize)
+        gates = route.topk_weight / route.topk_weight.detach() if self.unit_gates else route.topk_weight
         dispatch = self.dispatch
         if dispatch == "auto":
             dispatch = pick_dispatch(x.device, compute_dtype(x))
         if dispatch == "loop":
-            return self._loop(x, route), route
-        return self._sorted(x, route, dispatch), route
+            return self._loop(x, route, gates), route
+        return self._sorted(x, route, gates, dispatch), route
 
-    def _loop(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+    def _loop(self, x: torch.Tensor, route: RouterOutput, gates: torch.Tensor) -> torch.Tensor:
         """Reference dispatch: each expert gathers its tokens, runs, and scatters back."""
         local = self.local_index[route.topk_index].reshape(-1)
         order = torch.argsort(local, stable=True)  # slots grouped by expert
         counts = torch.bincount(local, minlength=len(self.held)).tolist()
         token_of_slot = order // self.top_k
-        weight_of_slot = route.topk_weight.reshape(-1)[order]
+        weight_of_slot = gates.reshape(-1)[order]
         out = torch.zeros_like(x)
         start = 0
         for i, count in enumerate(counts):
@@ -259,19 +265,19 @@ class SparseMoE(nn.Module):
             start += count
         return out
 
-    def _sorted(self, x: torch.Tensor, route: RouterOutput, dispatch: str) -> torch.Tensor:
+    def _sorted(self, x: torch.Tensor, route: RouterOutput, gates: torch.Tensor, dispatch: str) -> torch.Tensor:
         """Grouped dispatch: one gather of the slots sorted by expert, the experts' grouped
         work, one scatter-add back to the tokens."""
         local_topk = self.local_index[route.topk_index]  # [N, k]
         local = local_topk.reshape(-1)
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=len(self.held)).tolist()
-        token, expert, gate = order // self.top_k, local[order], route.topk_weight.reshape(-1)[order]
+        token, expert, gate = order // self.top_k, local[order], gates.reshape(-1)[order]
         dtype = compute_dtype(x)
         if pads_segments(x.device, dtype):
             token, expert, gate, counts = pad_segments(token, gate, counts)
-        token_gates = torch.zeros(x.shape[0], len(self.held), device=x.device, dtype=route.topk_weight.dtype)
-        token_gates = token_gates.scatter(1, local_topk, route.topk_weight)
+        token_gates = torch.zeros(x.shape[0], len(self.held), device=x.device, dtype=gates.dtype)
+        token_gates = token_gates.scatter(1, local_topk, gates)
         slot_out, bias = self.experts.forward_sorted(
             x.to(dtype).index_select(0, token), counts, expert, gate, token_gates, dispatch,  # gathered in the compute dtype
         )

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmoe_app.moe import compute_dtype, grouped_linear
+
 GROUPINGS = ("kmeans", "contiguous")
 KMEANS_ITERATIONS = 20
 
@@ -110,3 +112,21 @@ class BackboneExperts(nn.Module):
         pre = F.linear(x, self.w_in[i], self.b_in[i]) + self.scale * F.linear(F.linear(x, self.lora_in_a[i]), self.lora_in_b[i])
         hidden = self.activation(pre)
         return F.linear(hidden, self.w_out[i]) + self.scale * F.linear(F.linear(hidden, self.lora_out_a[i]), self.lora_out_b[i])
+
+    def forward_sorted(self, x: torch.Tensor, counts: Sequence[int], local: torch.Tensor, gate: torch.Tensor,
+                       token_gates: torch.Tensor, dispatch: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts on slots sorted by expert (the interface of moe.BottleneckExperts):
+        `x` [S, d] slot inputs, `counts` slots per held expert, `local` [S] each slot's local
+        expert, `gate` [S] its gate. Returns the gated slot outputs [S, d] and zeros [N, d]
+        (a slice has no output bias: the FFN's b2 is added once per token, outside)."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+
+        def lora(inputs: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            down = grouped_linear(inputs, a.to(dtype), counts, dispatch)
+            return self.scale * grouped_linear(down, b.to(dtype), counts, dispatch)
+
+        pre = grouped_linear(x, self.w_in.to(dtype), counts, dispatch) + self.b_in.to(dtype)[local]
+        hidden = self.activation(pre + lora(x, self.lora_in_a, self.lora_in_b)) * gate.to(dtype)[:, None]
+        out = grouped_linear(hidden, self.w_out.to(dtype), counts, dispatch) + lora(hidden, self.lora_out_a, self.lora_out_b)
+        return out, out.new_zeros(token_gates.shape[0], out.shape[1])

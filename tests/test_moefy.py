@@ -4,8 +4,10 @@ and backbone experts whose sum is the dense FFN."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
+from fedmoe_app.moe import SparseMoE
 from fedmoe_app.moefy import BackboneExperts, group_neurons, router_from_groups
 
 
@@ -79,3 +81,50 @@ def test_an_experts_lora_is_added_to_its_two_slices():
     torch.testing.assert_close(experts.forward_one(1, x), act(x @ w_in.T + b1[g]) @ w_out.T, rtol=1e-5, atol=1e-5)
     assert set(experts.expert_state()) == {f"{e}.{n}" for e in (1, 3) for n in ("lora_in_a", "lora_in_b", "lora_out_a", "lora_out_b")}
     assert not any(name.startswith(("w_", "b_")) for name, _ in experts.named_parameters())  # the slices never train
+
+
+def backbone_moe(top_k, dispatch, held=range(8), rank=4):
+    w1, b1, w2, b2, act = tiny_ffn()
+    groups = group_neurons(w1, 8, "kmeans")
+    experts = BackboneExperts(w1, b1, w2, groups, held=held, rank=rank, alpha=8, activation=act)
+    moe = SparseMoE(32, 8, experts, top_k=top_k, dispatch=dispatch, unit_gates=True)
+    with torch.no_grad():
+        moe.router.weight.copy_(router_from_groups(w1, groups))
+    return moe, (w1, b1, w2, b2, act)
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "segmented", "grouped_mm"])
+def test_with_every_expert_chosen_the_moe_is_the_dense_ffn_and_the_router_learns(dispatch):
+    moe, (w1, b1, w2, b2, act) = backbone_moe(top_k=8, dispatch=dispatch)
+    x = torch.randn(9, 32)
+    out, _ = moe(x)
+    torch.testing.assert_close(out + b2, F.linear(act(F.linear(x, w1, b1)), w2, b2), rtol=0, atol=1e-5)
+    out.square().sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0  # straight-through gates: the task reaches the router
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "segmented", "grouped_mm"])
+def test_top_k_runs_exactly_the_chosen_slices(dispatch):
+    moe, _ = backbone_moe(top_k=2, dispatch=dispatch, held=[0, 2, 3, 5, 7])
+    with torch.no_grad():
+        moe.experts.lora_in_b.normal_()
+        moe.experts.lora_out_b.normal_()
+    x = torch.randn(11, 32)
+    out, route = moe(x)
+    local = {e: i for i, e in enumerate(moe.held)}
+    dense = torch.stack([sum(moe.experts.forward_one(local[e], x[t:t + 1])[0] for e in route.topk_index[t].tolist())
+                         for t in range(11)])  # by hand, token by token
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    assert set(route.topk_index.reshape(-1).tolist()) <= set(moe.held)
+
+
+def test_ffn_flops_per_token_scale_with_k_over_m():
+    d, width, rank, tokens = 32, 8, 4, 16
+    per_expert = 2 * (2 * d * width) + 2 * (2 * rank * d + 2 * rank * width)  # frozen slices + their LoRAs, per token
+    router = 2 * d * 8
+    for k in (1, 2, 4, 8):
+        moe, _ = backbone_moe(top_k=k, dispatch="segmented")
+        with FlopCounterMode(display=False) as counter:
+            moe(torch.randn(tokens, 32))
+        assert counter.get_total_flops() == tokens * (router + k * per_expert), k
+    assert 2 * (2 * d * width) * 8 == 2 * (2 * d * 64)  # all 8 slices: the dense FFN's multiply-adds
