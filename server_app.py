@@ -57,11 +57,13 @@ def main(grid: Grid, context: Context) -> None:
     if splits.label_names:
         results.write_labels(splits.label_names)
 
+    server = this_process()  # status.json names the process writing the run
+
     def on_round(record: dict) -> None:
         results.log_round(record)
-        results.set_status("running", last_round=record["round"], rounds=config.rounds, server=this_process())
+        status = results.set_status("running", last_round=record["round"], rounds=config.rounds, server=server)
         log(INFO, "fedmoe: %s", round_line(record, config.rounds))
-        if results.stop_requested() and record["round"] < config.rounds:
+        if status == "stopped" and record["round"] < config.rounds:  # the user stopped the run
             raise RunStopped(record["round"])
 
     def on_checkpoint(state: Checkpoint) -> None:
@@ -70,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(config, num_layers(config), on_round, on_checkpoint)
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint.strategy_state)
-    results.set_status("running", last_round=first_round - 1, rounds=config.rounds, server=this_process())
+    results.set_status("running", last_round=first_round - 1, rounds=config.rounds, server=server)
     try:
         result = strategy.start(grid, to_record(initial), num_rounds=config.rounds,
                                 evaluate_fn=GlobalEvaluator(config, model), first_round=first_round)

@@ -116,21 +116,16 @@ class RunResults:
         _write_atomically(results.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
         return results
 
-    def set_status(self, status: str, **details: Any) -> None:
+    def set_status(self, status: str, **details: Any) -> str:
         """Write status.json: `running` (with the last complete round), `complete`, `failed`
         or `stopped` (with a reason), so a folder says whether its run finished. A run the
         user stopped stays `stopped`; a round its ServerApp completes before it ends still
-        moves `last_round` on."""
+        moves `last_round` on. Returns the status written."""
         current = self.status()
-        if current.get("status") == "stopped" and status != "stopped":
+        if current.pop("status", None) == "stopped" and status != "stopped":
             status, details = "stopped", {**current, "last_round": details.get("last_round", current.get("last_round"))}
-            details.pop("status")
         _write_atomically(self.run_dir / STATUS_FILE, json.dumps(to_json_safe({"status": status, **details}), indent=2) + "\n")
-
-    def stop_requested(self) -> bool:
-        """Whether the user stopped the run (status.json says `stopped`); its ServerApp then
-        ends after the round in progress."""
-        return self.status().get("status") == "stopped"
+        return status
 
     def writer_running(self) -> bool:
         """Whether the ServerApp process that last wrote this run (status.json's `server`)

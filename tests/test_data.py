@@ -127,22 +127,17 @@ def test_data_dir_without_csv_files_names_the_files(tmp_path):
         load_splits(defaults(DataConfig, dataset="auto", data_dir=str(tmp_path)), seed=0)
 
 
-def test_bad_csv_content_is_named(tmp_path):
-    (tmp_path / "train.csv").write_text("text,label\nok,0\nbad,positive\n")
-    with pytest.raises(DataError, match=r"train\.csv line 3: label must be an integer >= 0, got 'positive'"):
-        read_csv(tmp_path / "train.csv")
-    (tmp_path / "test.csv").write_text("sentence,target\nok,0\n")
-    with pytest.raises(DataError, match=r"test\.csv must have the header text,label; found 'sentence,target'"):
-        read_csv(tmp_path / "test.csv")
-    (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(DataError, match=r"empty\.csv is empty; it needs the header text,label"):
-        read_csv(tmp_path / "empty.csv")
-    (tmp_path / "blank.csv").write_text('text,label\nok,0\n"  ",1\n')
-    with pytest.raises(DataError, match=r"blank\.csv line 3: the text is empty"):
-        read_csv(tmp_path / "blank.csv")
-    (tmp_path / "nolabel.csv").write_text('text,label\nok,0\n"two\nlines",\n')
-    with pytest.raises(DataError, match=r"nolabel\.csv line 4: the label is empty"):  # a text over lines 3-4
-        read_csv(tmp_path / "nolabel.csv")
+@pytest.mark.parametrize("name, content, error", [
+    ("train.csv", "text,label\nok,0\nbad,positive\n", r"train\.csv line 3: label must be an integer >= 0, got 'positive'"),
+    ("test.csv", "sentence,target\nok,0\n", r"test\.csv must have the header text,label; found 'sentence,target'"),
+    ("empty.csv", "", r"empty\.csv is empty; it needs the header text,label"),
+    ("blank.csv", 'text,label\nok,0\n"  ",1\n', r"blank\.csv line 3: the text is empty"),
+    ("nolabel.csv", 'text,label\nok,0\n"two\nlines",\n', r"nolabel\.csv line 4: the label is empty"),  # text on lines 3-4
+])
+def test_bad_csv_content_is_named(tmp_path, name, content, error):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=error):
+        read_csv(tmp_path / name)
 
 
 def test_labels_that_are_names_map_to_sorted_ids_and_reach_devices(tmp_path):
