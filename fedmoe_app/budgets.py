@@ -19,8 +19,11 @@ class DeviceBudget:
     """What one client may spend per round."""
 
     tier: str
-    experts_held: int
-    top_k: int
+    experts_held: int  # experts per layer the node holds: receives, routes to and may train
+    top_k: int  # adapter experts per token
+    active_experts: int  # backbone experts per token (K of moe.num-experts)
+    experts_trained: int  # backbone experts trained per batch (HFedMoE's C)
+    compute_share: float  # share of the full model's compute the device affords (UB-SMoE's beta)
     batch_size: int
     max_length: int
     local_steps: int
@@ -42,6 +45,7 @@ class DeviceBudget:
 
 
 BUDGET_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceBudget) if f.name != "tier")
+FLOAT_FIELDS = ("compute_share", "ram_gb")
 
 
 def _key(field_name: str) -> str:
@@ -49,7 +53,8 @@ def _key(field_name: str) -> str:
 
 
 def _checked_fields(where: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The budget fields of a kebab-case mapping, each of its field's type and >= 1 (ram-gb > 0)."""
+    """The budget fields of a kebab-case mapping, each of its field's type and >= 1 (ram-gb > 0,
+    compute-share in (0, 1])."""
     given = {k.replace("-", "_"): v for k, v in values.items()}
     missing = [_key(f) for f in BUDGET_FIELDS if f not in given]
     unknown = [_key(f) for f in given if f not in BUDGET_FIELDS]
@@ -57,12 +62,14 @@ def _checked_fields(where: str, values: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{where}: missing {missing}, unknown {unknown}; fields: {', '.join(map(_key, BUDGET_FIELDS))}")
     checked = {}
     for name in BUDGET_FIELDS:
-        value, kind = given[name], float if name == "ram_gb" else int
+        value, kind = given[name], float if name in FLOAT_FIELDS else int
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                 or (kind is int and value != int(value))):
             raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: {'a number' if kind is float else 'an integer'}")
         if value <= 0:
             raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: > 0")
+        if name == "compute_share" and value > 1:
+            raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: (0, 1]")
         checked[name] = kind(value)
     return checked
 
@@ -103,6 +110,12 @@ def check_mix(config: RunConfig) -> None:
             )
 
 
+def max_lora_rank(config: RunConfig) -> int:
+    """The largest lora-rank of the device tiers: the global rank of backbone experts' LoRAs
+    (each node trains their first `lora-rank` ranks)."""
+    return max(budget.lora_rank for budget in load_tiers(config.devices.file).values())
+
+
 def _number(value: Any) -> Any:
     """A node_config value as a number when it is one written as text ('4', '0.5'); else as it is."""
     if isinstance(value, str):
@@ -116,7 +129,8 @@ def _number(value: Any) -> Any:
 def resolve_budget(node_config: Mapping[str, Any], config: RunConfig) -> DeviceBudget:
     """The budget of this node: `device-tier` from node_config (deployment) or from
     `partition-id` by the simulation mix, then per-field node_config overrides
-    (`top-k=1`, `batch-size=4`, ...); experts held are capped at moe.num-experts."""
+    (`top-k=1`, `batch-size=4`, ...); experts held are capped at moe.num-experts, experts
+    per token and experts trained at the experts held."""
     tiers = load_tiers(config.devices.file)
     tier = node_config.get(msg.DEVICE_TIER)
     if tier is None:
@@ -132,4 +146,6 @@ def resolve_budget(node_config: Mapping[str, Any], config: RunConfig) -> DeviceB
     budget = DeviceBudget(tier=tier, **_checked_fields(f"node_config of tier '{tier}'", {
         **{_key(f): getattr(tiers[tier], f) for f in BUDGET_FIELDS}, **overrides}))
     held = min(budget.experts_held, config.moe.num_experts)
-    return dataclasses.replace(budget, experts_held=held, top_k=min(budget.top_k, held))
+    return dataclasses.replace(budget, experts_held=held, top_k=min(budget.top_k, held),
+                               active_experts=min(budget.active_experts, held),
+                               experts_trained=min(budget.experts_trained, held))

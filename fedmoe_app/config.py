@@ -39,8 +39,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Sparse MoE adapters (FFT-MoE)."""
+    """Sparse MoE layers: adapter experts (FFT-MoE) or the backbone's own experts."""
 
+    experts: str  # adapter (new experts beside the frozen FFN) | backbone (the FFN's own experts)
+    grouping: str  # backbone experts of a dense FFN: neuron groups by kmeans | contiguous
     num_experts: int
     expert_hidden: int
     renormalize: bool  # renormalise the chosen top-k gate weights to sum to one (k >= 2)
@@ -49,6 +51,16 @@ class MoEConfig:
     eval_top_k: int  # top-k of the global model in server-side evaluation
     usage_momentum: float  # fft_moe: share of the old global expert usage kept each round
     dispatch: str  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented
+
+
+@dataclass(frozen=True)
+class HFedMoEConfig:
+    """HFedMoE's coefficients (DESIGN 5.2)."""
+
+    importance_mix: float  # lam in s_b(e) = lam * mean_i G_e(x_i) + (1 - lam) * max_i G_e(x_i)
+    ib_beta: float  # beta of the information-bottleneck penalty in I_b(e)
+    usage_threshold: float  # tau: a client's expert update counts if its usage u_c(e) >= tau
+    gate_weights: str  # normalised (alpha(c) summing to one) | raw (the paper's alpha(c))
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,7 @@ class RunConfig:
     resume: str  # run-name of a stopped run to continue from its checkpoint ('' = a new run)
     model: ModelConfig
     moe: MoEConfig
+    hfedmoe: HFedMoEConfig
     lora: LoRAConfig
     loss: LossConfig
     train: TrainConfig
@@ -169,6 +182,9 @@ CHOICES = {
     "federation.wire-dtype": ("fp32", "fp16", "bf16"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "moe.dispatch": ("auto", "loop", "grouped_mm", "segmented"),
+    "moe.experts": ("adapter", "backbone"),
+    "moe.grouping": ("kmeans", "contiguous"),
+    "hfedmoe.gate-weights": ("normalised", "raw"),
 }
 
 
@@ -398,6 +414,11 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"config key 'eval.max-length' must be >= 0 (0: as in training), got {config.eval.max_length}")
     if not 0.0 <= config.moe.usage_momentum < 1.0:
         raise ConfigError(f"config key 'moe.usage-momentum' is {config.moe.usage_momentum}; allowed: [0, 1)")
+    if not 0.0 <= config.hfedmoe.importance_mix <= 1.0:
+        raise ConfigError(f"config key 'hfedmoe.importance-mix' is {config.hfedmoe.importance_mix}; allowed: [0, 1]")
+    for key in ("ib_beta", "usage_threshold"):
+        if getattr(config.hfedmoe, key) < 0:
+            raise ConfigError(f"config key 'hfedmoe.{_to_key(key)}' is {getattr(config.hfedmoe, key)}; allowed: >= 0")
     if not 0.0 <= config.faults.share <= 1.0:
         raise ConfigError(f"config key 'faults.share' is {config.faults.share}; allowed: [0, 1]")
     unknown = [k for k in config.faults.kinds if k not in FAULT_KINDS]

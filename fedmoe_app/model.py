@@ -1,9 +1,11 @@
 """The model: a frozen Hugging Face encoder, trainable adapters, a classification head.
 
-Adapters are either sparse MoE adapters in parallel to every layer's FFN (`moe`), PEFT
+Adapters are either sparse MoE layers (`moe`: adapter experts in parallel to every
+layer's FFN, or the FFN's own experts with a LoRA each, fedmoe_app/backbone_moe.py), PEFT
 LoRA (`lora`), or none (`head`: only the classification head trains). Trainable tensors
 have stable names that a message can carry in any subset:
-`layers.3.moe.experts.7.w_in.weight`, `layers.3.moe.router.weight`, `head.weight`,
+`layers.3.moe.experts.7.w_in.weight`, `layers.3.moe.experts.7.lora_in_a`,
+`layers.3.moe.router.weight`, `head.weight`,
 `backbone.encoder.layer.0.attention.self.query.lora_A.default.weight`.
 """
 
@@ -16,11 +18,15 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig, BertModel
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, BertConfig, MixtralConfig, OlmoeConfig,
+                          Qwen2MoeConfig)
 from transformers.utils import logging as transformers_logging
 
+from fedmoe_app.backbone_moe import add_backbone_experts, moe_layer_count
+from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
 from fedmoe_app.moe import BottleneckExperts, RouterOutput, SparseMoE
+from fedmoe_app.moefy import BackboneExperts
 from fedmoe_app.precision import Precision, resolve_precision
 from fedmoe_app.system import torch_device
 
@@ -28,6 +34,20 @@ transformers_logging.disable_progress_bar()
 
 ADAPTERS = ("moe", "lora", "head")
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+# Tiny randomly initialised models of each family, for tests (no hub here): the name is
+# the `model.backbone` value.
+_TINY_DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     max_position_embeddings=512, pad_token_id=0, bos_token_id=101, eos_token_id=102)
+TINY_CONFIGS = {
+    "tiny-bert": lambda vocab: BertConfig(vocab_size=vocab, **TINY_BERT),
+    "tiny-mixtral": lambda vocab: MixtralConfig(vocab_size=vocab, intermediate_size=32, num_local_experts=8,
+                                                num_experts_per_tok=2, **_TINY_DECODER),
+    "tiny-qwen2-moe": lambda vocab: Qwen2MoeConfig(vocab_size=vocab, intermediate_size=64, moe_intermediate_size=32,
+                                                   shared_expert_intermediate_size=64, num_experts=8,
+                                                   num_experts_per_tok=2, norm_topk_prob=False, **_TINY_DECODER),
+    "tiny-olmoe": lambda vocab: OlmoeConfig(vocab_size=vocab, intermediate_size=32, num_experts=8,
+                                            num_experts_per_tok=2, norm_topk_prob=True, **_TINY_DECODER),
+}
 
 
 def minilm_path() -> str:
@@ -41,28 +61,31 @@ def minilm_path() -> str:
 def load_tokenizer(name: str):
     """The tokenizer of backbone `name` ('minilm', 'tiny-bert', a Hugging Face id or a local
     path; see `load_encoder`). Cached per process."""
-    return AutoTokenizer.from_pretrained(minilm_path() if name in ("minilm", "tiny-bert") else name)
+    return AutoTokenizer.from_pretrained(minilm_path() if name == "minilm" or name in TINY_CONFIGS else name)
 
 
 def load_encoder(name: str) -> nn.Module:
-    """A freshly loaded encoder, float32, in eval mode: 'minilm' (offline package),
-    'tiny-bert' (random, seeded, for tests), or any Hugging Face model id or local path."""
-    if name == "tiny-bert":
-        return _tiny_bert()
+    """A freshly loaded encoder, float32, in eval mode: 'minilm' (offline package), a tiny
+    random model of a family (`TINY_CONFIGS`: tiny-bert, tiny-mixtral, ...; for tests), or any
+    Hugging Face model id or local path (a dense encoder, or a native MoE model)."""
+    if name in TINY_CONFIGS:
+        return _tiny(name)
     return AutoModel.from_pretrained(minilm_path() if name == "minilm" else name).eval()
 
 
-def _tiny_bert() -> nn.Module:
-    """A 2-layer BERT for tests: random layers (seeded, so every process builds the same
-    frozen backbone), word embeddings a fixed random projection of MiniLM's. Purely random
-    embeddings make text nearly unlearnable in the few steps a test can afford."""
+def _tiny(name: str) -> nn.Module:
+    """A 2-layer model of family `name` for tests: random layers (seeded, so every process
+    builds the same frozen backbone), word embeddings a fixed random projection of MiniLM's
+    (it shares MiniLM's tokenizer). Purely random embeddings make text nearly unlearnable
+    in the few steps a test can afford."""
     minilm = AutoModel.from_pretrained(minilm_path())
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = BertModel(BertConfig(vocab_size=minilm.config.vocab_size, **TINY_BERT))
+        model = AutoModel.from_config(TINY_CONFIGS[name](minilm.config.vocab_size))
         pretrained = minilm.embeddings.word_embeddings.weight.detach()
-        projection = torch.randn(pretrained.shape[1], TINY_BERT["hidden_size"]) / pretrained.shape[1] ** 0.5
-        model.embeddings.word_embeddings.weight.data.copy_(pretrained @ projection)
+        hidden = model.config.hidden_size
+        projection = torch.randn(pretrained.shape[1], hidden) / pretrained.shape[1] ** 0.5
+        model.get_input_embeddings().weight.data.copy_(pretrained @ projection)
     return model.eval()
 
 
@@ -193,15 +216,16 @@ def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int) -
 
 
 @lru_cache(maxsize=4)
-def _num_hidden_layers(name: str) -> int:
-    if name == "tiny-bert":
-        return TINY_BERT["num_hidden_layers"]
-    return AutoConfig.from_pretrained(minilm_path() if name == "minilm" else name).num_hidden_layers
+def _num_moe_layers(name: str) -> int:
+    if name in TINY_CONFIGS:
+        return moe_layer_count(TINY_CONFIGS[name](30522))
+    return moe_layer_count(AutoConfig.from_pretrained(minilm_path() if name == "minilm" else name))
 
 
 def num_layers(config: RunConfig) -> int:
-    """Number of transformer layers of the configured backbone."""
-    return _num_hidden_layers(config.model.backbone)
+    """Number of layers of the configured backbone that carry a MoE layer (every
+    transformer layer of a dense encoder; the sparse layers of a native MoE model)."""
+    return _num_moe_layers(config.model.backbone)
 
 
 def build_model(
@@ -215,7 +239,9 @@ def build_model(
     """A fresh classifier with `adapter` ('moe', 'lora' or 'head') on a copy of the cached backbone.
 
     For 'moe', `held` lists the experts each layer holds (default: all) and `top_k` the
-    experts per token (default: moe.eval-top-k). For 'lora', `lora_rank` defaults to
+    experts per token (default: moe.eval-top-k); the experts are adapters or the backbone's
+    own (moe.experts), the latter with LoRAs of `lora_rank` (default: the largest lora-rank
+    of the device tiers, the global rank). For 'lora', `lora_rank` defaults to
     lora.rank. Initial values are seeded by `config.seed` (the same on every device); the
     model is on `train.device` and computes in `train.precision` (the frozen backbone held
     in that precision, the trainable tensors in float32).
@@ -230,8 +256,13 @@ def build_model(
         model = AdapterClassifier(_share_weights_copy(backbone), num_labels, config.model.pooling, precision)
         if adapter == "moe":
             every = list(range(config.moe.num_experts))
-            held = held if held is not None else [every] * backbone.config.num_hidden_layers
-            _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
+            held = held if held is not None else [every] * num_layers(config)
+            if config.moe.experts == "backbone":
+                global_rank = max_lora_rank(config)
+                add_backbone_experts(model, config, held, top_k or config.moe.eval_top_k, lora_rank or global_rank,
+                                     global_rank)
+            else:
+                _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
         elif adapter == "lora":
             _add_lora_adapters(model, config, lora_rank or config.lora.rank)
     return model.to(device).train(False)
@@ -259,10 +290,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by their stable names; a stacked expert module's tensors
     appear expert by expert (`layers.3.moe.experts.7.w_in.weight`), as views."""
     state = {}
+    expert_modules = (BottleneckExperts, BackboneExperts)
     for prefix, module in model.named_modules():
-        if isinstance(module, BottleneckExperts):
+        if isinstance(module, expert_modules):
             state.update({f"{prefix}.{name}": view for name, view in module.expert_state().items()})
-    stacked = {id(p) for m in model.modules() if isinstance(m, BottleneckExperts) for p in m.parameters()}
+    stacked = {id(p) for m in model.modules() if isinstance(m, expert_modules) for p in m.parameters()}
     state.update({name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in stacked})
     return state
 

@@ -30,27 +30,38 @@ KMEANS_ITERATIONS = 20
 
 def balanced_kmeans(rows: torch.Tensor, k: int, seed: int, iterations: int = KMEANS_ITERATIONS) -> torch.Tensor:
     """[k, n / k] row indices: `rows` [n, d] in k clusters of equal size. Each iteration
-    assigns (row, cluster) pairs in order of distance, a cluster taking rows until full,
-    then moves each centroid to its rows' mean."""
+    assigns rows to clusters under the size cap (`balanced_assignment`), then moves each
+    centroid to its rows' mean."""
     n = rows.shape[0]
-    size = n // k
     generator = torch.Generator().manual_seed(seed)
     centroids = rows[torch.randperm(n, generator=generator)[:k]].clone()
     for _ in range(iterations):
-        distance = torch.cdist(rows, centroids)  # [n, k]
-        order = torch.argsort(distance.reshape(-1), stable=True)
-        cluster_of = torch.full((n,), -1, dtype=torch.long)
-        filled = [0] * k
-        for pair in order.tolist():
-            row, cluster = divmod(pair, k)
-            if cluster_of[row] < 0 and filled[cluster] < size:
-                cluster_of[row] = cluster
-                filled[cluster] += 1
+        cluster_of = balanced_assignment(torch.cdist(rows, centroids), n // k)
         moved = torch.stack([rows[cluster_of == c].mean(0) for c in range(k)])
         if torch.equal(moved, centroids):
             break
         centroids = moved
     return torch.stack([torch.nonzero(cluster_of == c).squeeze(1) for c in range(k)])
+
+
+def balanced_assignment(distance: torch.Tensor, size: int) -> torch.Tensor:
+    """[n] cluster of each row given `distance` [n, k], each cluster taking `size` rows: in
+    rounds, every unassigned row asks for its nearest cluster with room, and each cluster
+    takes the nearest of the rows asking, as many as it has room for (at most k rounds)."""
+    n, k = distance.shape
+    cluster_of = torch.full((n,), -1, dtype=torch.long)
+    room = torch.full((k,), size, dtype=torch.long)
+    while (cluster_of < 0).any():
+        free = torch.nonzero(cluster_of < 0).squeeze(1)
+        near = distance[free].masked_fill(room[None, :] == 0, float("inf")).min(dim=1)
+        by_distance = torch.argsort(near.values, stable=True)
+        order = by_distance[torch.argsort(near.indices[by_distance], stable=True)]  # by cluster, nearest first
+        wanted = near.indices[order]
+        first_of_cluster = torch.searchsorted(wanted, wanted, right=False)
+        taken = (torch.arange(len(order)) - first_of_cluster) < room[wanted]
+        cluster_of[free[order[taken]]] = wanted[taken]
+        room -= torch.bincount(wanted[taken], minlength=k)
+    return cluster_of
 
 
 def group_neurons(w1: torch.Tensor, num_experts: int, grouping: str, seed: int = 0) -> torch.Tensor:
@@ -74,33 +85,58 @@ def router_from_groups(w1: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return w1.detach().float()[groups].mean(dim=1)
 
 
-class BackboneExperts(nn.Module):
-    """The held backbone experts of one FFN. Expert `held[i]` is the frozen slice pair
-    `w_in[i]` = W1[S_e] [g, d], `b_in[i]` = b1[S_e], `w_out[i]` = W2[:, S_e] [d, g] (buffers:
-    they never train or travel) with a LoRA on each, rank r, scale alpha / r:
-    `W1[S_e] + s B_in A_in` and `W2[:, S_e] + s B_out A_out`. B starts at zero, so a fresh
-    expert computes its dense slice exactly."""
+def dense_ffn_experts(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The M experts of a dense FFN `W2 act(W1 x + b1)` split by neuron `groups` [M, g], as
+    stacked frozen slices: w_in [M, g, d] = W1[S_e], b_in [M, g] = b1[S_e], w_out [M, d, g] = W2[:, S_e]."""
+    return (w1.detach()[groups].clone(), b1.detach()[groups].clone(),
+            w2.detach()[:, groups].permute(1, 0, 2).clone())
 
-    def __init__(self, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: torch.Tensor,
-                 held: Sequence[int], rank: int, alpha: float, activation: Callable[[torch.Tensor], torch.Tensor],
-                 seed: int = 0) -> None:
+
+def gated(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated activation of SwiGLU-style experts (Mixtral, Qwen-MoE, OLMoE) whose input
+    projection stacks gate and up rows: `act(gate) * up` of its two halves."""
+    def glu(pre: torch.Tensor) -> torch.Tensor:
+        gate, up = pre.chunk(2, dim=-1)
+        return activation(gate) * up
+    return glu
+
+
+class BackboneExperts(nn.Module):
+    """The held backbone experts of one FFN, each a frozen pair of projections with a LoRA on
+    each. Expert e computes `w_out[e] act(w_in[e] x + b_in[e])` (act may be gated, taking
+    the [2g] pre-activation to [g]). Built from all M experts' stacked tensors, it keeps
+    the held ones as buffers (they never train or travel): w_in [E, h, d], b_in [E, h]
+    (zeros if None), w_out [E, d, g]. The LoRAs, rank r, scale s:
+    `w_in[e] + s B_in A_in` and `w_out[e] + s B_out A_out`; B starts at zero, so a fresh
+    expert computes its frozen projections exactly. `scale` is the same at every rank (the
+    global LoRA scale), so the first r ranks of a rank-R LoRA are a rank-r LoRA."""
+
+    def __init__(self, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, held: Sequence[int],
+                 rank: int, scale: float, activation: Callable[[torch.Tensor], torch.Tensor], seed: int = 0) -> None:
         super().__init__()
         self.held = sorted(int(e) for e in held)
-        index = groups[self.held]  # [E, g]
-        self.register_buffer("w_in", w1.detach()[index].clone())  # [E, g, d]
-        self.register_buffer("b_in", b1.detach()[index].clone())  # [E, g]
-        self.register_buffer("w_out", w2.detach()[:, index].permute(1, 0, 2).clone())  # [E, d, g]
-        count, width, hidden = len(self.held), index.shape[1], w1.shape[1]
-        self.scale = alpha / rank
+        every = len(self.held) == w_in.shape[0]
+        pick = (lambda t: t.detach()) if every else (lambda t: t.detach()[self.held])  # all held: shared, no copy
+        self.register_buffer("w_in", pick(w_in))  # [E, h, d]
+        self.register_buffer("b_in", pick(b_in) if b_in is not None else w_in.new_zeros(len(self.held), w_in.shape[1]))
+        self.register_buffer("w_out", pick(w_out))  # [E, d, g]
+        count, in_width, hidden, out_width = len(self.held), w_in.shape[1], w_in.shape[2], w_out.shape[2]
+        self.scale = scale
         self.activation = activation
         generator = torch.Generator().manual_seed(seed)
         # PEFT's LoRA initialisation: A as nn.Linear's default (Kaiming uniform), B zero
         self.lora_in_a = nn.Parameter(torch.empty(count, rank, hidden).uniform_(
             -1 / math.sqrt(hidden), 1 / math.sqrt(hidden), generator=generator))
-        self.lora_in_b = nn.Parameter(torch.zeros(count, width, rank))
-        self.lora_out_a = nn.Parameter(torch.empty(count, rank, width).uniform_(
-            -1 / math.sqrt(width), 1 / math.sqrt(width), generator=generator))
+        self.lora_in_b = nn.Parameter(torch.zeros(count, in_width, rank))
+        self.lora_out_a = nn.Parameter(torch.empty(count, rank, out_width).uniform_(
+            -1 / math.sqrt(out_width), 1 / math.sqrt(out_width), generator=generator))
         self.lora_out_b = nn.Parameter(torch.zeros(count, hidden, rank))
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank of these experts."""
+        return self.lora_in_a.shape[1]
 
     def expert_state(self) -> dict[str, torch.Tensor]:
         """Each held expert's trainable tensors, as views named `<expert>.lora_in_a` and so on."""

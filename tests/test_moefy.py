@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
 from fedmoe_app.moe import SparseMoE
-from fedmoe_app.moefy import BackboneExperts, group_neurons, router_from_groups
+from fedmoe_app.moefy import BackboneExperts, dense_ffn_experts, group_neurons, router_from_groups
 
 
 def tiny_ffn():
@@ -61,7 +61,7 @@ def test_the_router_starts_at_each_groups_mean_pre_activation():
 def test_all_experts_with_zero_lora_are_the_dense_ffn(grouping):
     w1, b1, w2, b2, act = tiny_ffn()
     groups = group_neurons(w1, 8, grouping)
-    experts = BackboneExperts(w1, b1, w2, groups, held=range(8), rank=4, alpha=8, activation=act)
+    experts = BackboneExperts(*dense_ffn_experts(w1, b1, w2, groups), held=range(8), rank=4, scale=8 / 4, activation=act)
     x = torch.randn(7, 32)
     dense = F.linear(act(F.linear(x, w1, b1)), w2, b2)
     moe = sum(experts.forward_one(i, x) for i in range(8)) + b2
@@ -71,7 +71,7 @@ def test_all_experts_with_zero_lora_are_the_dense_ffn(grouping):
 def test_an_experts_lora_is_added_to_its_two_slices():
     w1, b1, w2, _, act = tiny_ffn()
     groups = group_neurons(w1, 4, "contiguous")
-    experts = BackboneExperts(w1, b1, w2, groups, held=[1, 3], rank=2, alpha=4, activation=act)
+    experts = BackboneExperts(*dense_ffn_experts(w1, b1, w2, groups), held=[1, 3], rank=2, scale=4 / 2, activation=act)
     with torch.no_grad():
         experts.lora_in_b.normal_()
         experts.lora_out_b.normal_()
@@ -86,7 +86,7 @@ def test_an_experts_lora_is_added_to_its_two_slices():
 def backbone_moe(top_k, dispatch, held=range(8), rank=4):
     w1, b1, w2, b2, act = tiny_ffn()
     groups = group_neurons(w1, 8, "kmeans")
-    experts = BackboneExperts(w1, b1, w2, groups, held=held, rank=rank, alpha=8, activation=act)
+    experts = BackboneExperts(*dense_ffn_experts(w1, b1, w2, groups), held=held, rank=rank, scale=8 / rank, activation=act)
     moe = SparseMoE(32, 8, experts, top_k=top_k, dispatch=dispatch, unit_gates=True)
     with torch.no_grad():
         moe.router.weight.copy_(router_from_groups(w1, groups))
