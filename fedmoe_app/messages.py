@@ -48,3 +48,7 @@ NODE_CLIENT_ID = "client-id"  # optional: the node's stable client id
 # FFT-MoE: the global expert usage sent down [L * M]; the experts a node asks to hold next round [L * held].
 GLOBAL_USAGE = "global-usage"
 NEXT_EXPERTS = "next-experts"
+
+# HFedMoE: per-expert usage u_c(e) (mean gate probability) and importance s_c(e) a node reports [L * M].
+EXPERT_USAGE = "expert-usage"
+EXPERT_IMPORTANCE = "expert-importance"

@@ -312,6 +312,14 @@ def lora_rank_of(arrays: Mapping[str, np.ndarray]) -> int | None:
     return ranks.pop() if ranks else None
 
 
+def expert_rank_of(arrays: Mapping[str, np.ndarray]) -> int:
+    """The LoRA rank of the backbone experts among `arrays` (rows of a lora_in_a)."""
+    ranks = {a.shape[0] for name, a in arrays.items() if name.endswith(".lora_in_a")}
+    if len(ranks) != 1:
+        raise ValueError(f"backbone experts' LoRAs of ranks {sorted(ranks)}; a model needs exactly one rank")
+    return ranks.pop()
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters an optimiser updates."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -39,11 +39,6 @@ class RoutingStats:
         """[L, M] mean unrestricted router probability per expert."""
         return self.full_prob_sum / max(self.tokens, 1)
 
-    def preferred_experts(self, count: int) -> list[list[int]]:
-        """Per layer, the `count` experts with the highest mean router probability over all
-        M experts on this client's data, sorted."""
-        return [sorted(np.argsort(-row, kind="stable")[:count].tolist()) for row in self.full_prob]
-
 
 def expert_shares(routed_tokens: np.ndarray) -> np.ndarray:
     """[L, M] share of each layer's routing slots that went to each expert (0 for a layer

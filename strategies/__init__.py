@@ -10,8 +10,9 @@ from strategies.base import SparseStrategy
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.fft_moe import FFTMoE
 from strategies.head_only import HeadOnly
+from strategies.hfedmoe import HFedMoE
 
-STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, FedAvgLoRA, HeadOnly)}
+STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, HFedMoE, FedAvgLoRA, HeadOnly)}
 
 
 def make_strategy(config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None,

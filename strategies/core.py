@@ -7,8 +7,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-# A weight is a scalar for the whole tensor, or a vector over the tensor's first axis
-# (rows), e.g. one weight per router row = per expert.
+# A weight is a scalar for the whole tensor, a vector over the tensor's first axis (rows),
+# e.g. one weight per router row = per expert, or an array of the tensor's shape (one
+# weight per element, e.g. zero outside the ranks a low-rank client trained).
 Weight = float | np.ndarray
 
 
@@ -22,7 +23,7 @@ class Contribution:
 
 def _broadcast(weight: Weight, array: np.ndarray) -> np.ndarray:
     weight = np.asarray(weight, dtype=np.float64)
-    if weight.ndim == 0:
+    if weight.ndim == 0 or weight.shape == array.shape:
         return weight
     if weight.shape[0] != array.shape[0]:
         raise ValueError(f"row weights of length {weight.shape[0]} for a tensor of shape {array.shape}")

@@ -12,6 +12,7 @@ from fedmoe_app.client import ClientTask
 from fedmoe_app.config import load_config
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.methods.fedavg_lora import FedAvgLoRAClient
+from fedmoe_app.methods.fft_moe import FFTMoEClient
 from fedmoe_app.methods.lora import LoRAClient
 from fedmoe_app.model import build_model, lora_rank_of, state_to_numpy
 from fedmoe_app.records import held_experts, select_keys
@@ -64,11 +65,14 @@ def test_a_budget_record_names_the_bad_field():
         DeviceBudget.from_record({k: v for k, v in record.items() if k != "lora-rank"})
 
 
-def test_preferred_experts_rank_by_mean_router_probability():
-    stats = RoutingStats.empty(2, 4)
-    stats.full_prob_sum[:] = [[1.0, 4.0, 3.0, 2.0], [9.0, 1.0, 1.0, 5.0]]
-    stats.tokens = 1
-    assert stats.preferred_experts(2) == [[1, 2], [0, 3]]
+def test_a_moe_client_asks_for_the_experts_with_the_highest_mean_router_probability(config):
+    budget = dataclasses.replace(load_tiers("conf/devices.yaml")["rpi4"], experts_held=2)
+    method = FFTMoEClient(config, budget, [5, 5, 5, 5], {})
+    method.routing = RoutingStats.empty(2, 4)
+    method.routing.full_prob_sum[:] = [[1.0, 4.0, 3.0, 2.0], [9.0, 1.0, 1.0, 5.0]]
+    method.routing.tokens = 1
+    metrics, request = method.report()
+    assert request == {"next-experts": [1, 2, 0, 3]} and metrics == {"routed-tokens": [0] * 8}
 
 
 def test_expert_shares_and_utilisation_by_hand():

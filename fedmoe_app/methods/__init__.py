@@ -7,8 +7,9 @@ from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.methods.fedavg_lora import FedAvgLoRAClient
 from fedmoe_app.methods.fft_moe import FFTMoEClient
 from fedmoe_app.methods.head_only import HeadOnlyClient
+from fedmoe_app.methods.hfedmoe import HFedMoEClient
 
-METHODS: dict[str, type[ClientMethod]] = {cls.name: cls for cls in (FFTMoEClient, FedAvgLoRAClient, HeadOnlyClient)}
+METHODS: dict[str, type[ClientMethod]] = {cls.name: cls for cls in (FFTMoEClient, HFedMoEClient, FedAvgLoRAClient, HeadOnlyClient)}
 
 
 def method_class(name: str) -> type[ClientMethod]:

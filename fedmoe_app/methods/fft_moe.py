@@ -39,14 +39,6 @@ class FFTMoEClient(MoEClient):
         """Load balancing, heterogeneity-aware routing and z-loss terms (`auxiliary_loss`)."""
         return auxiliary_loss(model.trace.routes, self.config.loss, self.het_weight, self.global_usage)
 
-    def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Routing counts, and the experts to hold next round."""
-        metrics, request = super().report()
-        if self.routing is not None:
-            request[msg.NEXT_EXPERTS] = [e for layer in self.routing.preferred_experts(self.budget.experts_held)
-                                         for e in layer]
-        return metrics, request
-
 
 def auxiliary_loss(
     routes: Sequence[RouterOutput],

@@ -1,0 +1,150 @@
+"""The server half shared by methods with sparse MoE layers (fft_moe, hfedmoe).
+
+- Each node receives the routers, the head and only the experts it holds. Round 1 spreads
+  subsets so every expert is held by some node; afterwards a node holds the subset it
+  asked for (its client half ranks the experts on its own data). Subsets are kept by
+  client id, so a node that restarts keeps its own.
+- Backbone experts' LoRAs are global at the largest rank of the tiers; a node receives
+  their first `lora-rank` ranks (rows of A, columns of B) and its reply is averaged into
+  those ranks only (elementwise weights, zero elsewhere), as HetLoRA zero-pads.
+- Router rows are averaged as changes centred over the rows a node held: a softmax over
+  the held experts does not change when all their rows move by one vector, so such a shift
+  carries no information from the node's data, yet averaged with other nodes' rows (other
+  subsets) it would move the global logits. Each node's change to its held rows has its
+  mean row removed before it is added to the global rows it received.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedmoe_app import messages as msg
+from fedmoe_app.config import RunConfig
+from fedmoe_app.records import held_experts, router_layer, select_keys, unflatten
+from fedmoe_app.routing import utilisation
+from strategies.base import SparseStrategy
+from strategies.core import Contribution, sparse_weighted_average
+from strategies.replies import MalformedReply, Node, Reply
+
+# The axis of a backbone expert's LoRA tensor that is its rank (A [r, in], B [out, r]).
+RANK_AXIS = {"lora_in_a": 0, "lora_out_a": 0, "lora_in_b": 1, "lora_out_b": 1}
+
+
+def rank_axis(key: str) -> int | None:
+    """The rank axis of a backbone expert LoRA tensor's name, else None."""
+    return RANK_AXIS.get(key.rsplit(".", 1)[-1]) if ".moe.experts." in key else None
+
+
+def first_ranks(array: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """The first `rank` ranks of a LoRA tensor along its rank `axis`."""
+    return array[:rank] if axis == 0 else array[:, :rank]
+
+
+class ExpertSubsetStrategy(SparseStrategy):
+    """Sparse MoE layers with personalised, budget-sized expert subsets."""
+
+    method_metrics = (msg.ROUTED_TOKENS,)
+    method_requests = (msg.NEXT_EXPERTS,)
+
+    def __init__(self, config: RunConfig, num_layers: int, **hooks) -> None:
+        super().__init__(config, num_layers, **hooks)
+        self.subsets: dict[str, list[list[int]]] = {}  # client id -> experts per layer it holds
+        self.spread_cursor = 0
+
+    def subset_of(self, node: Node) -> list[list[int]]:
+        """The experts per layer `node` holds; new clients get the next experts in turn."""
+        if node.client_id not in self.subsets:
+            num_experts, held = self.config.moe.num_experts, min(node.budget.experts_held, self.config.moe.num_experts)
+            experts = sorted((self.spread_cursor + i) % num_experts for i in range(held))
+            self.spread_cursor = (self.spread_cursor + held) % num_experts
+            self.subsets[node.client_id] = [list(experts) for _ in range(self.num_layers)]
+        return self.subsets[node.client_id]
+
+    def arrays_for(self, node: Node, server_round: int) -> dict[str, np.ndarray]:
+        """The routers, the head and the experts the node holds (backbone experts' LoRAs at
+        the node's rank)."""
+        arrays = select_keys(self.global_arrays, self.subset_of(node))
+        rank = node.budget.lora_rank
+        return {key: first_ranks(a, axis, rank) if (axis := rank_axis(key)) is not None else a
+                for key, a in arrays.items()}
+
+    def check_reply(self, reply: Reply) -> None:
+        """Routed tokens: L x M counts >= 0; the experts asked for next round, if any:
+        per layer as many as the node holds, distinct, each in [0, M)."""
+        num_experts = self.config.moe.num_experts
+        routed = reply.metrics.get(msg.ROUTED_TOKENS)
+        if not (isinstance(routed, list) and len(routed) == self.num_layers * num_experts
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in routed)):
+            raise MalformedReply(f"metric '{msg.ROUTED_TOKENS}' is not {self.num_layers} x {num_experts} counts >= 0")
+        requested = reply.request.get(msg.NEXT_EXPERTS)
+        if requested is None:
+            return
+        held = min(reply.node.budget.experts_held, num_experts)
+        layers = [requested[i * held:(i + 1) * held] for i in range(self.num_layers)] if isinstance(requested, list) else []
+        if not (isinstance(requested, list) and len(requested) == self.num_layers * held
+                and all(len(set(layer)) == held and all(isinstance(e, int) and 0 <= e < num_experts for e in layer)
+                        for layer in layers)):
+            raise MalformedReply(f"request '{msg.NEXT_EXPERTS}' is not {held} distinct experts in [0, {num_experts}) "
+                                 f"for each of {self.num_layers} layers")
+
+    def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
+        """The round's expert utilisation per layer (share of routed tokens per expert)."""
+        usage = self.utilisation(replies)
+        return {"expert_utilisation": usage.tolist() if usage is not None else None}
+
+    def utilisation(self, replies: list[Reply]) -> np.ndarray | None:
+        """[L, M] share of routed tokens per expert over the replies, or None without replies."""
+        return utilisation([unflatten(r.metrics[msg.ROUTED_TOKENS], self.num_layers) for r in replies])
+
+    def contribution_of(self, reply: Reply) -> dict[str, np.ndarray]:
+        """The trained tensors, router rows as the received rows plus their centred change."""
+        held = held_experts(list(reply.arrays), self.num_layers)
+        arrays = dict(reply.arrays)
+        for key, trained in reply.arrays.items():
+            layer = router_layer(key)
+            if layer is None or not held[layer]:
+                continue
+            rows = held[layer]
+            change = trained[rows] - self.global_arrays[key][rows]
+            centred = trained.copy()
+            centred[rows] = self.global_arrays[key][rows] + change - change.mean(axis=0, keepdims=True)
+            arrays[key] = centred
+        return arrays
+
+    def aggregate(self, replies: list[Reply]) -> dict[str, np.ndarray]:
+        """The sparse weighted average, each reply's LoRA tensors of a lower rank than the
+        global one counting in their first ranks only."""
+        contributions = []
+        for reply in replies:
+            arrays, weights = self.contribution_of(reply), self.weights_for(reply)
+            for key, array in list(arrays.items()):
+                full = self.global_arrays[key]
+                if rank_axis(key) is None or array.shape == full.shape:
+                    continue
+                padded, mask = np.zeros_like(full), np.zeros(full.shape)
+                region = (slice(None),) * rank_axis(key) + (slice(0, array.shape[rank_axis(key)]),)
+                padded[region], mask[region] = array, 1.0
+                arrays[key], weights[key] = padded, mask * weights.get(key, 0.0)
+            contributions.append(Contribution(arrays, weights))
+        return sparse_weighted_average(self.global_arrays, contributions)
+
+    def update_state(self, replies: list[Reply]) -> None:
+        """Each node's next subset: what it asked for."""
+        for reply in replies:
+            requested = reply.request.get(msg.NEXT_EXPERTS)
+            if requested:
+                subset = np.asarray(requested, dtype=int).reshape(self.num_layers, -1)
+                self.subsets[reply.node.client_id] = [sorted(row.tolist()) for row in subset]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base state, every client's subset and the spread cursor."""
+        return {**super().state_dict(), "subsets": {c: [list(layer) for layer in s] for c, s in self.subsets.items()},
+                "spread_cursor": self.spread_cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict`."""
+        super().load_state_dict(state)
+        self.subsets = {client: [list(map(int, layer)) for layer in subset] for client, subset in state["subsets"].items()}
+        self.spread_cursor = int(state["spread_cursor"])
