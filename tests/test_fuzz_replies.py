@@ -21,6 +21,9 @@ HEAD, E0, E1, ROUTER = "head.weight", "layers.0.moe.experts.0.w_in.weight", "lay
 GOOD = {  # what the client halves send: (metrics, request)
     "fft_moe": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0, "bytes-down": 8,
                  "bytes-up": 8, "routed-tokens": [5, 5]}, {"next-experts": [0, 1]}),
+    "hfedmoe": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0, "bytes-down": 8,
+                 "bytes-up": 8, "routed-tokens": [5, 5], "expert-usage": [0.5, 0.5], "expert-importance": [0.6, 0.7]},
+                {"next-experts": [0, 1]}),
     "fedavg_lora": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0,
                      "bytes-down": 8, "bytes-up": 8}, {}),
 }
@@ -105,13 +108,13 @@ def round_of(strategy_name, replies):
     return strategy, from_record(arrays)
 
 
-@pytest.mark.parametrize("strategy_name", ["fft_moe", "fedavg_lora"])
+@pytest.mark.parametrize("strategy_name", ["fft_moe", "hfedmoe", "fedavg_lora"])
 def test_fuzz_hostile_replies_are_rejected_and_change_nothing(strategy_name):
     goods = [good_reply(strategy_name, 1, 0.01), good_reply(strategy_name, 2, 0.02), good_reply(strategy_name, 3, 0.015)]
     _, reference = round_of(strategy_name, goods)
     rng = random.Random(f"fuzz-{strategy_name}")
     kinds = {}
-    for _ in range(120):  # x 2 strategies: 240 hostile replies
+    for _ in range(120):  # x 3 strategies: 360 hostile replies
         kind, content = hostile_content(strategy_name, rng)
         kinds[kind] = kinds.get(kind, 0) + 1
         strategy, new = round_of(strategy_name, goods + [message(HOSTILE, content)])  # must not raise

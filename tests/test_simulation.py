@@ -53,6 +53,10 @@ def test_simulation_tiny_bert(simulation, tmp_path, ag_news_dir, strategy):
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         utilisation = records[-1]["expert_utilisation"]
         assert len(utilisation) == 2 and all(abs(sum(row) - 1) < 1e-6 for row in utilisation)
+    elif strategy == "hfedmoe":  # backbone experts: LoRAs only (the frozen slices never travel), at the largest rank
+        ranks = {a.shape[0] for k, a in arrays.items() if k.endswith(".lora_in_a")}
+        assert ranks == {16} and sum(1 for k in arrays if k.endswith(".lora_in_a")) == 2 * 4
+        assert not any(k.endswith("w_in.weight") for k in arrays)
     elif strategy == "fedavg_lora":
         assert any("lora_A" in k for k in arrays) and not any(".moe." in k for k in arrays)
     else:
