@@ -1,7 +1,9 @@
 """What one client of a tier pays for one round of a strategy, measured in a fresh process
 (so its peak resident memory is its own): seconds per local step, FLOPs per step counted
-by torch's FLOP counter, bytes down and up (in the wire dtype), and their ratio to the full
-adapter set, at the configured precision.
+by torch's FLOP counter and the FFN's share of them, bytes down and up (in the wire dtype),
+and their ratio to the full adapter set, at the configured precision. Seconds and FLOPs per
+step are also measured at one shape for every tier (`REFERENCE_BATCH` rows of the tier's
+max-length), so tiers compare at the same batch and length.
 
 Usage: python -m bench.client_cost --strategy fft_moe --tier rpi4 [--data-dir DIR]
 Prints one JSON object.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 
@@ -27,31 +30,56 @@ from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import record_nbytes, to_record, updates_from
 from fedmoe_app.system import peak_rss_mb
-from fedmoe_app.train import model_device, to_device
+from fedmoe_app.train import model_device, to_device, train_local
 from strategies import make_strategy
 from strategies.base import Node
 
 FLOP_BATCHES = 2
+REFERENCE_BATCH = 8  # rows per step of the same-shape comparison (the smallest tier's batch)
+REFERENCE_STEPS = 8
+# The FFN of a layer, by module name: a BERT layer's intermediate and output blocks (with
+# any MoE in them), a decoder layer's mlp.
+FFN_MODULE = re.compile(r"\.(encoder\.layer\.\d+\.(intermediate|output)|layers\.\d+\.mlp)$")
 
 
-def step_flops(model, batches, method: ClientMethod) -> float:
+def step_flops(model, batches, method: ClientMethod) -> tuple[float, float]:
     """Mean FLOPs of one training step (forward, the task loss and the method's terms,
-    backward) over `batches`."""
+    backward) over `batches`, and the FFNs' share of the forward FLOPs (the counter's
+    per-module figures are exact in the forward pass only; a frozen FFN's backward is
+    about its forward again, so the share of the step is about the same)."""
     model.train()
     device = model_device(model)
     for moe in model.moe_layers:  # the FLOP counter counts F.linear, not torch._grouped_mm: same work
         moe.dispatch = "segmented"
-    total = 0
+    total = forward = ffn = 0
     for batch in batches:
         batch = to_device(batch, device)
         with FlopCounterMode(display=False) as counter:
             logits = model(batch["input_ids"], batch["attention_mask"])
             loss = F.cross_entropy(logits, batch["labels"]) + method.loss_terms(model)
+        forward += counter.get_total_flops()
+        ffn += sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if FFN_MODULE.search(name))
+        with FlopCounterMode(display=False) as counter:
             loss.backward()
         total += counter.get_total_flops()
         model.zero_grad(set_to_none=True)
     model.train(False)
-    return total / len(batches)
+    return (forward + total) / len(batches), ffn / max(forward, 1)
+
+
+def reference_shape_cost(task: ClientTask, down, server, config) -> dict:
+    """Seconds (mean over REFERENCE_STEPS steps, after one warm-up step) and FLOPs per
+    training step at REFERENCE_BATCH rows of the tier's max-length."""
+    batches = list(iterate_batches(task.train_set, REFERENCE_BATCH, task.tokenizer.pad_token_id, shuffle=True,
+                                   seed=config.seed, num_batches=REFERENCE_STEPS + 1,
+                                   group_by_length=config.train.group_by_length))
+    method = task.method(server)
+    model = task.model(method, down)
+    train_local(model, batches[:1], 1, config.train.lr, 0.0, method)  # warm-up: kernels for this shape
+    timed = train_local(model, batches[1:], REFERENCE_STEPS, config.train.lr, 0.0, task.method(server))
+    flops, ffn_share = step_flops(task.model(method, down), batches[:FLOP_BATCHES], method)
+    return {"reference_batch": REFERENCE_BATCH, "reference_step_seconds": timed.step_seconds,
+            "reference_step_gflops": flops / 1e9, "reference_ffn_share": ffn_share}
 
 
 def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10) -> dict:
@@ -72,7 +100,8 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
                                    group_by_length=config.train.group_by_length))
     method = task.method(server)
     client_model = task.model(method, down)
-    flops = step_flops(client_model, batches, method)
+    flops, ffn_share = step_flops(client_model, batches, method)
+    reference = reference_shape_cost(task, down, server, config)
     wire = config.federation.wire_dtype
     full = record_nbytes(to_record(strategy.global_arrays, wire))
     up = record_nbytes(to_record(updates_from(trained, down), wire))
@@ -81,9 +110,11 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
         "strategy": strategy_name, "tier": tier, "threads": config.train.threads,
         "precision": client_model.precision.name, "wire_dtype": wire,
         "batch_size": budget.batch_size, "max_length": budget.max_length, "local_steps": budget.local_steps,
-        "experts_held": budget.experts_held, "top_k": budget.top_k,
+        "experts_held": budget.experts_held, "experts_per_token": method.experts_per_token()
+        if hasattr(method, "experts_per_token") else None, "experts_trained": budget.experts_trained,
         "step_seconds": float(metrics[msg.STEP_SECONDS]), "train_seconds": float(metrics[msg.TRAIN_SECONDS]),
         "step_gflops": flops / 1e9, "achieved_gflops_per_s": flops / 1e9 / float(metrics[msg.STEP_SECONDS]),
+        "ffn_share": ffn_share, **reference,
         "bytes_down": down_bytes, "bytes_up": up, "full_adapter_bytes": full,
         "bytes_up_ratio": up / full, "bytes_down_ratio": down_bytes / full,
         "trainable_params": sum(a.size for a in trained.values()),

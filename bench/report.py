@@ -73,6 +73,22 @@ def cost_table(results: dict) -> str:
                   "% of fp32 peak", "% of bf16 peak", "MB down", "MB up", "up / full set", "peak RSS MB"], rows)
 
 
+def same_shape_table(results: dict) -> str:
+    """Per strategy and tier, at one batch and length for every tier: experts per token,
+    seconds and FLOPs per step, the FFN's share of the forward FLOPs, and each tier's
+    step time against the strategy's largest tier (last in the devices file)."""
+    costs = [c for c in results["client_cost"] if "reference_step_seconds" in c]
+    top = {}
+    for c in costs:
+        top[c["strategy"]] = c  # tiers run in devices-file order, the largest last
+    rows = [[c["strategy"], c["tier"], f"{c['reference_batch']} x {c['max_length']}", c.get("experts_per_token") or "-",
+             _num(c["reference_step_seconds"], 3), _num(c["reference_step_gflops"], 2), _pct(c["reference_ffn_share"]),
+             _num(c["reference_step_seconds"] / top[c["strategy"]]["reference_step_seconds"]),
+             _num(c["reference_step_gflops"] / top[c["strategy"]]["reference_step_gflops"])] for c in costs]
+    return table(["strategy", "tier", "batch x length", "experts / token", "s/step", "GFLOP/step", "FFN share",
+                  "s/step vs largest tier", "FLOPs vs largest tier"], rows)
+
+
 def kernel_table(results: dict) -> str:
     """Sparse MoE against the dense layer doing the same k experts' work."""
     rows = [[r["num_experts"], r["top_k"], r["tokens"], r.get("precision", "fp32"),
@@ -198,6 +214,7 @@ def write(results: dict, out_dir: Path) -> Path:
         f"## Client cost per tier (one client process, {results['settings']['client_threads']} thread; "
         f"precision {results.get('precision', 'fp32')}; matmul peak {results['matmul_peak_gflops']:.0f} GFLOP/s fp32, "
         f"{_num(results.get('matmul_peak_gflops_bf16'), 0)} GFLOP/s bf16)", cost_table(results), f"![costs]({plots['costs'].name})",
+        "## Client cost per tier at one batch and length", same_shape_table(results),
         "## Sparse MoE dispatch", kernel_table(results), f"![kernel]({plots['kernel'].name})",
     ]
     if results["scale"]:
