@@ -150,7 +150,8 @@ def messages(tmp_path_factory):
 def test_a_query_process_imports_no_torch(messages):
     out = cold_start._run_child("query", *messages)
     assert out["reply"]["node"]["num-examples"] == 32 and len(out["reply"]["node"]["client-id"]) == 32
-    assert out["reply"]["budget"] == {"tier": "rpi4", "experts-held": 4, "top-k": 1, "batch-size": 8, "max-length": 64,
+    assert out["reply"]["budget"] == {"tier": "rpi4", "experts-held": 4, "top-k": 1, "active-experts": 2,
+                                      "experts-trained": 1, "compute-share": 0.125, "batch-size": 8, "max-length": 64,
                                       "local-steps": 8, "lora-rank": 4, "ram-gb": 4.0}
     assert "torch" not in out["modules"] and "transformers" not in out["modules"]
 

@@ -140,6 +140,7 @@ RUN_BY = {
     "flwr run": "test_make_run",  # `make run` runs `flwr run . local-simulation`
     "make test": "test_make_test",
     "make run CONFIG=conf/fedavg_lora.yaml": "test_make_run_with_another_strategy",
+    "make run CONFIG=conf/hfedmoe.yaml": "test_make_run_with_another_strategy",
     'make run OVERRIDES="data.alpha=0.1 rounds=10 loss.heterogeneity=0"': "test_make_run_with_overrides",
     'make run OVERRIDES="devices.simulation-mix={rpi4: 1.0}"': "test_a_mapping_override_replaces_the_default",
     "FLWR_HOME=$PWD/.flwr .venv/bin/python -m fedmoe_app.launch --config conf/fedavg_lora.yaml "
@@ -207,9 +208,10 @@ def test_make_run(shell):
 
 
 @pytest.mark.slow
-def test_make_run_with_another_strategy(shell):
-    ok(shell.run(shortened("make run CONFIG=conf/fedavg_lora.yaml", f"{TINY} run-name=readme-config")))
-    assert completed(shell.results / "readme-config")["strategy"] == "fedavg_lora"
+@pytest.mark.parametrize("strategy", ["fedavg_lora", "hfedmoe"])
+def test_make_run_with_another_strategy(shell, strategy):
+    ok(shell.run(shortened(f"make run CONFIG=conf/{strategy}.yaml", f"{TINY} run-name=readme-{strategy}")))
+    assert completed(shell.results / f"readme-{strategy}")["strategy"] == strategy
 
 
 @pytest.mark.slow
