@@ -12,7 +12,9 @@ Dispatch (`SparseMoE.dispatch`):
 - `auto`: the fastest of these measured for the device and compute dtype
   (`pick_dispatch`; figures in docs/RESULTS.md, `make bench-quick`).
 Every implementation computes exactly the k chosen experts per token: compute scales
-with k, not with M.
+with k, not with M. Where k is every expert held and the experts offer `forward_all`
+(backbone experts), every dispatch but `loop` runs them all on every token as whole-layer
+products, with no routing of rows.
 """
 
 from __future__ import annotations
@@ -245,6 +247,10 @@ class SparseMoE(nn.Module):
             dispatch = pick_dispatch(x.device, compute_dtype(x))
         if dispatch == "loop":
             return self._loop(x, route, gates), route
+        if self.top_k == len(self.held) and hasattr(self.experts, "forward_all"):
+            # every token runs every held expert: no routing of rows is needed
+            token_gates = torch.zeros(x.shape[0], len(self.held), device=x.device, dtype=gates.dtype)
+            return self.experts.forward_all(x, token_gates.scatter(1, self.local_index[route.topk_index], gates)), route
         return self._sorted(x, route, gates, dispatch), route
 
     def _loop(self, x: torch.Tensor, route: RouterOutput, gates: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,8 @@ class BackboneExperts(nn.Module):
         self.register_buffer("w_in", pick(w_in))  # [E, h, d]
         self.register_buffer("b_in", pick(b_in) if b_in is not None else w_in.new_zeros(len(self.held), w_in.shape[1]))
         self.register_buffer("w_out", pick(w_out))  # [E, d, g]
+        # the output slices side by side, [d, E * g] (the dense W2 when all M are held), for `forward_all`
+        self.register_buffer("w_out_all", self.w_out.permute(1, 0, 2).reshape(w_out.shape[1], -1), persistent=False)
         count, in_width, hidden, out_width = len(self.held), w_in.shape[1], w_in.shape[2], w_out.shape[2]
         self.scale = scale
         self.activation = activation
@@ -148,6 +150,23 @@ class BackboneExperts(nn.Module):
         pre = F.linear(x, self.w_in[i], self.b_in[i]) + self.scale * F.linear(F.linear(x, self.lora_in_a[i]), self.lora_in_b[i])
         hidden = self.activation(pre)
         return F.linear(hidden, self.w_out[i]) + self.scale * F.linear(F.linear(hidden, self.lora_out_a[i]), self.lora_out_b[i])
+
+    def forward_all(self, x: torch.Tensor, token_gates: torch.Tensor) -> torch.Tensor:
+        """Every held expert on every token `x` [N, d], expert i's hidden activations scaled by
+        `token_gates[:, i]` ([N, E]); [N, d] in the compute dtype. Each projection of all
+        held experts is one matrix product (with all M held, the dense FFN's), the LoRAs
+        batched products: no gather, sort or scatter, for budgets where K is every expert held."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        count, width, hidden_size = self.w_in.shape
+        tokens, rank = x.shape[0], self.rank
+        pre = F.linear(x, self.w_in.to(dtype).reshape(count * width, hidden_size), self.b_in.to(dtype).reshape(-1))
+        down = F.linear(x, self.lora_in_a.to(dtype).reshape(count * rank, hidden_size)).view(tokens, count, rank)
+        pre = pre.view(tokens, count, width) + self.scale * torch.einsum("ner,ehr->neh", down, self.lora_in_b.to(dtype))
+        hidden = self.activation(pre) * token_gates.to(dtype)[:, :, None]  # [N, E, g]
+        out = F.linear(hidden.reshape(tokens, -1), self.w_out_all.to(dtype))
+        down = torch.einsum("neg,erg->ner", hidden, self.lora_out_a.to(dtype))
+        return out + self.scale * torch.einsum("ner,edr->nd", down, self.lora_out_b.to(dtype))
 
     def forward_sorted(self, x: torch.Tensor, counts: Sequence[int], local: torch.Tensor, gate: torch.Tensor,
                        token_gates: torch.Tensor, dispatch: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, BertModel
 
 from fedmoe_app.moe import SparseMoE
-from fedmoe_app.moefy import BackboneExperts, dense_ffn_experts, group_neurons, router_from_groups
+from fedmoe_app.moefy import BackboneExperts, dense_ffn_experts, gated, group_neurons, router_from_groups
 
 
 def tiny_ffn():
@@ -116,6 +116,30 @@ def test_top_k_runs_exactly_the_chosen_slices(dispatch):
                          for t in range(11)])  # by hand, token by token
     torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
     assert set(route.topk_index.reshape(-1).tolist()) <= set(moe.held)
+
+
+@pytest.mark.parametrize("gated_experts", [False, True])
+def test_when_every_held_expert_runs_the_whole_layer_products_equal_the_reference(gated_experts):
+    """k = experts held: `forward_all` (no routing of rows) against the `loop` reference,
+    outputs and every gradient, with trained-looking LoRAs, a held subset, and both the
+    slice experts and SwiGLU-style experts (gate and up rows stacked)."""
+    results = {}
+    for dispatch in ("loop", "segmented"):
+        moe, (w1, b1, w2, _, act) = backbone_moe(top_k=5, dispatch=dispatch, held=[0, 2, 3, 5, 7])
+        if gated_experts:  # each input slice's 8 rows as gate and up halves: act(gate) * up, 4 wide
+            w_in, b_in, w_out = dense_ffn_experts(w1, b1, w2, group_neurons(w1, 8, "kmeans"))
+            experts = BackboneExperts(w_in, b_in, w_out[:, :, :4], held=moe.held, rank=4, scale=2, activation=gated(F.silu))
+            moe.experts = experts
+        torch.manual_seed(3)
+        with torch.no_grad():
+            moe.experts.lora_in_b.normal_(std=0.1)
+            moe.experts.lora_out_b.normal_(std=0.1)
+        x = torch.randn(11, 32, requires_grad=True)
+        out, _ = moe(x)
+        out.square().sum().backward()
+        results[dispatch] = (out, x.grad, *(p.grad for p in moe.parameters()))
+    for ours, reference in zip(results["segmented"], results["loop"]):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_ffn_flops_per_token_scale_with_k_over_m():
