@@ -119,17 +119,20 @@ def test_top_k_runs_exactly_the_chosen_slices(dispatch):
 
 
 @pytest.mark.parametrize("gated_experts", [False, True])
-def test_when_every_held_expert_runs_the_whole_layer_products_equal_the_reference(gated_experts):
-    """k = experts held: `forward_all` (no routing of rows) against the `loop` reference,
-    outputs and every gradient, with trained-looking LoRAs, a held subset, and both the
-    slice experts and SwiGLU-style experts (gate and up rows stacked)."""
+@pytest.mark.parametrize("top_k, held, rank", [
+    (5, [0, 2, 3, 5, 7], 4),  # k = every expert held: whole-layer products (forward_all)
+    (2, [0, 2, 3, 5, 7], 4),  # sorted slots
+])
+def test_every_path_equals_the_loop_reference_in_outputs_and_gradients(gated_experts, top_k, held, rank):
+    """Against the `loop` reference, outputs and every gradient, with trained-looking LoRAs,
+    a held subset, slice experts and SwiGLU-style experts (gate and up rows stacked)."""
     results = {}
     for dispatch in ("loop", "segmented"):
-        moe, (w1, b1, w2, _, act) = backbone_moe(top_k=5, dispatch=dispatch, held=[0, 2, 3, 5, 7])
+        moe, (w1, b1, w2, _, act) = backbone_moe(top_k=top_k, dispatch=dispatch, held=held, rank=rank)
         if gated_experts:  # each input slice's 8 rows as gate and up halves: act(gate) * up, 4 wide
             w_in, b_in, w_out = dense_ffn_experts(w1, b1, w2, group_neurons(w1, 8, "kmeans"))
-            experts = BackboneExperts(w_in, b_in, w_out[:, :, :4], held=moe.held, rank=4, scale=2, activation=gated(F.silu))
-            moe.experts = experts
+            moe.experts = BackboneExperts(w_in, b_in, w_out[:, :, :4], held=held, rank=rank, scale=2,
+                                          activation=gated(F.silu))
         torch.manual_seed(3)
         with torch.no_grad():
             moe.experts.lora_in_b.normal_(std=0.1)
