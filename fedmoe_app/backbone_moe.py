@@ -16,7 +16,8 @@ the routers and the head, and the frozen weights never travel.
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,20 @@ from fedmoe_app.moe import SparseMoE
 from fedmoe_app.moefy import BackboneExperts, dense_ffn_experts, gated, group_neurons, router_from_groups
 
 GROUPING_SEED = 0  # groups are a property of the backbone's weights, the same in every run
+
+
+@dataclass
+class FFNExperts:
+    """One layer's FFN as backbone experts: every expert's frozen projections (stacked),
+    the router's start, and how the experts are gated."""
+
+    w_in: torch.Tensor  # [M, h, d]
+    b_in: torch.Tensor | None  # [M, h]
+    w_out: torch.Tensor  # [M, d, g]
+    router: torch.Tensor  # [M, d] the router's initial weights
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    renormalize: bool  # renormalise the chosen gates (k >= 2)
+    unit_gates: bool  # straight-through gates of 1 (slices of one dense FFN)
 
 
 class MoEfiedOutput(nn.Module):
@@ -107,31 +122,32 @@ def add_backbone_experts(model: nn.Module, config: RunConfig, held: Sequence[Seq
     if len(held) != len(slots):
         raise ValueError(f"held experts given for {len(held)} layers, the model has {len(slots)} MoE layers")
     scale = expert_lora_scale(config, global_rank)
-    for (layer, (w_in, b_in, w_out, router, activation, renormalize, unit_gates)), layer_held in zip(slots, held):
-        experts = BackboneExperts(w_in, b_in, w_out, layer_held, rank, scale, activation, seed=config.seed)
-        moe = SparseMoE(router.shape[1], config.moe.num_experts, experts, min(top_k, len(layer_held)), renormalize,
-                        config.moe.renormalize_top1, config.moe.dispatch, unit_gates=unit_gates)
+    for (layer, ffn), layer_held in zip(slots, held):
+        experts = BackboneExperts(ffn.w_in, ffn.b_in, ffn.w_out, layer_held, rank, scale, ffn.activation, seed=config.seed)
+        moe = SparseMoE(ffn.router.shape[1], config.moe.num_experts, experts, min(top_k, len(layer_held)),
+                        ffn.renormalize, config.moe.renormalize_top1, config.moe.dispatch, unit_gates=ffn.unit_gates)
         with torch.no_grad():
-            moe.router.weight.copy_(router)
+            moe.router.weight.copy_(ffn.router)
         model.layers.append(AdapterSlot(moe))
-        if unit_gates:  # a MoE-fied dense FFN
+        if ffn.unit_gates:  # a MoE-fied dense FFN
             layer.output = MoEfiedOutput(layer.output, moe, model.trace)
             layer.intermediate = nn.Identity()
         else:
             layer.mlp = NativeMoEBlock(layer.mlp, moe, model.trace)
 
 
-def _moefied(layer: nn.Module, config: RunConfig, index: int) -> tuple:
+def _moefied(layer: nn.Module, config: RunConfig, index: int) -> FFNExperts:
     """The experts of a BERT-family layer's FFN (slices, router start, activation); the
     slices are gated by 1 (straight-through), so all M chosen are the dense FFN."""
     w1, b1 = layer.intermediate.dense.weight, layer.intermediate.dense.bias
     w2 = layer.output.dense.weight
     groups = _groups(config.model.backbone, index, w1, config.moe.num_experts, config.moe.grouping)
     w_in, b_in, w_out = _slices(w1, b1, w2, groups)
-    return w_in, b_in, w_out, router_from_groups(w1, groups), layer.intermediate.intermediate_act_fn, True, True
+    return FFNExperts(w_in, b_in, w_out, router_from_groups(w1, groups), layer.intermediate.intermediate_act_fn,
+                      renormalize=True, unit_gates=True)
 
 
-def _native(block: nn.Module, config: RunConfig) -> tuple:
+def _native(block: nn.Module, config: RunConfig) -> FFNExperts:
     """The experts of a native sparse MoE block (its own projections and router); gates
     renormalised over the chosen K as the family does (Mixtral always, Qwen / OLMoE by
     `norm_topk_prob`)."""
@@ -139,9 +155,8 @@ def _native(block: nn.Module, config: RunConfig) -> tuple:
     if router.weight.shape[0] != config.moe.num_experts:
         raise ConfigError(f"config key 'moe.num-experts' is {config.moe.num_experts}; model.backbone "
                           f"'{config.model.backbone}' has {router.weight.shape[0]} experts per layer: set it to that")
-    renormalize = getattr(router, "norm_topk_prob", True)
-    return (experts.gate_up_proj, None, experts.down_proj, router.weight.detach().float(), gated(experts.act_fn),
-            renormalize, False)
+    return FFNExperts(experts.gate_up_proj, None, experts.down_proj, router.weight.detach().float(),
+                      gated(experts.act_fn), renormalize=getattr(router, "norm_topk_prob", True), unit_gates=False)
 
 
 _GROUPS: dict[tuple, torch.Tensor] = {}

@@ -93,7 +93,7 @@ class ClientTask:
             msg.PEAK_RSS_MB: peak_rss_mb(),
             **method_metrics,
         }
-        trained = state_to_numpy(model)
+        trained = method.trained_arrays(state_to_numpy(model))
         metrics[msg.TRAIN_SECONDS] = time.perf_counter() - start
         metrics.update(startup.phase_seconds())
         return trained, metrics, request

@@ -10,7 +10,8 @@ pre-activation of e's neurons (bias left out), so before any training it picks t
 whose neurons are the most excited.
 
 The frozen slices never travel; each expert carries a LoRA on its two slices (`BackboneExperts`),
-which is what clients train.
+which is what clients train. `BackboneExperts` also runs a native MoE model's experts
+(SwiGLU-style, `gated`), which are already such pairs of projections.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ fedmoe_app/methods/hfedmoe.py): expert subsets as in strategies/moe.py, then
 - expert e: the data-size-weighted average over the nodes whose usage u_c(e) (mean gate
   probability on their data) is at least tau (`hfedmoe.usage-threshold`); a node that used
   an expert less than that does not move it, and with no such node the global value stays;
-- router (gate) of each layer: weighted per node by
-  `alpha(c) = sum_{e in S_c} u_c(e) s_c(e) / |S_global|`, S_c the experts the node held, s_c
-  their importance, |S_global| = M. `hfedmoe.gate-weights: normalised` (default) divides by
+- router (gate) of each layer: its rows for the experts a node held weighted by
+  `alpha(c) = sum_{e in S_c} u_c(e) s_c(e) / |S_global|`, S_c the experts the node trained
+  (those in its reply), s_c their importance, |S_global| = M. `hfedmoe.gate-weights: normalised` (default) divides by
   the sum of the alphas, a convex combination of the nodes' routers; `raw` is the paper's
   sum `sum_c alpha(c) W_c`, whose weights do not sum to one (a u * s product is at most 1,
   so it shrinks the router toward zero every round, flattening the gates; kept to compare);
@@ -44,12 +44,13 @@ class HFedMoE(ExpertSubsetStrategy):
                                      "numbers in [0, 1]")
 
     def gate_weights(self, reply: Reply) -> np.ndarray:
-        """[L] alpha(c) of each layer's router: sum over held experts of u_c(e) s_c(e), over M."""
+        """[L] alpha(c) of each layer's router: the sum over the experts it trained (S_c) of
+        u_c(e) s_c(e), over M."""
         usage = unflatten(reply.metrics[msg.EXPERT_USAGE], self.num_layers)
         importance = unflatten(reply.metrics[msg.EXPERT_IMPORTANCE], self.num_layers)
-        held = held_experts(list(reply.arrays), self.num_layers)
+        trained = held_experts(list(reply.arrays), self.num_layers)
         return np.array([(usage[i, rows] * importance[i, rows]).sum() / self.config.moe.num_experts
-                         for i, rows in enumerate(held)])
+                         for i, rows in enumerate(trained)])
 
     def weights_for(self, reply: Reply) -> dict[str, Weight]:
         """Experts by training rows where u_c(e) >= tau (else 0); router rows the node held
@@ -58,7 +59,7 @@ class HFedMoE(ExpertSubsetStrategy):
         usage = unflatten(reply.metrics[msg.EXPERT_USAGE], self.num_layers)
         tau = self.config.hfedmoe.usage_threshold
         alpha = self.gate_weights(reply)
-        held = held_experts(list(reply.arrays), self.num_layers)
+        held = self.held_by(reply)
         weights: dict[str, Weight] = {}
         for key in reply.arrays:
             expert, layer = expert_of(key), router_layer(key)

@@ -98,9 +98,14 @@ class ExpertSubsetStrategy(SparseStrategy):
         """[L, M] share of routed tokens per expert over the replies, or None without replies."""
         return utilisation([unflatten(r.metrics[msg.ROUTED_TOKENS], self.num_layers) for r in replies])
 
+    def held_by(self, reply: Reply) -> list[list[int]]:
+        """The experts per layer the replying node held: those it was sent (its reply holds
+        the ones it trained, which may be fewer)."""
+        return held_experts(list(reply.sent_keys or reply.arrays), self.num_layers)
+
     def contribution_of(self, reply: Reply) -> dict[str, np.ndarray]:
         """The trained tensors, router rows as the received rows plus their centred change."""
-        held = held_experts(list(reply.arrays), self.num_layers)
+        held = self.held_by(reply)
         arrays = dict(reply.arrays)
         for key, trained in reply.arrays.items():
             layer = router_layer(key)

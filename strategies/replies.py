@@ -44,6 +44,7 @@ class Reply:
     metrics: MetricRecord
     request: ConfigRecord
     update_rms: float  # root mean square of its updates over every value it trained
+    sent_keys: tuple[str, ...] = ()  # the tensors the node was sent (it replies with those it trained)
 
 
 class MalformedReply(ValueError):
@@ -116,7 +117,7 @@ def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.nd
             raise MalformedReply(f"tensor '{key}' has shape {update.shape}; the one sent {sent[key].shape}")
         if not np.isfinite(update).all():
             raise MalformedReply(f"tensor '{key}' holds NaN or Inf")
-    return Reply(node, trained_from(sent, updates), metrics, request, _rms(updates))
+    return Reply(node, trained_from(sent, updates), metrics, request, _rms(updates), tuple(sent))
 
 
 def check_eval_metrics(content: RecordDict) -> tuple[int, float]:

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
-from fedmoe_app.records import from_record, to_record
+from fedmoe_app.records import from_record, held_experts, select_keys, to_record
 from strategies import make_strategy
 from strategies.replies import Node
 from strategies.core import Contribution, sparse_weighted_average
@@ -79,8 +79,14 @@ def node(node_id, tier="rpi4", held=2):
 
 
 def aggregate(strategy, replies, server_round=1):
-    """`aggregate_train` of replies to a round that sent every node the whole global model."""
-    strategy.round.sent_arrays = {n: dict(strategy.global_arrays) for n in strategy.nodes}
+    """`aggregate_train` of replies to a round that sent each replying node the global
+    tensors other than experts, and the experts its reply holds (every other node: all)."""
+    sent = {n: dict(strategy.global_arrays) for n in strategy.nodes}
+    for message in replies:
+        if not message.has_error():
+            held = held_experts(list(message.content["arrays"].keys()), strategy.num_layers)
+            sent[message.metadata.src_node_id] = select_keys(strategy.global_arrays, held)
+    strategy.round.sent_arrays = sent
     return strategy.aggregate_train(server_round, replies)
 
 

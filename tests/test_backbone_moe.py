@@ -120,3 +120,18 @@ def test_a_node_receives_its_experts_loras_at_its_rank_and_its_reply_moves_only_
     np.testing.assert_allclose(new[a][4:], 7.0)
     np.testing.assert_allclose(new[b][:, :4], 4.0)
     np.testing.assert_allclose(new[b][:, 4:], 7.0)
+
+
+def test_a_native_moe_model_loads_from_a_folder_as_from_the_hub(tmp_path):
+    """`model.backbone` as a hub id or a local folder takes the same path
+    (AutoModel.from_pretrained): a saved tiny Mixtral comes back as backbone experts."""
+    native = load_encoder("tiny-mixtral")
+    native.save_pretrained(tmp_path / "mixtral")
+    config = config_for(str(tmp_path / "mixtral"), 8)
+    assert num_layers(config) == 2
+    model = build_model(config, 4, "moe", top_k=2)
+    ids, mask = batch()
+    with torch.no_grad():
+        reference = native(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(hidden_states(model, ids, mask)[real], reference[real], atol=1e-5, rtol=1e-5)

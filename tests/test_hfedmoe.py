@@ -12,7 +12,7 @@ from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config
 from fedmoe_app.methods.hfedmoe import HFedMoEClient, expert_scores, selected_experts
 from fedmoe_app.model import build_model, state_to_numpy
-from fedmoe_app.records import from_record
+from fedmoe_app.records import expert_of, from_record
 from fedmoe_app.train import train_local
 from strategies import make_strategy
 from tests.test_aggregation import aggregate, node, reply
@@ -68,15 +68,20 @@ def test_only_the_selected_experts_receive_gradients_and_move(config):
     method.after_backward = spy
     train_local(model, [batch], 1, 0.01, 0.0, method)
     after = state_to_numpy(model)
+    selected = set()
     for layer, (grad, route) in enumerate(zip(seen["grads"], seen["routes"])):
         _, ib = expert_scores(route.probs, config.hfedmoe.importance_mix, config.hfedmoe.ib_beta)
         chosen = selected_experts(ib, route.tokens_per_expert > 0, 2)
         assert int(chosen.sum()) == 2
+        selected |= {(layer, e) for e in range(8) if chosen[e]}
         for e in range(8):
             moved = any(not np.array_equal(before[k], after[k]) for k in before
                         if k.startswith(f"layers.{layer}.moe.experts.{e}."))
             assert bool(grad[e].abs().sum() > 0) == bool(chosen[e]) == moved, (layer, e)
     assert not np.array_equal(before["head.weight"], after["head.weight"])
+    reply = method.trained_arrays(after)  # what it trained: the selected experts, routers, head
+    assert {expert_of(k) for k in reply if expert_of(k)} == selected
+    assert {k for k in reply if not expert_of(k)} == {k for k in after if not expert_of(k)}
     metrics, request = method.report()
     usage = np.asarray(metrics["expert-usage"]).reshape(2, 8)
     np.testing.assert_allclose(usage.sum(axis=1), 1.0, rtol=1e-5)  # a mean of softmaxes over the held experts
@@ -106,6 +111,29 @@ def hfedmoe_round(gate_weights):
                {"next-experts": [1, 2]})
     arrays, _ = aggregate(strategy, [r1, r2])
     return from_record(arrays)
+
+
+def test_a_node_that_trained_fewer_experts_than_it_held_is_averaged_on_what_it_trained():
+    config = load_config("conf/hfedmoe.yaml", "moe.num-experts=3")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: node(1), 2: node(2)}
+    strategy.global_arrays = {**{k: np.zeros((2, 4), np.float32) for k in E},
+                              ROUTER: np.zeros((3, 2), np.float32), "head.weight": np.zeros(2, np.float32)}
+    strategy.round.sent_arrays = {1: {k: strategy.global_arrays[k] for k in (E[0], E[1], ROUTER, "head.weight")},
+                                  2: {k: strategy.global_arrays[k] for k in (E[1], E[2], ROUTER, "head.weight")}}
+    r1 = reply(1, {E[0]: np.full((2, 4), 1, np.float32), ROUTER: np.array([[1, 1], [3, 3], [0, 0]], np.float32),
+                   "head.weight": np.full(2, 1, np.float32)},  # held experts 0 and 1, trained 0 only
+               {"num-examples": 30, "routed-tokens": [6, 2, 0], "expert-usage": U1, "expert-importance": S1})
+    r2 = reply(2, {E[1]: np.full((2, 4), 8, np.float32), E[2]: np.full((2, 4), 5, np.float32),
+                   ROUTER: np.array([[0, 0], [2, 2], [4, 4]], np.float32), "head.weight": np.full(2, 4, np.float32)},
+               {"num-examples": 10, "routed-tokens": [0, 1, 7], "expert-usage": [0.0, 0.5, 0.5],
+                "expert-importance": S2})
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])
+    new = from_record(arrays)
+    np.testing.assert_allclose(new[E[1]], 8.0)  # node 1 held expert 1 but did not train it: node 2's alone
+    # node 1's router rows 0, 1 (held) centred: (-1, 1), weight alpha = 0.6 * 0.8 / 3 (S_1 = {0}, what it trained)
+    a1, a2 = 0.6 * 0.8 / 3, (0.5 * 0.1 + 0.5 * 0.9) / 3
+    np.testing.assert_allclose(new[ROUTER], [[-1, -1], [(a1 * 1 + a2 * -1) / (a1 + a2)] * 2, [1, 1]], rtol=1e-6)
 
 
 def test_hfedmoe_averages_experts_over_nodes_that_used_them_and_gates_by_importance():

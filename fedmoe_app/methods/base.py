@@ -8,7 +8,8 @@ method; they ask the client half, which lives for one message, for:
 - `loss_terms`: what it adds to the task loss after each forward pass;
 - `after_backward`: gradient edits before the optimiser step;
 - `after_step`: what it observes after each step (e.g. routing statistics);
-- `report`: the metrics and the requests for the next round that go into the reply.
+- `report`: the metrics and the requests for the next round that go into the reply;
+- `trained_arrays`: which of the model's trainable tensors the reply carries.
 The loop is: task loss + `loss_terms`, backward, `after_backward`, optimiser step, `after_step`.
 """
 
@@ -66,3 +67,7 @@ class ClientMethod:
     def report(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(metrics, requests for the next round) this method adds to its train reply."""
         return {}, {}
+
+    def trained_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The tensors the reply carries, of the model's trainable `arrays` (default: all)."""
+        return arrays

@@ -8,9 +8,10 @@ token i (softmax over the held experts; the tokens are the units routed):
 - only the top `experts-trained` (C) experts by I_b among those the batch routed to are
   updated: the others' gradients are zeroed, and since AdamW's momentum would still move
   them, their tensors are put back after the step. Forward routing stays top-K.
-The reply reports each expert's usage u_c(e) (mean G_e over the node's tokens) and
-importance s_c(e) (mean s_b(e) over its batches); the node asks to hold next round the
-experts most important to its data.
+The reply carries the experts selected in at least one batch (what the node trained), the
+routers and the head, and reports each expert's usage u_c(e) (mean G_e over the node's
+tokens) and importance s_c(e) (mean s_b(e) over its batches); the node asks to hold next
+round the experts most important to its data.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from fedmoe_app import messages as msg
 from fedmoe_app.methods.moe import MoEClient
 from fedmoe_app.model import AdapterClassifier
-from fedmoe_app.records import flatten
+from fedmoe_app.records import expert_of, flatten
 
 
 def expert_scores(probs: torch.Tensor, importance_mix: float, ib_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +57,7 @@ class HFedMoEClient(MoEClient):
         self.batches = 0
         self.tokens = 0
         self.frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, kept rows, their values)
+        self.trained: set[tuple[int, int]] = set()  # (layer, expert) selected in some batch
 
     def after_backward(self, model: AdapterClassifier) -> None:
         """Score the batch's experts per layer, keep the gradients of the top C, record
@@ -69,6 +71,7 @@ class HFedMoEClient(MoEClient):
         for layer, (moe, route) in enumerate(zip(model.moe_layers, routes)):
             importance, ib_score = expert_scores(route.probs, hf.importance_mix, hf.ib_beta)
             chosen = selected_experts(ib_score, route.tokens_per_expert > 0, self.budget.experts_trained)
+            self.trained.update((layer, int(e)) for e in torch.nonzero(chosen).squeeze(1).tolist())
             untrained = ~chosen[moe.held]  # [E] local experts left alone this batch
             for param in moe.experts.parameters():
                 if param.grad is not None:
@@ -87,6 +90,10 @@ class HFedMoEClient(MoEClient):
                 param[rows] = values
         self.frozen = []
         super().after_step(model)
+
+    def trained_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The routers, the head and the experts selected in at least one batch."""
+        return {key: a for key, a in arrays.items() if expert_of(key) is None or expert_of(key) in self.trained}
 
     def importance(self) -> np.ndarray:
         """[L, M] mean importance s_b(e) over the batches trained."""
