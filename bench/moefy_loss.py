@@ -2,8 +2,10 @@
 FFNs split into M experts, each token running K of them with the router at its start (the
 groups' centroids), against the dense encoder. For K / M = 1/8, 1/4, 1/2, 1 and each
 grouping: the cosine similarity of the mean-pooled sentence embeddings to the dense ones,
-and the test accuracy of a centralised linear probe (multinomial logistic regression on
-the pooled embeddings, trained on the train split).
+the test accuracy of a centralised linear probe (multinomial logistic regression on the
+pooled embeddings, trained on the train split), and the accuracy of a probe trained at K
+and applied to dense features (and the other way): what one head shared by devices of
+different K loses.
 
 Usage: python -m bench.moefy_loss [--data-dir DIR] [--test-rows 2000] [--out results/bench]
 Writes <out>/moefy_loss.json and .md.
@@ -78,9 +80,11 @@ def measure(data_dir: str, test_rows: int, num_experts: int = 16) -> dict:
     dense = build_model(dense_config, splits.num_labels, "head")
     started = time.time()
     dense_test = embeddings(dense, test_set, tokenizer.pad_token_id)
-    accuracy = linear_probe(embeddings(dense, train_set, tokenizer.pad_token_id), train_y, dense_test, test_y)
+    dense_train = embeddings(dense, train_set, tokenizer.pad_token_id)
+    accuracy = linear_probe(dense_train, train_y, dense_test, test_y)
     rows.append({"grouping": "dense", "experts_per_token": num_experts, "fraction": 1.0, "cosine": 1.0,
-                 "probe_accuracy": accuracy, "seconds": time.time() - started})
+                 "probe_accuracy": accuracy, "probe_at_k_on_dense": accuracy, "probe_dense_at_k": accuracy,
+                 "seconds": time.time() - started})
     print(json.dumps(rows[-1]), flush=True)
     for grouping in ("kmeans", "contiguous"):
         for fraction in FRACTIONS:
@@ -89,11 +93,13 @@ def measure(data_dir: str, test_rows: int, num_experts: int = 16) -> dict:
             grouped = load_config("conf/hfedmoe.yaml", f"data.data-dir={data_dir} moe.num-experts={num_experts} "
                                                        f"moe.grouping={grouping}")
             model = build_model(grouped, splits.num_labels, "moe", top_k=k)
-            test_x = embeddings(model, test_set, tokenizer.pad_token_id)
+            test_x, train_x = (embeddings(model, encoded, tokenizer.pad_token_id) for encoded in (test_set, train_set))
             cosine = F.cosine_similarity(test_x, dense_test, dim=1).mean().item()
-            accuracy = linear_probe(embeddings(model, train_set, tokenizer.pad_token_id), train_y, test_x, test_y)
             rows.append({"grouping": grouping, "experts_per_token": k, "fraction": fraction, "cosine": cosine,
-                         "probe_accuracy": accuracy, "seconds": time.time() - started})
+                         "probe_accuracy": linear_probe(train_x, train_y, test_x, test_y),
+                         "probe_at_k_on_dense": linear_probe(train_x, train_y, dense_test, test_y),
+                         "probe_dense_at_k": linear_probe(dense_train, train_y, test_x, test_y),
+                         "seconds": time.time() - started})
             print(json.dumps(rows[-1]), flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "backbone": config.model.backbone,
             "num_experts": num_experts, "train_rows": len(train_y), "test_rows": len(test_y),
@@ -105,11 +111,13 @@ def markdown(result: dict) -> str:
     lines = [f"MoE-fied {result['backbone']}, M = {result['num_experts']}, frozen, router at the groups' centroids; "
              f"linear probe on {result['train_rows']} train rows, scored on {result['test_rows']} test rows "
              f"({result['precision']}, {result['date']}).", "",
-             "| grouping | K / M | cosine to dense | probe accuracy | loss vs dense (points) |", "|---|---|---|---|---|"]
+             "| grouping | K / M | cosine to dense | probe accuracy | loss vs dense (points) | probe at K, dense features "
+             "| dense probe, features at K |", "|---|---|---|---|---|---|---|"]
     dense = result["rows"][0]["probe_accuracy"]
     for row in result["rows"]:
         lines.append(f"| {row['grouping']} | {row['experts_per_token']}/{result['num_experts']} | {row['cosine']:.4f} | "
-                     f"{100 * row['probe_accuracy']:.1f}% | {100 * (dense - row['probe_accuracy']):+.1f} |")
+                     f"{100 * row['probe_accuracy']:.1f}% | {100 * (dense - row['probe_accuracy']):+.1f} | "
+                     f"{100 * row['probe_at_k_on_dense']:.1f}% | {100 * row['probe_dense_at_k']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
