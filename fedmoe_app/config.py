@@ -64,6 +64,28 @@ class HFedMoEConfig:
 
 
 @dataclass(frozen=True)
+class UBSMoEConfig:
+    """UB-SMoE's switches and coefficients (DESIGN 5.3)."""
+
+    dmr: bool  # Dynamic Modulated Routing (false: plain top-K, the ablation)
+    pseudo_gradient: bool  # Universal Pseudo-Gradient for experts a batch left idle (false: the ablation)
+    candidates: float  # N_p = min(M, ceil(candidates * K)) experts per token whose logits are modulated
+    momentum: float  # zeta: share of the old modulation phi kept each round
+    phi_min: float  # the bounds the clients' regulariser keeps phi in
+    phi_max: float
+    bound_weight: float  # lam of the bound regulariser
+
+
+@dataclass(frozen=True)
+class HetLoRAConfig:
+    """HetLoRA's rank self-pruning (arXiv 2401.06432)."""
+
+    decay: float  # gamma: a node whose tail ranks shrank prunes its rank to floor(gamma * rank)
+    prune_weight: float  # lam of the self-pruning regulariser ||B_tail|| ||A_tail||
+    min_rank: int  # no node prunes below this rank
+
+
+@dataclass(frozen=True)
 class LoRAConfig:
     """PEFT LoRA adapters (LoRA baselines)."""
 
@@ -164,6 +186,8 @@ class RunConfig:
     model: ModelConfig
     moe: MoEConfig
     hfedmoe: HFedMoEConfig
+    ub_smoe: UBSMoEConfig
+    hetlora: HetLoRAConfig
     lora: LoRAConfig
     loss: LossConfig
     train: TrainConfig
@@ -419,6 +443,22 @@ def _check_ranges(config: RunConfig) -> None:
     for key in ("ib_beta", "usage_threshold"):
         if getattr(config.hfedmoe, key) < 0:
             raise ConfigError(f"config key 'hfedmoe.{_to_key(key)}' is {getattr(config.hfedmoe, key)}; allowed: >= 0")
+    ub = config.ub_smoe
+    if ub.candidates < 1:
+        raise ConfigError(f"config key 'ub-smoe.candidates' is {ub.candidates}; allowed: >= 1 (N_p is at least K)")
+    if not 0.0 <= ub.momentum < 1.0:
+        raise ConfigError(f"config key 'ub-smoe.momentum' is {ub.momentum}; allowed: [0, 1)")
+    if not ub.phi_min <= 0.0 <= ub.phi_max:
+        raise ConfigError(f"config keys 'ub-smoe.phi-min' and 'ub-smoe.phi-max' are {ub.phi_min}, {ub.phi_max}; "
+                          "allowed: phi-min <= 0 <= phi-max")
+    if ub.bound_weight < 0:
+        raise ConfigError(f"config key 'ub-smoe.bound-weight' is {ub.bound_weight}; allowed: >= 0")
+    if not 0.0 < config.hetlora.decay < 1.0:
+        raise ConfigError(f"config key 'hetlora.decay' is {config.hetlora.decay}; allowed: (0, 1)")
+    if config.hetlora.prune_weight < 0:
+        raise ConfigError(f"config key 'hetlora.prune-weight' is {config.hetlora.prune_weight}; allowed: >= 0")
+    if config.hetlora.min_rank < 1:
+        raise ConfigError(f"config key 'hetlora.min-rank' is {config.hetlora.min_rank}; allowed: >= 1")
     if not 0.0 <= config.faults.share <= 1.0:
         raise ConfigError(f"config key 'faults.share' is {config.faults.share}; allowed: [0, 1]")
     unknown = [k for k in config.faults.kinds if k not in FAULT_KINDS]

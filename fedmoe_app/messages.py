@@ -52,3 +52,9 @@ NEXT_EXPERTS = "next-experts"
 # HFedMoE: per-expert usage u_c(e) (mean gate probability) and importance s_c(e) a node reports [L * M].
 EXPERT_USAGE = "expert-usage"
 EXPERT_IMPORTANCE = "expert-importance"
+
+# UB-SMoE: the server's routing modulation phi sent down [L * M].
+MODULATION = "modulation"
+
+# HetLoRA: the LoRA rank a node asks to train at next round (after self-pruning).
+LORA_RANK = "lora-rank"

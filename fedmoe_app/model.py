@@ -200,12 +200,12 @@ def _add_moe_adapters(
         layer.output = ParallelMoEOutput(layer.output, moe, model.trace)
 
 
-def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int) -> None:
+def _add_lora_adapters(model: AdapterClassifier, config: RunConfig, rank: int, alpha: float) -> None:
     from peft import LoraConfig, inject_adapter_in_model  # only LoRA needs peft (1-2 s to import)
 
     lora = LoraConfig(
         r=rank,
-        lora_alpha=config.lora.alpha,
+        lora_alpha=alpha,
         lora_dropout=config.lora.dropout,
         target_modules=list(config.lora.target_modules),
     )
@@ -235,16 +235,18 @@ def build_model(
     held: Sequence[Sequence[int]] | None = None,
     top_k: int | None = None,
     lora_rank: int | None = None,
+    lora_alpha: float | None = None,
 ) -> AdapterClassifier:
     """A fresh classifier with `adapter` ('moe', 'lora' or 'head') on a copy of the cached backbone.
 
     For 'moe', `held` lists the experts each layer holds (default: all) and `top_k` the
     experts per token (default: moe.eval-top-k); the experts are adapters or the backbone's
     own (moe.experts), the latter with LoRAs of `lora_rank` (default: the largest lora-rank
-    of the device tiers, the global rank). For 'lora', `lora_rank` defaults to
-    lora.rank. Initial values are seeded by `config.seed` (the same on every device); the
-    model is on `train.device` and computes in `train.precision` (the frozen backbone held
-    in that precision, the trainable tensors in float32).
+    of the device tiers, the global rank). For 'lora', `lora_rank` defaults to lora.rank
+    and `lora_alpha` (PEFT's scale is alpha / rank) to lora.alpha. Initial values are
+    seeded by `config.seed` (the same on every device); the model is on `train.device`
+    and computes in `train.precision` (the frozen backbone held in that precision, the
+    trainable tensors in float32).
     """
     if adapter not in ADAPTERS:
         raise ValueError(f"adapter is {adapter!r}; allowed: {', '.join(ADAPTERS)}")
@@ -264,7 +266,7 @@ def build_model(
             else:
                 _add_moe_adapters(model, config, held, top_k or config.moe.eval_top_k)
         elif adapter == "lora":
-            _add_lora_adapters(model, config, lora_rank or config.lora.rank)
+            _add_lora_adapters(model, config, lora_rank or config.lora.rank, lora_alpha or config.lora.alpha)
     return model.to(device).train(False)
 
 

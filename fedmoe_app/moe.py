@@ -49,12 +49,22 @@ class RouterOutput:
 
 
 class TopKRouter(nn.Module):
-    """Linear router `W_R x`, softmax restricted to the held experts, top-k."""
+    """Linear router `W_R x`, softmax restricted to the held experts, top-k; optionally
+    with a modulation phi added to each token's candidate logits (`modulate`)."""
 
     def __init__(self, hidden_size: int, num_experts: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=0.02)
+        self.modulation: nn.Parameter | None = None  # phi [M], trainable where set
+        self.candidates = 0
+
+    def modulate(self, phi: torch.Tensor, candidates: int) -> None:
+        """From now on route by modulated logits (UB-SMoE's Dynamic Modulated Routing): for
+        each token, its `candidates` held experts with the largest logits s_i get
+        s_i + phi_i, the others keep s_i. `phi` [M] becomes a trainable parameter."""
+        self.modulation = nn.Parameter(phi.detach().float().clone().to(self.weight.device))
+        self.candidates = candidates
 
     def forward(
         self, x: torch.Tensor, held_mask: torch.Tensor, top_k: int, renormalize: bool = True
@@ -62,7 +72,13 @@ class TopKRouter(nn.Module):
         """Route tokens `x` [N, d] to `top_k` of the held experts; the gate weights are the
         chosen probabilities, divided by their sum when `renormalize`."""
         logits = F.linear(x, self.weight)
-        masked = logits.float().masked_fill(~held_mask, float("-inf"))
+        scores = logits.float()
+        if self.modulation is not None:
+            held_scores = scores.masked_fill(~held_mask, float("-inf"))
+            count = min(self.candidates, int(held_mask.sum()))
+            candidates = torch.topk(held_scores, count, dim=-1).indices  # [N, N_p]
+            scores = scores + torch.zeros_like(scores).scatter(1, candidates, self.modulation[candidates])
+        masked = scores.masked_fill(~held_mask, float("-inf"))
         probs = torch.softmax(masked, dim=-1)
         topk_weight, topk_index = torch.topk(probs, top_k, dim=-1)
         if renormalize:

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord
 
 EXPERT_KEY = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.")
 ROUTER_KEY = re.compile(r"^layers\.(\d+)\.moe\.router\.weight$")
+PEFT_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.[^.]+\.weight$")  # A [r, in], B [out, r]
 WIRE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}  # bf16: no NumPy dtype
 BF16 = "bfloat16"  # the dtype string of a bf16 Array
 RAW_STYPE = "raw"  # an Array's data is its elements' bytes, little-endian, C order, no header
@@ -134,3 +135,13 @@ def flatten(matrix: np.ndarray) -> list[float]:
 def unflatten(values: Sequence[float], num_layers: int) -> np.ndarray:
     """Inverse of `flatten` for L rows."""
     return np.asarray(values, dtype=np.float64).reshape(num_layers, -1)
+
+
+def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """PEFT LoRA module name -> (its A key, its B key), for the modules with both among `keys`."""
+    factors: dict[str, dict[str, str]] = {}
+    for key in keys:
+        match = PEFT_LORA_KEY.match(key)
+        if match:
+            factors.setdefault(match.group("module"), {})[match.group("factor")] = key
+    return {module: (f["A"], f["B"]) for module, f in sorted(factors.items()) if len(f) == 2}

@@ -9,10 +9,14 @@ from fedmoe_app.methods import method_class
 from strategies.base import SparseStrategy
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.fft_moe import FFTMoE
+from strategies.flexlora import FlexLoRA
 from strategies.head_only import HeadOnly
+from strategies.hetlora import HetLoRA
 from strategies.hfedmoe import HFedMoE
+from strategies.ub_smoe import UBSMoE
 
-STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (FFTMoE, HFedMoE, FedAvgLoRA, HeadOnly)}
+STRATEGIES: dict[str, type[SparseStrategy]] = {cls.name: cls for cls in (
+    FFTMoE, HFedMoE, UBSMoE, FedAvgLoRA, HetLoRA, FlexLoRA, HeadOnly)}
 
 
 def make_strategy(config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None,

@@ -26,21 +26,8 @@ from fedmoe_app.records import held_experts, router_layer, select_keys, unflatte
 from fedmoe_app.routing import utilisation
 from strategies.base import SparseStrategy
 from strategies.core import Contribution, sparse_weighted_average
+from strategies.ranks import rank_axis, truncated, zero_padded
 from strategies.replies import MalformedReply, Node, Reply
-
-# The axis of a backbone expert's LoRA tensor that is its rank (A [r, in], B [out, r]).
-RANK_AXIS = {"lora_in_a": 0, "lora_out_a": 0, "lora_in_b": 1, "lora_out_b": 1}
-
-
-def rank_axis(key: str) -> int | None:
-    """The rank axis of a backbone expert LoRA tensor's name, else None."""
-    return RANK_AXIS.get(key.rsplit(".", 1)[-1]) if ".moe.experts." in key else None
-
-
-def first_ranks(array: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    """The first `rank` ranks of a LoRA tensor along its rank `axis`."""
-    return array[:rank] if axis == 0 else array[:, :rank]
-
 
 class ExpertSubsetStrategy(SparseStrategy):
     """Sparse MoE layers with personalised, budget-sized expert subsets."""
@@ -62,13 +49,14 @@ class ExpertSubsetStrategy(SparseStrategy):
             self.subsets[node.client_id] = [list(experts) for _ in range(self.num_layers)]
         return self.subsets[node.client_id]
 
+    def rank_for(self, node: Node) -> int:
+        """The rank of the backbone experts' LoRAs `node` trains (default: its tier's lora-rank)."""
+        return node.budget.lora_rank
+
     def arrays_for(self, node: Node, server_round: int) -> dict[str, np.ndarray]:
         """The routers, the head and the experts the node holds (backbone experts' LoRAs at
-        the node's rank)."""
-        arrays = select_keys(self.global_arrays, self.subset_of(node))
-        rank = node.budget.lora_rank
-        return {key: first_ranks(a, axis, rank) if (axis := rank_axis(key)) is not None else a
-                for key, a in arrays.items()}
+        `rank_for` the node)."""
+        return truncated(select_keys(self.global_arrays, self.subset_of(node)), self.rank_for(node))
 
     def check_reply(self, reply: Reply) -> None:
         """Routed tokens: L x M counts >= 0; the experts asked for next round, if any:
@@ -128,10 +116,8 @@ class ExpertSubsetStrategy(SparseStrategy):
                 full = self.global_arrays[key]
                 if rank_axis(key) is None or array.shape == full.shape:
                     continue
-                padded, mask = np.zeros_like(full), np.zeros(full.shape)
-                region = (slice(None),) * rank_axis(key) + (slice(0, array.shape[rank_axis(key)]),)
-                padded[region], mask[region] = array, 1.0
-                arrays[key], weights[key] = padded, mask * weights.get(key, 0.0)
+                arrays[key], mask = zero_padded(array, full.shape, rank_axis(key))
+                weights[key] = mask * weights.get(key, 0.0)
             contributions.append(Contribution(arrays, weights))
         return sparse_weighted_average(self.global_arrays, contributions)
 

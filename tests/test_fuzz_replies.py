@@ -24,8 +24,14 @@ GOOD = {  # what the client halves send: (metrics, request)
     "hfedmoe": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0, "bytes-down": 8,
                  "bytes-up": 8, "routed-tokens": [5, 5], "expert-usage": [0.5, 0.5], "expert-importance": [0.6, 0.7]},
                 {"next-experts": [0, 1]}),
+    "ub_smoe": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0, "bytes-down": 8,
+                 "bytes-up": 8, "routed-tokens": [5, 5]}, {}),
     "fedavg_lora": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0,
                      "bytes-down": 8, "bytes-up": 8}, {}),
+    "hetlora": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0,
+                 "bytes-down": 8, "bytes-up": 8}, {"lora-rank": 3}),
+    "flexlora": ({"num-examples": 10, "train-loss": 1.0, "step-seconds": 0.1, "peak-rss-mb": 100.0,
+                  "bytes-down": 8, "bytes-up": 8}, {}),
 }
 HOSTILE = 99  # the hostile node's id
 
@@ -58,7 +64,7 @@ def hostile_content(strategy_name, rng: random.Random) -> tuple[str, RecordDict]
     key = rng.choice(sorted(updates))
     kind = rng.choice(["nan", "inf", "shape", "dtype", "huge", "extra-tensor", "missing-metric", "list-metric",
                        "negative-metric", "nan-metric", "rows", "float-rows", "extra-record", "no-arrays",
-                       "routed", "next-experts", "bf16-stype"])
+                       "routed", "next-experts", "lora-rank", "bf16-stype"])
     if kind in ("nan", "inf"):
         bad = updates[key].copy()
         bad.flat[rng.randrange(bad.size)] = np.nan if kind == "nan" else rng.choice([np.inf, -np.inf])
@@ -89,6 +95,8 @@ def hostile_content(strategy_name, rng: random.Random) -> tuple[str, RecordDict]
         metrics["routed-tokens"] = rng.choice([[5], [5, 5, 5], [-1, 3], [1.5, 2.0]])
     elif kind == "next-experts":
         request["next-experts"] = rng.choice([[0, 0], [0, 5], [1], [0, 1, 1], [-1, 0]])
+    elif kind == "lora-rank":  # more than it trained at, none at all, not an integer
+        request["lora-rank"] = rng.choice([5, 99, 0, -1, 2.5, True, "3"])
     content = {"metrics": MetricRecord(metrics), "request": ConfigRecord(request), **records}
     if kind == "bf16-stype":
         content["arrays"] = ArrayRecord({key: Array(dtype="bfloat16", shape=(2, 3), stype="numpy.ndarray", data=b"\0" * 12)})
@@ -108,13 +116,13 @@ def round_of(strategy_name, replies):
     return strategy, from_record(arrays)
 
 
-@pytest.mark.parametrize("strategy_name", ["fft_moe", "hfedmoe", "fedavg_lora"])
+@pytest.mark.parametrize("strategy_name", sorted(GOOD))
 def test_fuzz_hostile_replies_are_rejected_and_change_nothing(strategy_name):
     goods = [good_reply(strategy_name, 1, 0.01), good_reply(strategy_name, 2, 0.02), good_reply(strategy_name, 3, 0.015)]
     _, reference = round_of(strategy_name, goods)
     rng = random.Random(f"fuzz-{strategy_name}")
     kinds = {}
-    for _ in range(120):  # x 3 strategies: 360 hostile replies
+    for _ in range(120):  # x 6 strategies: 720 hostile replies
         kind, content = hostile_content(strategy_name, rng)
         kinds[kind] = kinds.get(kind, 0) + 1
         strategy, new = round_of(strategy_name, goods + [message(HOSTILE, content)])  # must not raise

@@ -57,8 +57,13 @@ def test_simulation_tiny_bert(simulation, tmp_path, ag_news_dir, strategy):
         ranks = {a.shape[0] for k, a in arrays.items() if k.endswith(".lora_in_a")}
         assert ranks == {16} and sum(1 for k in arrays if k.endswith(".lora_in_a")) == 2 * 4
         assert not any(k.endswith("w_in.weight") for k in arrays)
-    elif strategy == "fedavg_lora":
-        assert any("lora_A" in k for k in arrays) and not any(".moe." in k for k in arrays)
+    elif strategy == "ub_smoe":  # every node holds every expert; the server's modulation moves
+        assert sum(1 for k in arrays if k.endswith(".lora_in_a")) == 2 * 4
+        last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        assert len(last["utilisation"]) == 2 and any(phi != 0 for row in last["modulation"] for phi in row)
+    elif strategy in ("fedavg_lora", "hetlora", "flexlora"):  # the global LoRA: lora.rank, or the largest tier rank
+        ranks = {a.shape[0] for k, a in arrays.items() if ".lora_A." in k}
+        assert ranks == ({8} if strategy == "fedavg_lora" else {16}) and not any(".moe." in k for k in arrays)
     else:
         assert set(arrays) >= {"head.weight", "head.bias"}
     assert "fedmoe: done" in done.stdout + done.stderr

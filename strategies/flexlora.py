@@ -1,0 +1,84 @@
+"""FlexLoRA, server half (the client half: fedmoe_app/methods/flexlora.py).
+
+- Each node trains PEFT LoRA at its tier's rank r_k with PEFT's scale alpha / r_k, so its
+  update to a module's weight is `dW_k = (alpha / r_k) B_k A_k`.
+- Aggregation: per module, `dW = sum_k p_k dW_k` over the replies (p_k: the node's share of
+  the round's training rows; a module no reply holds keeps its global product), then its
+  SVD `dW = U S V^T`. The global LoRA (rank r_max, the largest tier rank) is the rank-r_max
+  truncation, and a node of rank r_k receives the best rank-r_k approximation of dW (the
+  first r_k singular triplets, Eckart-Young), as factors with `(alpha / r_k) B A = U_r S_r V_r^T`.
+- How the singular values are split: all of them go to B, `B = (r / alpha) U_r S_r`,
+  `A = V_r^T`. A's rows are then orthonormal, never zero: a direction whose singular value
+  is 0 (fewer replies than ranks, a module nobody moved) arrives as a fresh LoRA does (B = 0,
+  A nonzero) and can still learn. A square-root split would zero both of its factors, and
+  a LoRA with A = B = 0 gets no gradient in either.
+- The head is averaged by training rows.
+The server keeps only the top r_max singular triplets between rounds: no node receives
+more, and FlexLoRA averages what the nodes hold, not changes, so the rest is never needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmoe_app.budgets import max_lora_rank
+from fedmoe_app.records import lora_pairs
+from strategies.base import SparseStrategy
+from strategies.core import Contribution, sparse_weighted_average
+from strategies.ranks import rank_axis, truncated
+from strategies.replies import Node, Reply, examples
+
+
+def svd_factors(product: np.ndarray, rank: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """(A [rank, in], B [out, rank]) with `(alpha / rank) B A` the best rank-`rank`
+    approximation of `product` [out, in]: B = (rank / alpha) U_r S_r, A = V_r^T (ranks past
+    the product's own are zero in B and zero rows in A)."""
+    u, s, vt = np.linalg.svd(product.astype(np.float64), full_matrices=False)
+    kept = min(rank, s.shape[0])
+    a = np.zeros((rank, product.shape[1]))
+    b = np.zeros((product.shape[0], rank))
+    a[:kept] = vt[:kept]
+    b[:, :kept] = (rank / alpha) * u[:, :kept] * s[:kept]
+    return a.astype(np.float32), b.astype(np.float32)
+
+
+class FlexLoRA(SparseStrategy):
+    """Heterogeneous-rank LoRA: averaged full products, redistributed by truncated SVD."""
+
+    name = "flexlora"
+
+    def global_rank(self) -> int:
+        """r_max: the rank of the global LoRA."""
+        return max_lora_rank(self.config)
+
+    def arrays_for(self, node: Node, server_round: int) -> dict[str, np.ndarray]:
+        """The global tensors, LoRA as the node's rank-r_k factors: the first r_k ranks, B
+        rescaled by r_k / r_max for the node's scale alpha / r_k."""
+        rank = min(node.budget.lora_rank, self.global_rank())
+        arrays = truncated(self.global_arrays, rank)
+        scale = rank / self.global_rank()
+        return {key: a * np.float32(scale) if rank_axis(key) == 1 else a for key, a in arrays.items()}
+
+    def product(self, arrays: dict[str, np.ndarray], a_key: str, b_key: str) -> np.ndarray:
+        """A module's update (alpha / r) B A, r the rank of its factors."""
+        a, b = arrays[a_key].astype(np.float64), arrays[b_key].astype(np.float64)
+        return (self.config.lora.alpha / a.shape[0]) * (b @ a)
+
+    def aggregate(self, replies: list[Reply]) -> dict[str, np.ndarray]:
+        """Non-LoRA tensors by training rows; each LoRA module the SVD of its averaged products."""
+        pairs = lora_pairs(list(self.global_arrays))
+        lora_keys = {key for pair in pairs.values() for key in pair}
+        global_products = {module: self.product(self.global_arrays, *pair) for module, pair in pairs.items()}
+        contributions = []
+        for reply in replies:
+            rows = float(examples(reply))
+            arrays = {key: a for key, a in reply.arrays.items() if key not in lora_keys}
+            arrays.update({module: self.product(reply.arrays, *pair) for module, pair in pairs.items()
+                           if pair[0] in reply.arrays and pair[1] in reply.arrays})
+            contributions.append(Contribution(arrays, {key: rows for key in arrays}))
+        others = {key: a for key, a in self.global_arrays.items() if key not in lora_keys}
+        averaged = sparse_weighted_average({**others, **global_products}, contributions)
+        result = {key: averaged[key] for key in others}
+        for module, (a_key, b_key) in pairs.items():
+            result[a_key], result[b_key] = svd_factors(averaged[module], self.global_rank(), self.config.lora.alpha)
+        return result
