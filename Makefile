@@ -27,7 +27,7 @@ CERTS_DIR ?= $(DEPLOY_DIR)/credentials
 SUPERLINK_HOSTS ?= 127.0.0.1,localhost
 NODES ?= 3
 
-.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench-skew bench
+.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench-skew bench bench-budgets
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ bench-skew: install
 
 bench: install
 	$(BIN)/python -m bench --suite full --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/bench $(BENCH_ARGS)
+
+# UB-SMoE's table on our setup (bench/budgets.py): results/budgets/budgets.md and .json.
+bench-budgets: install
+	$(BIN)/python -m bench.budgets --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/budgets $(BENCH_ARGS)
 
 # Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
 deploy-local: install flwr-config

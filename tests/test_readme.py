@@ -141,6 +141,7 @@ RUN_BY = {
     "make test": "test_make_test",
     "make run CONFIG=conf/fedavg_lora.yaml": "test_make_run_with_another_strategy",
     "make run CONFIG=conf/hfedmoe.yaml": "test_make_run_with_another_strategy",
+    "make run CONFIG=conf/ub_smoe.yaml": "test_make_run_with_another_strategy",
     'make run OVERRIDES="data.alpha=0.1 rounds=10 loss.heterogeneity=0"': "test_make_run_with_overrides",
     'make run OVERRIDES="devices.simulation-mix={rpi4: 1.0}"': "test_a_mapping_override_replaces_the_default",
     "FLWR_HOME=$PWD/.flwr .venv/bin/python -m fedmoe_app.launch --config conf/fedavg_lora.yaml "
@@ -162,6 +163,7 @@ RUN_BY = {
     "make bench-quick": "test_benchmarks",
     "make bench-skew": "test_benchmarks",
     "make bench": "test_benchmarks",
+    "make bench-budgets": "test_benchmarks",
     'make bench-quick BENCH_ARGS="--smoke"': "test_benchmarks",
     "flwr ls": "test_flwr_ls_and_log",
     "flwr log": "test_flwr_ls_and_log",
@@ -208,7 +210,7 @@ def test_make_run(shell):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fedavg_lora", "hfedmoe"])
+@pytest.mark.parametrize("strategy", ["fedavg_lora", "hfedmoe", "ub_smoe"])
 def test_make_run_with_another_strategy(shell, strategy):
     ok(shell.run(shortened(f"make run CONFIG=conf/{strategy}.yaml", f"{TINY} run-name=readme-{strategy}")))
     assert completed(shell.results / f"readme-{strategy}")["strategy"] == strategy
@@ -378,6 +380,10 @@ def test_benchmarks(shell):
         results = json.loads((shell.results / "bench" / f"{suite}-smoke.json").read_text())
         assert results["suite"] == f"{suite}-smoke" and results["cells"][0]["strategy"] == "head_only"
         assert (shell.results / "bench" / f"{suite}-smoke.md").is_file()
+    ok(shell.run('make bench-budgets BENCH_ARGS="--smoke --methods ub_smoe --partitions dir0.1 --sections learning"'))
+    budgets = json.loads((shell.results / "budgets" / "budgets.json").read_text())
+    assert [(r["method"], r["partition"]) for r in budgets["runs"]] == [("ub_smoe", "dir0.1")]
+    assert budgets["runs"][0]["utilisation"]["cv"] >= 0 and (shell.results / "budgets" / "budgets.md").is_file()
 
 
 @pytest.mark.slow

@@ -145,8 +145,11 @@ def one_step(config, tier, phi=None):
     return method, seen, before, state_to_numpy(model)
 
 
-def test_idle_experts_get_the_pseudo_gradient_and_move_and_are_sent(tiny_config):
-    method, seen, before, after = one_step(tiny_config, "rpi4")  # K = floor(8 * 0.125) = 1 of 8, rho = 7 / 8
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-mixtral"])  # a MoE-fied FFN, a native MoE model's experts
+def test_idle_experts_get_the_pseudo_gradient_and_move_and_are_sent(backbone):
+    config = load_config("conf/ub_smoe.yaml", f"model.backbone={backbone} moe.num-experts=8 moe.eval-top-k=8 "
+                                              "train.precision=fp32")
+    method, seen, before, after = one_step(config, "rpi4")  # K = floor(8 * 0.125) = 1 of 8, rho = 7 / 8
     assert method.experts_per_token() == 1
     for layer, (raw, grad, route) in enumerate(zip(seen["raw"], seen["grads"], seen["routes"])):
         routed = route.tokens_per_expert
