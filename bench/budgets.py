@@ -54,6 +54,7 @@ def balance(shares: list[list[float]]) -> dict:
     coefficient of variation of the shares (0: even) and the share of (layer, expert)
     pairs that got under a tenth of an even share (starved), both over layers."""
     matrix = np.asarray(shares, dtype=np.float64)
+    matrix = matrix[matrix.sum(axis=1) > 0]  # layers that routed nothing say nothing
     even = 1.0 / matrix.shape[1]
     return {"cv": float(np.mean(matrix.std(axis=1) / matrix.mean(axis=1))),
             "starved": float(np.mean(matrix < 0.1 * even))}

@@ -75,8 +75,8 @@ class TopKRouter(nn.Module):
         scores = logits.float()
         if self.modulation is not None:
             held_scores = scores.masked_fill(~held_mask, float("-inf"))
-            count = min(self.candidates, int(held_mask.sum()))
-            candidates = torch.topk(held_scores, count, dim=-1).indices  # [N, N_p]
+            # past the held experts topk picks masked ones, which the mask below removes again
+            candidates = torch.topk(held_scores, min(self.candidates, scores.shape[-1]), dim=-1).indices  # [N, N_p]
             scores = scores + torch.zeros_like(scores).scatter(1, candidates, self.modulation[candidates])
         masked = scores.masked_fill(~held_mask, float("-inf"))
         probs = torch.softmax(masked, dim=-1)

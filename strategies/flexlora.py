@@ -25,8 +25,8 @@ from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.records import lora_pairs
 from strategies.base import SparseStrategy
 from strategies.core import Contribution, sparse_weighted_average
-from strategies.ranks import rank_axis, truncated
-from strategies.replies import Node, Reply, examples
+from strategies.ranks import rank_axis, truncated, unpaired_lora
+from strategies.replies import MalformedReply, Node, Reply, examples
 
 
 def svd_factors(product: np.ndarray, rank: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +59,12 @@ class FlexLoRA(SparseStrategy):
         scale = rank / self.global_rank()
         return {key: a * np.float32(scale) if rank_axis(key) == 1 else a for key, a in arrays.items()}
 
+    def check_reply(self, reply: Reply) -> None:
+        """Both factors of every LoRA module it sends (a product needs both)."""
+        unpaired = unpaired_lora(reply.arrays)
+        if unpaired:
+            raise MalformedReply(f"tensor '{unpaired[0]}' came without the other factor of its LoRA module")
+
     def product(self, arrays: dict[str, np.ndarray], a_key: str, b_key: str) -> np.ndarray:
         """A module's update (alpha / r) B A, r the rank of its factors."""
         a, b = arrays[a_key].astype(np.float64), arrays[b_key].astype(np.float64)
@@ -74,7 +80,7 @@ class FlexLoRA(SparseStrategy):
             rows = float(examples(reply))
             arrays = {key: a for key, a in reply.arrays.items() if key not in lora_keys}
             arrays.update({module: self.product(reply.arrays, *pair) for module, pair in pairs.items()
-                           if pair[0] in reply.arrays and pair[1] in reply.arrays})
+                           if pair[0] in reply.arrays})  # check_reply: both factors or neither
             contributions.append(Contribution(arrays, {key: rows for key in arrays}))
         others = {key: a for key, a in self.global_arrays.items() if key not in lora_keys}
         averaged = sparse_weighted_average({**others, **global_products}, contributions)

@@ -23,7 +23,7 @@ from fedmoe_app.config import RunConfig
 from fedmoe_app.records import lora_pairs
 from strategies.base import SparseStrategy
 from strategies.core import Contribution, Weight, sparse_weighted_average
-from strategies.ranks import truncated, zero_padded
+from strategies.ranks import truncated, unpaired_lora, zero_padded
 from strategies.replies import MalformedReply, Node, Reply, examples
 
 
@@ -46,7 +46,11 @@ class HetLoRA(SparseStrategy):
         return truncated(self.global_arrays, self.rank_for(node))
 
     def check_reply(self, reply: Reply) -> None:
-        """The rank asked for: an integer from hetlora.min-rank to the rank the node trained at."""
+        """Both factors of every LoRA module it sends; the rank asked for: an integer from
+        hetlora.min-rank to the rank the node trained at."""
+        unpaired = unpaired_lora(reply.arrays)
+        if unpaired:
+            raise MalformedReply(f"tensor '{unpaired[0]}' came without the other factor of its LoRA module")
         rank = reply.request.get(msg.LORA_RANK)
         trained = self.rank_for(reply.node)
         lowest = min(self.config.hetlora.min_rank, trained)

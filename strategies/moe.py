@@ -1,4 +1,4 @@
-"""The server half shared by methods with sparse MoE layers (fft_moe, hfedmoe).
+"""The server half shared by methods with sparse MoE layers (fft_moe, hfedmoe, ub_smoe).
 
 - Each node receives the routers, the head and only the experts it holds. Round 1 spreads
   subsets so every expert is held by some node; afterwards a node holds the subset it
@@ -6,7 +6,9 @@
   client id, so a node that restarts keeps its own.
 - Backbone experts' LoRAs are global at the largest rank of the tiers; a node receives
   their first `lora-rank` ranks (rows of A, columns of B) and its reply is averaged into
-  those ranks only (elementwise weights, zero elsewhere), as HetLoRA zero-pads.
+  those ranks only (elementwise weights, zero elsewhere): unlike HetLoRA's zero-padding,
+  a node that trained fewer ranks does not pull the others toward zero. (ub_smoe gives
+  every node every expert at the global rank: `subset_of`, `rank_for`.)
 - Router rows are averaged as changes centred over the rows a node held: a softmax over
   the held experts does not change when all their rows move by one vector, so such a shift
   carries no information from the node's data, yet averaged with other nodes' rows (other

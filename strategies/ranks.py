@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fedmoe_app.records import PEFT_LORA_KEY
+from fedmoe_app.records import PEFT_LORA_KEY, lora_pairs
 
 EXPERT_RANK_AXIS = {"lora_in_a": 0, "lora_out_a": 0, "lora_in_b": 1, "lora_out_b": 1}
 
@@ -25,6 +25,13 @@ def rank_axis(key: str) -> int | None:
         return EXPERT_RANK_AXIS.get(key.rsplit(".", 1)[-1])
     match = PEFT_LORA_KEY.match(key)
     return None if match is None else (0 if match.group("factor") == "A" else 1)
+
+
+def unpaired_lora(keys) -> list[str]:
+    """The PEFT LoRA tensors among `keys` whose module's other factor is not among them."""
+    keys = list(keys)
+    paired = {key for pair in lora_pairs(keys).values() for key in pair}
+    return sorted(key for key in keys if PEFT_LORA_KEY.match(key) and key not in paired)
 
 
 def first_ranks(array: np.ndarray, axis: int, rank: int) -> np.ndarray:

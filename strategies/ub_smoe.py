@@ -63,7 +63,6 @@ class UBSMoE(ExpertSubsetStrategy):
     def __init__(self, config: RunConfig, num_layers: int, **hooks) -> None:
         super().__init__(config, num_layers, **hooks)
         self.phi = np.zeros((num_layers, config.moe.num_experts))
-        self.last_utilisation: np.ndarray | None = None
 
     def subset_of(self, node: Node) -> list[list[int]]:
         """Every expert, in every layer."""
@@ -77,23 +76,27 @@ class UBSMoE(ExpertSubsetStrategy):
         """The modulation phi (with DMR on)."""
         return {msg.MODULATION: flatten(self.phi)} if self.config.ub_smoe.dmr else {}
 
-    def update_state(self, replies: list[Reply]) -> None:
-        """Utilisation from the replies' routing; with DMR on, phi's momentum step toward phi~."""
-        if not replies:
-            return
+    def utilisation_of(self, replies: list[Reply]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(u, u*) of the replies' routing, or None without replies holding training rows."""
+        if sum(examples(r) for r in replies) <= 0:
+            return None
         k_max = max_active_experts(self.config)
-        usage, target = utilisation_and_target(
+        return utilisation_and_target(
             [unflatten(r.metrics[msg.ROUTED_TOKENS], self.num_layers) for r in replies],
             [active_experts(r.node.budget.compute_share, k_max) for r in replies],
             [float(examples(r)) for r in replies])
-        self.last_utilisation = usage
-        if self.config.ub_smoe.dmr:
+
+    def update_state(self, replies: list[Reply]) -> None:
+        """With DMR on, phi's momentum step toward phi~ of the replies' utilisation."""
+        found = self.utilisation_of(replies)
+        if self.config.ub_smoe.dmr and found is not None:
             zeta = self.config.ub_smoe.momentum
-            self.phi = zeta * self.phi + (1 - zeta) * modulation_target(usage, target)
+            self.phi = zeta * self.phi + (1 - zeta) * modulation_target(*found)
 
     def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
-        """Routed-token shares per expert, the utilisation u and the modulation phi after this round."""
-        usage = self.last_utilisation.tolist() if self.last_utilisation is not None else None
+        """Routed-token shares per expert, this round's utilisation u and the modulation phi after it."""
+        found = self.utilisation_of(replies)
+        usage = found[0].tolist() if found is not None else None
         return {**super().round_metrics(replies), "utilisation": usage, "modulation": self.phi.tolist()}
 
     def state_dict(self) -> dict[str, Any]:

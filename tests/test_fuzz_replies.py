@@ -34,11 +34,13 @@ GOOD = {  # what the client halves send: (metrics, request)
                   "bytes-down": 8, "bytes-up": 8}, {}),
 }
 HOSTILE = 99  # the hostile node's id
+LORA_A, LORA_B = "m.lora_A.default.weight", "m.lora_B.default.weight"  # one PEFT LoRA module of rank 6
+PAIRED = ("hetlora", "flexlora")  # methods for which a LoRA module's factors travel together
 
 
 def global_arrays():
     return {HEAD: np.zeros((2, 3), np.float32), E0: np.zeros((2, 3), np.float32), E1: np.zeros((2, 3), np.float32),
-            ROUTER: np.zeros((2, 3), np.float32)}
+            ROUTER: np.zeros((2, 3), np.float32), LORA_A: np.zeros((6, 3), np.float32), LORA_B: np.zeros((2, 6), np.float32)}
 
 
 def message(node_id, content):
@@ -64,7 +66,8 @@ def hostile_content(strategy_name, rng: random.Random) -> tuple[str, RecordDict]
     key = rng.choice(sorted(updates))
     kind = rng.choice(["nan", "inf", "shape", "dtype", "huge", "extra-tensor", "missing-metric", "list-metric",
                        "negative-metric", "nan-metric", "rows", "float-rows", "extra-record", "no-arrays",
-                       "routed", "next-experts", "lora-rank", "bf16-stype"])
+                       "routed", "next-experts", "lora-rank", "bf16-stype",
+                       *(["unpaired"] if strategy_name in PAIRED else [])])
     if kind in ("nan", "inf"):
         bad = updates[key].copy()
         bad.flat[rng.randrange(bad.size)] = np.nan if kind == "nan" else rng.choice([np.inf, -np.inf])
@@ -95,6 +98,8 @@ def hostile_content(strategy_name, rng: random.Random) -> tuple[str, RecordDict]
         metrics["routed-tokens"] = rng.choice([[5], [5, 5, 5], [-1, 3], [1.5, 2.0]])
     elif kind == "next-experts":
         request["next-experts"] = rng.choice([[0, 0], [0, 5], [1], [0, 1, 1], [-1, 0]])
+    elif kind == "unpaired":  # one factor of a LoRA module without the other
+        del updates[rng.choice([LORA_A, LORA_B])]
     elif kind == "lora-rank":  # more than it trained at, none at all, not an integer
         request["lora-rank"] = rng.choice([5, 99, 0, -1, 2.5, True, "3"])
     content = {"metrics": MetricRecord(metrics), "request": ConfigRecord(request), **records}

@@ -72,7 +72,8 @@ def test_hetlora_uses_the_pruned_rank_next_round_and_rejects_a_rank_it_did_not_t
     strategy = strategy_with("hetlora", nodes, dict(GLOBAL))
     same = {A: np.zeros((8, 3), np.float32), B: np.zeros((2, 8), np.float32), HEAD: np.zeros(2, np.float32)}
     r1 = reply(1, same, {"num-examples": 30}, {"lora-rank": 7})
-    r2 = reply(2, {A: np.zeros((16, 3), np.float32)}, {"num-examples": 10}, {"lora-rank": 17})  # above its rank
+    r2 = reply(2, {A: np.zeros((16, 3), np.float32), B: np.zeros((2, 16), np.float32)}, {"num-examples": 10},
+               {"lora-rank": 17})  # above its rank
     strategy.aggregate_train(1, [r1, r2])
     assert [f["node_id"] for f in strategy.round.failures] == ["2"]
     assert "lora-rank" in strategy.round.failures[0]["reason"]
@@ -82,6 +83,19 @@ def test_hetlora_uses_the_pruned_rank_next_round_and_rejects_a_rank_it_did_not_t
     restored = make_strategy(strategy.config, num_layers=1)
     restored.load_state_dict(strategy.state_dict())
     assert restored.rank_for(nodes[0]) == 7 and restored.rank_for(nodes[1]) == 16
+
+
+@pytest.mark.parametrize("name", ["hetlora", "flexlora"])
+def test_a_reply_with_one_factor_of_a_lora_module_is_the_nodes_failure(name):
+    nodes = [lora_node(1, 4), lora_node(2, 4)]
+    strategy = strategy_with(name, nodes, dict(GLOBAL))
+    whole = {A: np.ones((4, 3), np.float32), B: np.ones((2, 4), np.float32)}
+    r1 = reply(1, whole, {"num-examples": 30}, {"lora-rank": 4} if name == "hetlora" else None)
+    r2 = reply(2, {A: np.ones((4, 3), np.float32)}, {"num-examples": 10}, {"lora-rank": 4} if name == "hetlora" else None)
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])  # must not raise
+    assert [f["node_id"] for f in strategy.round.failures] == ["2"]
+    assert "without the other factor" in strategy.round.failures[0]["reason"]
+    assert arrays is not None
 
 
 @pytest.fixture(scope="module")

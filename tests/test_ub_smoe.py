@@ -99,7 +99,19 @@ def test_without_dmr_phi_is_neither_updated_nor_sent():
     strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
     aggregate(strategy, [reply(1, {"head.weight": np.ones(2, np.float32)}, {"num-examples": 30, "routed-tokens": [4, 2, 0, 0]})])
     assert strategy.config_for(strategy.nodes[1], 2) == {} and not strategy.phi.any()
-    assert strategy.last_utilisation is not None  # utilisation is still measured (the ablation's figure)
+    usage = strategy.round_metrics(strategy.round.replies)["utilisation"]  # still measured: the ablation's figure
+    np.testing.assert_allclose(usage, [[4 / 6, 2 / 6, 0, 0]])  # K = 1: each token one slot
+
+
+def test_replies_without_training_rows_leave_phi_as_it_was():
+    config = load_config("conf/ub_smoe.yaml", "moe.num-experts=4")
+    strategy = make_strategy(config, num_layers=1)
+    strategy.nodes = {1: ub_node(1, "rpi4")}
+    strategy.global_arrays = {"head.weight": np.zeros(2, np.float32)}
+    strategy.phi = np.full((1, 4), 0.25)
+    aggregate(strategy, [reply(1, {"head.weight": np.ones(2, np.float32)}, {"num-examples": 0, "routed-tokens": [4, 2, 0, 0]})])
+    np.testing.assert_array_equal(strategy.phi, 0.25)
+    assert strategy.round_metrics(strategy.round.replies)["utilisation"] is None
 
 
 def test_pseudo_gradient_rule_on_a_small_case():

@@ -10,8 +10,8 @@
   the norm of each module's tail ranks from p = floor(gamma * r) (`hetlora.decay` gamma,
   `hetlora.prune-weight` lam), computed on the live factors so its gradient does pull the
   tail toward zero. If after the round's training the tails' total is below what the node
-  received, the tail is not worth its cost: the node asks to train at max(min-rank, p)
-  from the next round on (request `lora-rank`); with prune-weight 0 nothing is pruned.
+  received, the tail is not worth its cost: the node asks to train at p (never below
+  `hetlora.min-rank`) from the next round on (request `lora-rank`); with prune-weight 0 nothing is pruned.
   Our reading of the paper's rule, which compares the tail norm with its value a round
   earlier: the value received is that value after aggregation, and a node needs no memory
   of its own across rounds.
@@ -32,9 +32,10 @@ from fedmoe_app.model import AdapterClassifier, lora_rank_of, trainable_state
 from fedmoe_app.records import lora_pairs
 
 
-def tail_start(rank: int, decay: float) -> int:
-    """p = floor(decay * rank): the first rank of the tail that self-pruning would cut."""
-    return math.floor(decay * rank + 1e-9)
+def tail_start(rank: int, decay: float, min_rank: int = 1) -> int:
+    """p = max(min_rank, floor(decay * rank)): the first rank of the tail that self-pruning
+    would cut (p = rank: nothing left to cut)."""
+    return min(rank, max(min_rank, math.floor(decay * rank + 1e-9)))
 
 
 def pruning_penalty(factors: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> torch.Tensor:
@@ -79,31 +80,35 @@ class HetLoRAClient(LoRAClient):
             self.received_rank = received
         return super().model_options(arrays)
 
+    def tail(self) -> int:
+        """Where this node's tail ranks start (`tail_start` of its rank)."""
+        return tail_start(self.rank(), self.config.hetlora.decay, self.config.hetlora.min_rank)
+
     def prunable(self) -> bool:
-        """Whether this node prunes at all: the regulariser is on and its rank above min-rank."""
-        return self.config.hetlora.prune_weight > 0 and self.rank() > self.config.hetlora.min_rank
+        """Whether this node prunes at all: the regulariser is on and it has a tail to cut."""
+        return self.config.hetlora.prune_weight > 0 and self.tail() < self.rank()
 
     def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
         """The LoRA model holding `arrays`; notes its factors and their tail norm as received."""
         model = super().build_model(arrays)
         self.factors = lora_factors(model)
         with torch.no_grad():
-            self.tail_received = float(pruning_penalty(self.factors, tail_start(self.rank(), self.config.hetlora.decay)))
+            self.tail_received = float(pruning_penalty(self.factors, self.tail()))
         return model
 
     def loss_terms(self, model: AdapterClassifier) -> torch.Tensor | float:
         """The self-pruning regulariser lam * sum ||B_tail|| ||A_tail|| (0 once at min-rank)."""
         if not self.prunable():
             return 0.0
-        return self.config.hetlora.prune_weight * pruning_penalty(self.factors, tail_start(self.rank(), self.config.hetlora.decay))
+        return self.config.hetlora.prune_weight * pruning_penalty(self.factors, self.tail())
 
     def next_rank(self) -> int:
         """The rank to train at next round: pruned to max(min-rank, p) if the tail shrank."""
-        start = tail_start(self.rank(), self.config.hetlora.decay)
+        start = self.tail()
         with torch.no_grad():
             tail_now = float(pruning_penalty(self.factors, start))
         if self.prunable() and tail_now < self.tail_received:
-            return max(self.config.hetlora.min_rank, start)
+            return start
         return self.rank()
 
     def report(self) -> tuple[dict[str, Any], dict[str, Any]]:

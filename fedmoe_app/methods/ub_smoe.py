@@ -16,7 +16,10 @@ memory: a low tier computes K_c / M of the FFN.
   of the batch's routing slots, Pbar_i = i's mean router probability over the batch's
   tokens, rho_c = 1 - K_c / M (no pseudo-gradient for a node that runs every expert). Valid
   because every expert's LoRA tensors have one shape. The AdamW step then moves the idle
-  experts along the direction their router would have mixed them in.
+  experts along the direction their router would have mixed them in. AdamW normalises
+  each element by its running magnitude, so rho_c * Pbar_i sets how much an idle expert's
+  pseudo-gradient weighs against its real gradients of other batches, less the size of
+  its step: an expert idle in every batch still takes steps of about lr.
 The reply carries the routers, the head and every expert that received a real or pseudo
 gradient, and the routed-token counts the server computes utilisation from.
 """
