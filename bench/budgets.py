@@ -70,6 +70,17 @@ def utilisation(run_dir: Path) -> dict | None:
     return {key: mean(b[key] for b in per_round) for key in ("cv", "starved")}
 
 
+def ranks_by_tier(record: dict) -> dict[str, list[int]] | None:
+    """HetLoRA: each tier's clients' ranks for the next round, from a round record (else None)."""
+    ranks = record.get("lora_ranks")
+    if not ranks:
+        return None
+    found: dict[str, list[int]] = {}
+    for client, rank in sorted(ranks.items()):
+        found.setdefault(record["clients"][client]["tier"], []).append(rank)
+    return found
+
+
 def learning(labels: list[str], partitions: list[str], seeds: list[int], rounds: int, runs_dir: Path,
              data_dir: str, extra: str, log) -> list[dict]:
     """Run (or reuse) every (method, partition, seed); one dict per run."""
@@ -84,8 +95,13 @@ def learning(labels: list[str], partitions: list[str], seeds: list[int], rounds:
                         f"rounds={rounds} seed={seed} run-name={name}", f"data.data-dir={data_dir}" if data_dir else "",
                         PARTITIONS[partition], overrides, extra]))
                     run_dir = simulate(simulation, runs_dir, name, strategy, every, False, log)
+                    last = read_rounds(run_dir)[-1]
                     runs.append({"method": label, "partition": partition, "seed": seed,
-                                 "utilisation": utilisation(run_dir), "run_dir": str(run_dir)})
+                                 "global_accuracy": last["global_accuracy"], "client_accuracy": last["client_accuracy"],
+                                 "client_accuracy_mean": last["client_accuracy_mean"],
+                                 "client_accuracy_worst": last["client_accuracy_worst"],
+                                 "ranks_by_tier": ranks_by_tier(last), "utilisation": utilisation(run_dir),
+                                 "run_dir": str(run_dir)})
     return runs
 
 
@@ -143,6 +159,17 @@ def utilisation_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def rank_table(runs: list[dict]) -> list[str]:
+    """Markdown: the ranks HetLoRA's clients ended at, per split and tier, over seeds."""
+    lines = ["| split | " + " | ".join(["rpi4", "jetson-nano", "jetson-orin"]) + " |", "|---|---|---|---|"]
+    for partition in dict.fromkeys(r["partition"] for r in runs):
+        found = [r["ranks_by_tier"] for r in runs if r["partition"] == partition and r.get("ranks_by_tier")]
+        if found:
+            cells = [", ".join(str(x) for ranks in found for x in ranks.get(tier, [])) for tier in ("rpi4", "jetson-nano", "jetson-orin")]
+            lines.append(f"| {partition} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         results["runs"] = learning(labels, partitions, seeds, rounds, runs_dir, data_dir, extra, log)
         lines += ["## Accuracy (global; personalised per tier and over all clients)", "",
                   paired_report(runs_dir, labels, partitions, "mixed"), "## Expert utilisation", "",
-                  *utilisation_table(results["runs"]), ""]
+                  *utilisation_table(results["runs"]), "",
+                  "## HetLoRA: each client's rank after the last round (all seeds; tiers start at 4, 8, 16)", "",
+                  *rank_table(results["runs"]), ""]
     if "cost" in sections:
         log("bench: client cost, low and high tier")
         results["costs"] = costs(labels, data_dir, extra)
