@@ -61,13 +61,18 @@ def balance(shares: list[list[float]]) -> dict:
 
 
 def utilisation(run_dir: Path) -> dict | None:
-    """Mean over a run's trained rounds of `balance` of its routed-token shares (None for
-    methods without experts)."""
+    """Mean over a run's trained rounds of `balance` of its routed-token shares, over all
+    clients and over the low tier's (None for methods without experts)."""
     rounds = [r for r in read_rounds(run_dir) if r["round"] > 0 and r.get("expert_utilisation")]
     if not rounds:
         return None
-    per_round = [balance(r["expert_utilisation"]) for r in rounds]
-    return {key: mean(b[key] for b in per_round) for key in ("cv", "starved")}
+    found = {}
+    for name, shares_of in (("all", lambda r: r["expert_utilisation"]),
+                            (LOW, lambda r: (r.get("expert_utilisation_by_tier") or {}).get(LOW))):
+        per_round = [balance(shares_of(r)) for r in rounds if shares_of(r)]
+        if per_round:
+            found[name] = {key: mean(b[key] for b in per_round) for key in ("cv", "starved")}
+    return found
 
 
 def ranks_by_tier(record: dict) -> dict[str, list[int]] | None:
@@ -149,13 +154,18 @@ def cost_table(found: list[dict]) -> list[str]:
 
 def utilisation_table(runs: list[dict]) -> list[str]:
     """Markdown: per MoE method and partition, mean +- range over seeds of the balance figures."""
-    lines = ["| method | split | routed-token CV (0 = even) | starved experts |", "|---|---|---|---|"]
+    lines = ["| method | split | seeds | routed-token CV, all clients (0 = even) | starved experts | CV, rpi4 clients | "
+             "starved, rpi4 |", "|---|---|---|---|---|---|---|"]
     for label in dict.fromkeys(r["method"] for r in runs):
         for partition in dict.fromkeys(r["partition"] for r in runs):
             mine = [r["utilisation"] for r in runs if r["method"] == label and r["partition"] == partition and r["utilisation"]]
-            if mine:
-                lines.append(f"| {label} | {partition} | {mean(u['cv'] for u in mine):.3f} | "
-                             f"{100 * mean(u['starved'] for u in mine):.1f}% |")
+            if not mine:
+                continue
+            cells = []
+            for name in ("all", LOW):
+                of = [u[name] for u in mine if name in u]
+                cells += [f"{mean(u['cv'] for u in of):.3f}", f"{100 * mean(u['starved'] for u in of):.1f}%"] if of else ["-", "-"]
+            lines.append(f"| {label} | {partition} | {len(mine)} | " + " | ".join(cells) + " |")
     return lines
 
 

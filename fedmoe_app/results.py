@@ -24,8 +24,14 @@ The round record (one line of metrics.jsonl):
     client_accuracy_worst: float | None
     train_loss: float | None
     expert_utilisation: list[list[float]] | None
-                                        (FFT-MoE only) [layer][expert]: share of routed tokens per expert
+                                        (MoE methods) [layer][expert]: share of routed tokens per expert
                                         in that layer this round (rows sum to 1)
+    expert_utilisation_by_tier: dict[str, list[list[float]]]
+                                        (MoE methods) tier -> the same over that tier's clients
+    utilisation, modulation: list[list[float]]
+                                        (ub_smoe) [layer][expert]: utilisation u of the round's routing
+                                        and the modulation phi sent next round
+    lora_ranks: dict[str, int]          (hetlora) client id -> the rank it trains at next round
     bytes_down: dict[str, int]          client id -> bytes sent to it this round
     bytes_up: dict[str, int]            client id -> bytes received from it
     step_seconds: dict[str, float]      tier -> mean seconds per local step

@@ -80,9 +80,14 @@ class ExpertSubsetStrategy(SparseStrategy):
                                  f"for each of {self.num_layers} layers")
 
     def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
-        """The round's expert utilisation per layer (share of routed tokens per expert)."""
+        """The round's expert utilisation per layer (share of routed tokens per expert), over
+        all replies and over each tier's (a strong tier routing every token to every expert
+        would hide how a weak tier's few experts per token spread)."""
         usage = self.utilisation(replies)
-        return {"expert_utilisation": usage.tolist() if usage is not None else None}
+        by_tier = {tier: self.utilisation([r for r in replies if r.node.tier == tier]).tolist()
+                   for tier in sorted({r.node.tier for r in replies})}
+        return {"expert_utilisation": usage.tolist() if usage is not None else None,
+                "expert_utilisation_by_tier": by_tier}
 
     def utilisation(self, replies: list[Reply]) -> np.ndarray | None:
         """[L, M] share of routed tokens per expert over the replies, or None without replies."""

@@ -85,6 +85,9 @@ def test_phi_update_by_hand():
     np.testing.assert_allclose(strategy.phi[0], 0.6 * 0.5 + 0.4 * np.tanh(0.3125 / (by_hand + 1e-6) - 1))
     assert strategy.config_for(strategy.nodes[1], 2)["modulation"] == pytest.approx(strategy.phi[0].tolist())
     assert strategy.phi[0, 3] > 0.5 > strategy.phi[0, 0]  # the neglected expert is pushed up, the over-used one down
+    by_tier = strategy.round_metrics(strategy.round.replies)["expert_utilisation_by_tier"]
+    np.testing.assert_allclose(by_tier["rpi4"], [[4 / 6, 2 / 6, 0, 0]])
+    np.testing.assert_allclose(by_tier["jetson-nano"], [[0.5, 0, 0.3, 0.2]])
 
 
 def ub_node(node_id, tier):
