@@ -22,7 +22,7 @@ from statistics import mean
 import numpy as np
 
 from bench.client_cost import measure_in_subprocess
-from bench.learning import simulate
+from bench.learning import cell_name, simulate
 from bench.paired import report as paired_report
 from bench.simulation import LocalSimulation
 from bench.suites import PARTITIONS, SMOKE_OVERRIDES
@@ -42,11 +42,6 @@ METHODS = {
 LOW, HIGH = "rpi4", "jetson-orin"
 NATIVE = "model.backbone=tiny-mixtral moe.num-experts=8 moe.eval-top-k=2 data.max-train-rows=300 eval.test-samples=100"
 NUM_CLIENTS = 10
-
-
-def run_name(label: str, partition: str, seed: int) -> str:
-    """A learning run's directory name (bench.paired reads it back)."""
-    return f"{label}-{partition}-mixed-s{seed}"
 
 
 def balance(shares: list[list[float]]) -> dict:
@@ -95,7 +90,7 @@ def learning(labels: list[str], partitions: list[str], seeds: list[int], rounds:
             for seed in seeds:
                 for label in labels:
                     strategy, overrides = METHODS[label]
-                    name = run_name(label, partition, seed)
+                    name = cell_name(label, partition, "mixed", seed)
                     every = " ".join(filter(None, [
                         f"rounds={rounds} seed={seed} run-name={name}", f"data.data-dir={data_dir}" if data_dir else "",
                         PARTITIONS[partition], overrides, extra]))

@@ -69,8 +69,6 @@ class FFTMoE(ExpertSubsetStrategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict` of a run with the same layers and experts."""
-        usage = np.asarray(state["global_usage"], dtype=np.float64)
-        if usage.shape != self.global_usage.shape:
-            raise ValueError(f"saved global usage has shape {usage.shape}; this run's is {self.global_usage.shape}")
+        usage = self.saved_matrix(state, "global_usage", self.global_usage)
         super().load_state_dict(state)
         self.global_usage = usage

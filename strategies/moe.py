@@ -141,6 +141,14 @@ class ExpertSubsetStrategy(SparseStrategy):
         return {**super().state_dict(), "subsets": {c: [list(layer) for layer in s] for c, s in self.subsets.items()},
                 "spread_cursor": self.spread_cursor}
 
+    @staticmethod
+    def saved_matrix(state: dict[str, Any], key: str, current: np.ndarray) -> np.ndarray:
+        """The [L, M] matrix saved under `key`, checked against the shape of this run's `current`."""
+        saved = np.asarray(state[key], dtype=np.float64)
+        if saved.shape != current.shape:
+            raise ValueError(f"saved {key} has shape {saved.shape}; this run's is {current.shape}")
+        return saved
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict`."""
         super().load_state_dict(state)

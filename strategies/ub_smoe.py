@@ -105,8 +105,6 @@ class UBSMoE(ExpertSubsetStrategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict` of a run with the same layers and experts."""
-        phi = np.asarray(state["phi"], dtype=np.float64)
-        if phi.shape != self.phi.shape:
-            raise ValueError(f"saved modulation phi has shape {phi.shape}; this run's is {self.phi.shape}")
+        phi = self.saved_matrix(state, "phi", self.phi)
         super().load_state_dict(state)
         self.phi = phi

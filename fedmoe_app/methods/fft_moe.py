@@ -19,9 +19,8 @@ from fedmoe_app import messages as msg
 from fedmoe_app.config import LossConfig
 from fedmoe_app.losses import heterogeneity_loss, heterogeneity_weight, load_balancing_loss, router_z_loss
 from fedmoe_app.methods.moe import MoEClient
-from fedmoe_app.model import AdapterClassifier, num_layers
+from fedmoe_app.model import AdapterClassifier
 from fedmoe_app.moe import RouterOutput
-from fedmoe_app.records import unflatten
 
 
 class FFTMoEClient(MoEClient):
@@ -31,8 +30,7 @@ class FFTMoEClient(MoEClient):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        usage = self.server.get(msg.GLOBAL_USAGE)
-        self.global_usage = torch.tensor(unflatten(usage, num_layers(self.config)), dtype=torch.float32) if usage else None
+        self.global_usage = self.layer_matrix(msg.GLOBAL_USAGE)
         self.het_weight = heterogeneity_weight(self.label_counts, self.budget.experts_held, self.config.moe.num_experts)
 
     def loss_terms(self, model: AdapterClassifier) -> torch.Tensor:

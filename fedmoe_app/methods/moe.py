@@ -8,11 +8,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from fedmoe_app import messages as msg
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import AdapterClassifier, expert_rank_of, num_layers
-from fedmoe_app.records import held_experts
+from fedmoe_app.records import held_experts, unflatten
 from fedmoe_app.routing import RoutingStats
 
 
@@ -25,6 +26,11 @@ class MoEClient(ClientMethod):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.routing: RoutingStats | None = None  # of the steps taken so far
+
+    def layer_matrix(self, key: str) -> torch.Tensor | None:
+        """The [L, M] matrix the server sent under `key` (flattened), or None if it sent none."""
+        values = self.server.get(key)
+        return torch.tensor(unflatten(values, num_layers(self.config)), dtype=torch.float32) if values else None
 
     def experts_per_token(self) -> int:
         """K: the budget's top-k for adapter experts, its active-experts for backbone experts."""

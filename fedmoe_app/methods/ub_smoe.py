@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from fedmoe_app import messages as msg
 from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.moe import MoEClient
-from fedmoe_app.model import AdapterClassifier, num_layers
-from fedmoe_app.records import expert_of, unflatten
+from fedmoe_app.model import AdapterClassifier
+from fedmoe_app.records import expert_of
 
 MODULATION_KEY = ".moe.router.modulation"  # the node's own copy of phi: trained, never sent
 
@@ -85,8 +85,7 @@ class UBSMoEClient(MoEClient):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        phi = self.server.get(msg.MODULATION)
-        self.phi = torch.tensor(unflatten(phi, num_layers(self.config)), dtype=torch.float32) if phi else None
+        self.phi = self.layer_matrix(msg.MODULATION)
         self.trained: set[tuple[int, int]] = set()  # (layer, expert) that received a real or pseudo gradient
 
     def experts_per_token(self) -> int:
