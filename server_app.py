@@ -72,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(config, num_layers(config), on_round, on_checkpoint)
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint.strategy_state)
+        strategy.load_state_arrays(checkpoint.strategy_arrays, checkpoint.arrays)
     results.set_status("running", last_round=first_round - 1, rounds=config.rounds, server=server)
     try:
         result = strategy.start(grid, to_record(initial), num_rounds=config.rounds,

@@ -1,8 +1,9 @@
 """A run's checkpoint: what the server needs to continue a run after it stopped.
 
 After every round the server writes results/<run-name>/checkpoint.safetensors: the global
-arrays as tensors, and in the file's metadata (JSON text) the round, the strategy's name
-and its state (`state_dict`, which holds its random generator). One file, written to a
+arrays as tensors, the strategy's own tensors (its server optimiser's moments) as tensors
+named STRATEGY_PREFIX + name, and in the file's metadata (JSON text) the round, the
+strategy's name and its state (`state_dict`, which holds its random generator). One file, written to a
 temporary name, flushed to disk and renamed over the last one, so a crash at any moment
 leaves the previous complete round or this one, never a mix. Never pickle.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from fedmoe_app.config import ConfigError
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedmoe-checkpoint-1"
+STRATEGY_PREFIX = "@strategy/"  # no model tensor's name starts with '@'
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Checkpoint:
     strategy: str
     arrays: dict[str, np.ndarray]
     strategy_state: dict[str, Any]
+    strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
@@ -45,7 +48,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "strategy": checkpoint.strategy,
         "strategy_state": json.dumps(checkpoint.strategy_state, allow_nan=False),
     }
-    save_file({k: np.ascontiguousarray(a) for k, a in checkpoint.arrays.items()}, str(temporary), metadata=metadata)
+    tensors = {**checkpoint.arrays, **{STRATEGY_PREFIX + k: a for k, a in checkpoint.strategy_arrays.items()}}
+    save_file({k: np.ascontiguousarray(a) for k, a in tensors.items()}, str(temporary), metadata=metadata)
     with open(temporary, "rb") as f:
         os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -65,5 +69,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
         raise ConfigError(f"checkpoint '{path}' cannot be read: {error}") from error
     if metadata.get("format") != FORMAT:
         raise ConfigError(f"checkpoint '{path}' has format {metadata.get('format')!r}; allowed: {FORMAT}")
-    return Checkpoint(int(metadata["server_round"]), metadata["strategy"], arrays,
-                      json.loads(metadata["strategy_state"]))
+    strategy_arrays = {k[len(STRATEGY_PREFIX):]: a for k, a in arrays.items() if k.startswith(STRATEGY_PREFIX)}
+    model_arrays = {k: a for k, a in arrays.items() if not k.startswith(STRATEGY_PREFIX)}
+    return Checkpoint(int(metadata["server_round"]), metadata["strategy"], model_arrays,
+                      json.loads(metadata["strategy_state"]), strategy_arrays)

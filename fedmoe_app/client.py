@@ -24,8 +24,9 @@ from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import AdapterClassifier, load_tokenizer, state_to_numpy
 from fedmoe_app.node import describe as describe_node
 from fedmoe_app.node import partition_of
-from fedmoe_app.rows import ClientData, device_client_data
+from fedmoe_app.rows import ClientData, device_client_data, label_counts
 from fedmoe_app.system import peak_rss_mb
+from fedmoe_app.task_loss import local_task_loss
 from fedmoe_app.token_cache import encode_csv
 from fedmoe_app.train import evaluate, train_local
 
@@ -47,6 +48,7 @@ class ClientTask:
         else:
             encoded = encode(self.data.rows, self.tokenizer, self.budget.max_length)
         self.train_set = encoded.select(self.data.train_index)
+        self.train_label_counts = label_counts(self.data.train, self.data.num_labels)
         self.holdout_set = encoded.select(self.data.holdout_index)
         startup.mark("data")
 
@@ -81,8 +83,9 @@ class ClientTask:
             num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
             length_multiple=model.precision.length_multiple,
         )
+        task_loss = local_task_loss(self.config.train, self.train_label_counts)
         result = train_local(model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr,
-                             self.config.train.weight_decay, method)
+                             self.config.train.weight_decay, method, task_loss)
         method_metrics, request = method.report()
         metrics: dict[str, Any] = {
             msg.NUM_EXAMPLES: len(self.data.train_index),  # Flower's convention: local training rows

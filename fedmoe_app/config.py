@@ -114,6 +114,8 @@ class TrainConfig:
     device: str  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
     group_by_length: bool  # batches of rows of similar length: less padding, same data
     precision: str  # auto (bf16 / fp16 where the hardware has it, else fp32) | fp32 | bf16 | fp16
+    logit_adjustment: float  # tau of the logit-adjusted local loss (+ tau log prior); 0 = plain cross-entropy
+    restricted_softmax: float  # FedRS alpha: training logits of the classes a client lacks are scaled by it; 1 = off
 
 
 DEFAULT_DATASETS = ("auto", "ag_news")  # the datasets a launcher's local copy (--data-dir) holds
@@ -144,6 +146,11 @@ class FederationConfig:
     round_timeout: float
     wire_dtype: str  # tensors on the wire: fp32 | fp16 | bf16 (aggregation is float32)
     max_update_ratio: float  # reject updates with RMS over this times the round's median of others (0 = off)
+    server_optimizer: str  # the server's step from the aggregate: avg | avgm | adam | yogi (strategies/server_optimizer.py)
+    server_lr: float  # eta of avgm, adam, yogi
+    server_momentum: float  # avgm's momentum; adam's and yogi's beta_1
+    server_beta2: float  # adam's and yogi's beta_2
+    server_tau: float  # adam's and yogi's tau (adaptivity)
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,7 @@ class EvalConfig:
 
     every: int
     test_samples: int  # 0 = the whole test split
+    final_test_samples: int  # the last round's evaluation; 0 = the whole test split
     batch_size: int
     max_length: int  # 0: what training uses, the largest max-length of the device tiers
     client: bool
@@ -209,6 +217,7 @@ CHOICES = {
     "moe.experts": ("adapter", "backbone"),
     "moe.grouping": ("kmeans", "contiguous"),
     "hfedmoe.gate-weights": ("normalised", "raw"),
+    "federation.server-optimizer": ("avg", "avgm", "adam", "yogi"),
 }
 
 
@@ -468,6 +477,22 @@ def _check_ranges(config: RunConfig) -> None:
     if config.federation.max_update_ratio < 0:
         raise ConfigError(f"config key 'federation.max-update-ratio' is {config.federation.max_update_ratio}; "
                           "allowed: >= 0 (0 = off)")
+    fed = config.federation
+    if fed.server_lr <= 0:
+        raise ConfigError(f"config key 'federation.server-lr' is {fed.server_lr}; allowed: > 0")
+    for key in ("server_momentum", "server_beta2"):
+        if not 0.0 <= getattr(fed, key) < 1.0:
+            raise ConfigError(f"config key 'federation.{_to_key(key)}' is {getattr(fed, key)}; allowed: [0, 1)")
+    if fed.server_tau <= 0:
+        raise ConfigError(f"config key 'federation.server-tau' is {fed.server_tau}; allowed: > 0")
+    if config.train.logit_adjustment < 0:
+        raise ConfigError(f"config key 'train.logit-adjustment' is {config.train.logit_adjustment}; allowed: >= 0 (0 = off)")
+    if not 0.0 <= config.train.restricted_softmax <= 1.0:
+        raise ConfigError(f"config key 'train.restricted-softmax' is {config.train.restricted_softmax}; "
+                          "allowed: [0, 1] (1 = off)")
+    for key in ("test_samples", "final_test_samples"):
+        if getattr(config.eval, key) < 0:
+            raise ConfigError(f"config key 'eval.{_to_key(key)}' is {getattr(config.eval, key)}; allowed: >= 0 (0 = all)")
     if config.data.alpha <= 0:
         raise ConfigError("config key 'data.alpha' must be > 0")
     for key in ("balance", "heterogeneity", "z_loss"):

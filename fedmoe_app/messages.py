@@ -34,6 +34,7 @@ BYTES_UP = "bytes-up"
 # Evaluate reply METRICS.
 ACCURACY = "accuracy"
 LOSS = "loss"
+RECALL = "recall"  # server-side evaluation: per-class recall, one per class of the head (NaN: no test row of it)
 
 # Routing statistics an MoE method reports (fedmoe_app.routing): routing slots per expert, flattened [L * M].
 ROUTED_TOKENS = "routed-tokens"

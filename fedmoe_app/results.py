@@ -18,6 +18,9 @@ The round record (one line of metrics.jsonl):
     global_accuracy: float | None       server-side accuracy of the global model on the test split
                                         (None if not evaluated this round)
     global_loss: float | None
+    global_recall: list[float] | None   per class (label id order): share of its test rows predicted right
+    global_test_rows: int | None        test rows scored (eval.test-samples; after the last round
+                                        eval.final-test-samples)
     client_accuracy: dict[str, float]   tier name -> mean personalised accuracy of that tier's clients
                                         on their held-out slices ({} if none)
     client_accuracy_mean: float | None  example-weighted over all clients

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from logging import WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
@@ -21,6 +22,9 @@ from fedmoe_app.records import from_record
 from fedmoe_app.results import CONFIG_FILE, RunResults
 from fedmoe_app.train import evaluate
 
+if TYPE_CHECKING:
+    import datasets
+
 
 def eval_max_length(config: RunConfig) -> int:
     """Tokens per test row of server-side evaluation: eval.max-length, or (0) the largest
@@ -31,23 +35,33 @@ def eval_max_length(config: RunConfig) -> int:
 
 
 class GlobalEvaluator:
-    """Evaluates global arrays on a seeded subsample of the central test split."""
+    """Evaluates global arrays on the central test split: a seeded subsample of
+    eval.test-samples rows each evaluated round, of eval.final-test-samples after the last."""
 
     def __init__(self, config: RunConfig, model: AdapterClassifier) -> None:
         self.config = config
         self.model = model
         self.tokenizer = load_tokenizer(config.model.backbone)
-        test = load_test_set(config.data, config.seed, config.eval.test_samples)
-        self.test_set = encode(test, self.tokenizer, eval_max_length(config))
+        self.test_sets: dict[int, datasets.Dataset] = {}  # encoded, by number of rows asked for
+
+    def test_set(self, server_round: int) -> datasets.Dataset:
+        """The encoded test rows round `server_round` is scored on."""
+        final = server_round == self.config.rounds
+        samples = self.config.eval.final_test_samples if final else self.config.eval.test_samples
+        if samples not in self.test_sets:
+            test = load_test_set(self.config.data, self.config.seed, samples)
+            self.test_sets[samples] = encode(test, self.tokenizer, eval_max_length(self.config))
+        return self.test_sets[samples]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Loss and accuracy of `arrays` on the test subsample."""
+        """Loss, accuracy and per-class recall of `arrays` on the round's test rows."""
         load_state(self.model, from_record(arrays))
-        batches = iterate_batches(self.test_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
+        batches = iterate_batches(self.test_set(server_round), self.config.eval.batch_size, self.tokenizer.pad_token_id,
                                   shuffle=False, group_by_length=True,
                                   length_multiple=self.model.precision.length_multiple)
         result = evaluate(self.model, batches)
-        return MetricRecord({msg.ACCURACY: result.accuracy, msg.LOSS: result.loss, msg.NUM_EXAMPLES: result.num_examples})
+        return MetricRecord({msg.ACCURACY: result.accuracy, msg.LOSS: result.loss, msg.NUM_EXAMPLES: result.num_examples,
+                             msg.RECALL: result.recall})
 
 
 def resumed_run(config: RunConfig) -> tuple[RunConfig, Checkpoint]:
@@ -146,6 +160,8 @@ def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
         "seed": config.seed,
         "final_global_accuracy": last["global_accuracy"],
         "final_global_loss": last["global_loss"],
+        "final_global_recall": last.get("global_recall"),
+        "final_test_rows": last.get("global_test_rows"),
         "best_global_accuracy": max((r["global_accuracy"] for r in evaluated), default=None),
         "initial_global_accuracy": rounds[0]["global_accuracy"],
         "final_client_accuracy_mean": last.get("client_accuracy_mean"),

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from fedmoe_app.model import AdapterClassifier, trainable_parameters
 from fedmoe_app.system import synchronize
+from fedmoe_app.task_loss import TaskLoss
 
 if TYPE_CHECKING:
     from fedmoe_app.methods.base import ClientMethod
@@ -47,11 +48,13 @@ def train_local(
     lr: float,
     weight_decay: float,
     method: ClientMethod,
+    task_loss: TaskLoss = F.cross_entropy,
 ) -> TrainResult:
     """Train the model's trainable tensors with AdamW for `steps` batches (on the model's
-    device, in the model's precision; fp16 with loss scaling): the task loss plus the
-    method's loss terms, backward, the method's gradient hook, the step, the method's
-    observation of it."""
+    device, in the model's precision; fp16 with loss scaling): the task loss (`task_loss`
+    of the logits and labels; fedmoe_app.task_loss) plus the method's loss terms, backward,
+    the method's gradient hook, the step, the method's observation of it. The loss reported
+    is the task loss trained on."""
     device = model_device(model)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
@@ -61,7 +64,7 @@ def train_local(
         start = time.perf_counter()
         batch = to_device(batch, device)
         logits = model(batch["input_ids"], batch["attention_mask"])  # in the model's precision
-        task = F.cross_entropy(logits, batch["labels"])
+        task = task_loss(logits, batch["labels"])
         total = task + method.loss_terms(model)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
@@ -86,25 +89,36 @@ def train_local(
 
 @dataclass
 class EvalResult:
-    """Loss and accuracy of a model on a dataset."""
+    """Loss, accuracy and per-class recall of a model on a dataset."""
 
     num_examples: int
     loss: float
     accuracy: float
+    recall: list[float]  # per class of the head: the share of its rows predicted right (NaN: no row of it)
 
 
 @torch.no_grad()
 def evaluate(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
-    """Mean cross-entropy and accuracy over `batches` (on the model's device, in its precision)."""
+    """Mean cross-entropy, accuracy and per-class recall over `batches` (on the model's
+    device, in its precision)."""
     model.train(False)
     device = model_device(model)
     examples, correct, loss_sum = 0, 0, 0.0
+    hits = rows = None  # per class
     for batch in batches:
         batch = to_device(batch, device)
         logits = model(batch["input_ids"], batch["attention_mask"])
-        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        examples += len(batch["labels"])
+        labels = batch["labels"]
+        right = logits.argmax(-1) == labels
+        if hits is None:
+            hits = torch.zeros(logits.shape[-1], dtype=torch.long, device=device)
+            rows = torch.zeros_like(hits)
+        hits.index_add_(0, labels, right.long())
+        rows.index_add_(0, labels, torch.ones_like(labels))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += right.sum().item()
+        examples += len(labels)
     if examples == 0:
-        return EvalResult(0, math.nan, math.nan)
-    return EvalResult(examples, loss_sum / examples, correct / examples)
+        return EvalResult(0, math.nan, math.nan, [])
+    recall = [h / n if n else math.nan for h, n in zip(hits.tolist(), rows.tolist())]
+    return EvalResult(examples, loss_sum / examples, correct / examples, recall)

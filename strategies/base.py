@@ -3,12 +3,15 @@
 A concrete strategy says only what makes its method different, through these hooks:
 `arrays_for` (what a node receives), `config_for` (extra per-node config), `weights_for`
 (each reply's weight per tensor), `contribution_of` (what a reply adds to the average),
-`aggregate` (the new global tensors; default: the sparse core over the two before),
-`update_state` (what it learns from the replies, e.g. the next expert subsets),
+`aggregate` (the round's average; default: the sparse core over the two before),
+`to_average_space` / `from_average_space` (where a method averages something other than
+the global tensors themselves, e.g. FlexLoRA's full products), `update_state` (what it learns from the replies, e.g. the next expert subsets),
 `check_reply` (its own parts of a reply: metrics, requests), `round_metrics` (its own
 fields in the round record) and `state_dict` / `load_state_dict` (what it has learnt,
 JSON-able, for resuming a run). Replies are checked against what each node was sent
-(strategies/replies.py) before any hook sees them.
+(strategies/replies.py) before any hook sees them. The server's step from the round's
+average to the new global model (`federation.server-optimizer`: FedAvg, FedAvgM, FedAdam,
+FedYogi) is the base's, the same for every method (strategies/server_optimizer.py).
 
 Per-client knowledge is keyed by the client id a node reports (stable across restarts of
 the node), never by Flower's node id.
@@ -37,6 +40,7 @@ from fedmoe_app.records import from_record, to_record
 from strategies.core import Contribution, Weight, sparse_weighted_average
 from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_train_reply, examples,
                                 node_from_query, outliers, train_loss)
+from strategies.server_optimizer import ServerOptimizer
 from strategies.rounds import ACCURACY_MEAN, ACCURACY_OF_TIER, ACCURACY_WORST, RoundState, round_record, timed
 
 
@@ -55,6 +59,7 @@ class SparseStrategy(Strategy):
         self.global_arrays: dict[str, np.ndarray] = {}
         self.random = random.Random(config.seed)
         self.round = RoundState(0)
+        self.optimizer = ServerOptimizer(config.federation)
 
     @property
     def config(self) -> RunConfig:
@@ -86,11 +91,20 @@ class SparseStrategy(Strategy):
         return reply.arrays
 
     def aggregate(self, replies: list[Reply]) -> dict[str, np.ndarray]:
-        """The new global tensors from this round's replies (default: the sparse key-wise
-        weighted average of `contribution_of` by `weights_for`). A strategy whose replies
-        change shapes overrides it."""
+        """This round's average of the replies, in the space of `to_average_space` (default:
+        the sparse key-wise weighted average of `contribution_of` by `weights_for`). A
+        strategy whose replies change shapes overrides it."""
         contributions = [Contribution(self.contribution_of(r), self.weights_for(r)) for r in replies]
         return sparse_weighted_average(self.global_arrays, contributions)
+
+    def to_average_space(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Global tensors in the form `aggregate` averages and the server optimiser steps
+        (default: as they are)."""
+        return arrays
+
+    def from_average_space(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global tensors of a stepped average (inverse of `to_average_space`; default: as they are)."""
+        return averaged
 
     def update_state(self, replies: list[Reply]) -> None:
         """Learn from this round's replies (default: nothing)."""
@@ -115,6 +129,14 @@ class SparseStrategy(Strategy):
         """Continue from a `state_dict`."""
         version, internal, gauss = state["random"]
         self.random.setstate((version, tuple(internal), gauss))
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """What the strategy keeps as tensors (the server optimiser's moments), for the checkpoint."""
+        return self.optimizer.state_arrays()
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> None:
+        """Continue from `state_arrays` saved beside `global_arrays`."""
+        self.optimizer.load_state_arrays(arrays, self.to_average_space(global_arrays))
 
     # ---- Flower Strategy API -----------------------------------------------------------
     def summary(self) -> None:
@@ -217,7 +239,8 @@ class SparseStrategy(Strategy):
             log(WARNING, "round %d: %d of %d sampled nodes replied, federation.min-reply-fraction needs %d; "
                 "the global model is unchanged", server_round, len(decoded), sampled, needed)
             return None, None
-        self.global_arrays = self.aggregate(decoded)
+        current = self.to_average_space(self.global_arrays)
+        self.global_arrays = self.from_average_space(self.optimizer.step(current, self.aggregate(decoded)))
         self.update_state(decoded)
         return to_record(self.global_arrays), MetricRecord({
             msg.TRAIN_LOSS: train_loss(decoded), msg.NUM_EXAMPLES: sum(examples(r) for r in decoded)})
@@ -349,7 +372,8 @@ class SparseStrategy(Strategy):
                     if client_eval is not None:
                         result.evaluate_metrics_clientapp[server_round] = client_eval
                 server_eval = self._evaluate_on_server(server_round, arrays, evaluate_fn, result)
-            self.on_checkpoint(Checkpoint(server_round, self.name, from_record(arrays), self.state_dict()))
+            self.on_checkpoint(Checkpoint(server_round, self.name, from_record(arrays), self.state_dict(),
+                                          self.state_arrays()))
             self.on_round(self._round_record(t_start, server_eval, client_eval))
         log(INFO, "Strategy %s finished rounds %d-%d in %.0f s", self.name, first_round, num_rounds, time.time() - t_start)
         return result

@@ -13,6 +13,7 @@
   A nonzero) and can still learn. A square-root split would zero both of its factors, and
   a LoRA with A = B = 0 gets no gradient in either.
 - The head is averaged by training rows.
+- A server optimiser (federation.server-optimizer) steps the products, before the SVD.
 The server keeps only the top r_max singular triplets between rounds: no node receives
 more, and FlexLoRA averages what the nodes hold, not changes, so the rest is never needed.
 """
@@ -70,21 +71,27 @@ class FlexLoRA(SparseStrategy):
         a, b = arrays[a_key].astype(np.float64), arrays[b_key].astype(np.float64)
         return (self.config.lora.alpha / a.shape[0]) * (b @ a)
 
-    def aggregate(self, replies: list[Reply]) -> dict[str, np.ndarray]:
-        """Non-LoRA tensors by training rows; each LoRA module the SVD of its averaged products."""
-        pairs = lora_pairs(list(self.global_arrays))
+    def to_average_space(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Non-LoRA tensors as they are; each LoRA module as its product, named by the module."""
+        pairs = lora_pairs(list(arrays))
         lora_keys = {key for pair in pairs.values() for key in pair}
-        global_products = {module: self.product(self.global_arrays, *pair) for module, pair in pairs.items()}
-        contributions = []
-        for reply in replies:
-            rows = float(examples(reply))
-            arrays = {key: a for key, a in reply.arrays.items() if key not in lora_keys}
-            arrays.update({module: self.product(reply.arrays, *pair) for module, pair in pairs.items()
-                           if pair[0] in reply.arrays})  # check_reply: both factors or neither
-            contributions.append(Contribution(arrays, {key: rows for key in arrays}))
-        others = {key: a for key, a in self.global_arrays.items() if key not in lora_keys}
-        averaged = sparse_weighted_average({**others, **global_products}, contributions)
-        result = {key: averaged[key] for key in others}
+        space = {key: a for key, a in arrays.items() if key not in lora_keys}
+        space.update({module: self.product(arrays, *pair) for module, pair in pairs.items()})
+        return space
+
+    def from_average_space(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global tensors: each module's factors from the SVD of its averaged product."""
+        pairs = lora_pairs(list(self.global_arrays))
+        result = {key: a for key, a in averaged.items() if key not in pairs}
         for module, (a_key, b_key) in pairs.items():
             result[a_key], result[b_key] = svd_factors(averaged[module], self.global_rank(), self.config.lora.alpha)
         return result
+
+    def aggregate(self, replies: list[Reply]) -> dict[str, np.ndarray]:
+        """Non-LoRA tensors by training rows; each LoRA module's product by training rows."""
+        contributions = []
+        for reply in replies:
+            rows = float(examples(reply))
+            arrays = self.to_average_space(reply.arrays)  # check_reply: both factors of a module or neither
+            contributions.append(Contribution(arrays, {key: rows for key in arrays}))
+        return sparse_weighted_average(self.to_average_space(self.global_arrays), contributions)

@@ -72,6 +72,8 @@ def round_record(state: RoundState, wall_time_s: float, server_eval: MetricRecor
         "phase_seconds": dict(state.phases),
         "global_accuracy": server_eval[msg.ACCURACY] if server_eval else None,
         "global_loss": server_eval[msg.LOSS] if server_eval else None,
+        "global_recall": list(server_eval[msg.RECALL]) if server_eval and msg.RECALL in server_eval else None,
+        "global_test_rows": int(server_eval[msg.NUM_EXAMPLES]) if server_eval and msg.NUM_EXAMPLES in server_eval else None,
         "client_accuracy": {t: client_eval[key] for t, key in per_tier.items() if key in client_eval},
         "client_accuracy_mean": client_eval.get(ACCURACY_MEAN),
         "client_accuracy_worst": client_eval.get(ACCURACY_WORST),

@@ -160,3 +160,21 @@ def test_client_id_is_stable_and_named_by_node_config(tmp_path, monkeypatch):
     other = tmp_path / "other-device"
     other.mkdir()
     assert client_id({"data-path": str(other)}) != first
+
+
+@pytest.mark.parametrize("alpha, absent_rows_move", [(0.0, False), (1.0, True)])
+def test_restricted_softmax_reaches_local_training(ag_news_dir, alpha, absent_rows_move):
+    """FedRS with alpha 0: the head rows of the classes the client lacks get no gradient, so
+    local training leaves them as received; without it (alpha 1) they are pushed down."""
+    config = load_config("conf/head_only.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} "
+                         "data.max-train-rows=300 data.partitioner=pathological data.classes-per-partition=2 "
+                         f"train.restricted-softmax={alpha}")
+    task = ClientTask(config, {"partition-id": 0, "num-partitions": 4})
+    absent = [c for c, n in enumerate(task.train_label_counts) if n == 0]
+    assert len(absent) == 2
+    glob = state_to_numpy(build_model(config, 4, "head"))
+    arrays, _, _ = task.train(glob, {"server-round": 1})
+    for key in ("head.weight", "head.bias"):
+        moved = not np.array_equal(arrays[key][absent], glob[key][absent])
+        assert moved == absent_rows_move, key
+        assert not np.array_equal(arrays[key], glob[key])  # the present classes' rows trained

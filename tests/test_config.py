@@ -102,6 +102,13 @@ def test_yaml_round_trip():
         ("rounds", "must look like key=value"),
         ("train.device=gpu", "'train.device' is 'gpu'; allowed: auto, cpu, cuda, cuda:N"),
         ("federation.fraction-evaluate=0", "'federation.fraction-evaluate' must be in \\(0, 1\\]"),
+        ("federation.server-optimizer=sgd", "'federation.server-optimizer' is 'sgd'; allowed: avg, avgm, adam, yogi"),
+        ("federation.server-lr=0", "'federation.server-lr' is 0.0; allowed: > 0"),
+        ("federation.server-momentum=1", "'federation.server-momentum' is 1.0; allowed: \\[0, 1\\)"),
+        ("federation.server-tau=0", "'federation.server-tau' is 0.0; allowed: > 0"),
+        ("train.logit-adjustment=-1", "'train.logit-adjustment' is -1.0; allowed: >= 0"),
+        ("train.restricted-softmax=1.5", "'train.restricted-softmax' is 1.5; allowed: \\[0, 1\\]"),
+        ("eval.final-test-samples=-1", "'eval.final-test-samples' is -1; allowed: >= 0"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

@@ -214,3 +214,26 @@ def test_flexlora_and_hetlora_global_models_hold_the_largest_tier_rank():
     assert {a.shape[0] for k, a in arrays.items() if ".lora_A." in k} == {16}
     fedavg = state_to_numpy(method_class("fedavg_lora").global_model(load_config("conf/fedavg_lora.yaml", "model.backbone=tiny-bert"), 4))
     assert {a.shape[0] for k, a in fedavg.items() if ".lora_A." in k} == {8}  # lora.rank
+
+
+def test_flexlora_server_optimiser_steps_the_averaged_products():
+    """With federation.server-optimizer=avgm, x <- x - eta (mu v + g) acts on the module's
+    product dW (g = dW - its average this round), not on its SVD factors."""
+    nodes = [lora_node(1, 2), lora_node(2, 2)]
+    strategy = strategy_with("flexlora", nodes, dict(GLOBAL),
+                             "federation.server-optimizer=avgm federation.server-lr=0.5 federation.server-momentum=0.9")
+    alpha = strategy.config.lora.alpha
+    product = (alpha / 16) * GLOBAL[B].astype(np.float64) @ GLOBAL[A]
+    momentum = np.zeros_like(product)
+    for server_round in (1, 2):
+        trained = [{A: RNG.normal(size=(2, 3)).astype(np.float32), B: RNG.normal(size=(2, 2)).astype(np.float32)}
+                   for _ in nodes]
+        replies = [reply(n.node_id, updates(t, strategy.round.sent_arrays[n.node_id]), {"num-examples": 10})
+                   for n, t in zip(nodes, trained)]
+        average = sum(0.5 * (alpha / 2) * t[B].astype(np.float64) @ t[A] for t in trained)
+        momentum = 0.9 * momentum + (product - average)
+        product = product - 0.5 * momentum
+        new = from_record(strategy.aggregate_train(server_round, replies)[0])
+        np.testing.assert_allclose((alpha / 16) * new[B].astype(np.float64) @ new[A], product, rtol=1e-4, atol=1e-5)
+        strategy.global_arrays = new
+        strategy.round.sent_arrays = {n.node_id: strategy.arrays_for(n, server_round + 1) for n in nodes}

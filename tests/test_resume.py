@@ -1,6 +1,6 @@
 """Checkpoint and resume: a server that dies after a random round and is resumed from its
 checkpoint ends with exactly the global arrays of a run that never stopped, for every
-registered strategy (runs in this process on tiny models, clients served by the
+registered strategy, with the server optimiser's moments (runs in this process on tiny models, clients served by the
 ClientApp's own handlers)."""
 
 import os
@@ -26,10 +26,10 @@ class ServerDied(Exception):
     """Stands for the server process being killed."""
 
 
-def tiny_config(strategy, data_dir):
+def tiny_config(strategy, data_dir, extra=""):
     return load_config(f"conf/{strategy}.yaml", (
         f"model.backbone=tiny-bert data.data-dir={data_dir} data.max-train-rows=240 moe.num-experts=4 "
-        f"moe.expert-hidden=8 rounds={ROUNDS} eval.client=false federation.min-nodes=3"))
+        f"moe.expert-hidden=8 rounds={ROUNDS} eval.client=false federation.min-nodes=3 {extra}"))
 
 
 def run(config, checkpoint_dir, die_after=None, resume: Checkpoint | None = None):
@@ -46,6 +46,7 @@ def run(config, checkpoint_dir, die_after=None, resume: Checkpoint | None = None
         arrays, first_round = state_to_numpy(method_class(config.strategy).global_model(config, 4)), 1
     else:
         strategy.load_state_dict(resume.strategy_state)
+        strategy.load_state_arrays(resume.strategy_arrays, resume.arrays)
         arrays, first_round = resume.arrays, resume.server_round + 1
     result = strategy.start(InProcessGrid(3), to_record(arrays), num_rounds=config.rounds, first_round=first_round)
     return from_record(result.arrays)
@@ -53,7 +54,7 @@ def run(config, checkpoint_dir, die_after=None, resume: Checkpoint | None = None
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_resume_after_the_server_dies_ends_as_the_uninterrupted_run(strategy, ag_news_dir, tmp_path, server_identity):
-    config = tiny_config(strategy, ag_news_dir)
+    config = tiny_config(strategy, ag_news_dir, "federation.server-optimizer=adam federation.server-lr=0.01")
     uninterrupted = run(config, tmp_path / "full")
     die_after = random.Random(strategy).randint(1, ROUNDS - 1)  # a random round, the same each time
     with pytest.raises(ServerDied):
