@@ -27,7 +27,7 @@ CERTS_DIR ?= $(DEPLOY_DIR)/credentials
 SUPERLINK_HOSTS ?= 127.0.0.1,localhost
 NODES ?= 3
 
-.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench-skew bench bench-budgets
+.PHONY: install run test stop clean flwr-config deploy-local certs device-data bench-quick bench-skew bench bench-budgets bench-remedies
 
 install: $(STAMP)
 
@@ -67,6 +67,10 @@ bench: install
 # UB-SMoE's table on our setup (bench/budgets.py): results/budgets/budgets.md and .json.
 bench-budgets: install
 	$(BIN)/python -m bench.budgets --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/budgets $(BENCH_ARGS)
+
+# Label-skew remedies and server optimisers in the headline cell (bench/remedies.py): results/remedies/.
+bench-remedies: install
+	$(BIN)/python -m bench.remedies --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/remedies $(BENCH_ARGS)
 
 # Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
 deploy-local: install flwr-config

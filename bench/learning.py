@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from bench.simulation import LocalSimulation
-from bench.suites import PARTITIONS, Suite
+from bench.suites import HEADLINE, PARTITIONS, Suite
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import RunConfig, load_config
 from fedmoe_app.batches import encode, iterate_batches
@@ -47,12 +47,14 @@ def cell_name(strategy: str, partition: str, mix: str, seed: int) -> str:
 
 
 def cell_overrides(suite: Suite, strategy: str, partition: str, mix: str, seed: int, data_dir: str) -> str:
-    """All run-config overrides of one learning run."""
+    """All run-config overrides of one learning run (the headline cell's with its own rounds and overrides)."""
     config = load_config(strategy_file(strategy))
+    headline = (partition, mix) == HEADLINE
+    rounds = (suite.headline_rounds or suite.rounds) if headline else suite.rounds
     return " ".join(filter(None, [
-        f"rounds={suite.rounds} seed={seed} run-name={cell_name(strategy, partition, mix, seed)}",
+        f"rounds={rounds} seed={seed} run-name={cell_name(strategy, partition, mix, seed)}",
         f"data.data-dir={data_dir}" if data_dir else "",
-        PARTITIONS[partition], mix_overrides(config, mix), suite.overrides,
+        PARTITIONS[partition], mix_overrides(config, mix), suite.overrides, suite.headline_overrides if headline else "",
     ]))
 
 
@@ -90,6 +92,9 @@ def cell_metrics(run_dir: Path, target: float) -> dict:
     trained = [r for r in rounds if r["round"] > 0]
     return {
         "final_global_accuracy": summary["final_global_accuracy"],
+        "final_global_recall": summary.get("final_global_recall"),
+        "final_test_rows": summary.get("final_test_rows"),
+        "rounds": summary["rounds"],
         "best_global_accuracy": summary["best_global_accuracy"],
         "client_accuracy_mean": summary["final_client_accuracy_mean"],
         "client_accuracy_worst": summary["final_client_accuracy_worst"],

@@ -42,6 +42,28 @@ def headline_table(results: dict) -> str:
                   "centralised ceiling %", f"rounds to {target}%", "MB moved", "seeds"], rows)
 
 
+def headline_detail(results: dict) -> str:
+    """The headline cell's paired differences, per-class recall and label mix per client."""
+    detail = results.get("headline")
+    if not detail:
+        return ""
+    rows = [[p["method"], p["baseline"], p["difference"]] for p in detail["paired"]]
+    parts = [f"Final global models scored on {', '.join(map(str, detail['test_rows'])) or '-'} test rows, "
+             f"after {detail['rounds']} rounds.", "### Paired per-seed differences of global accuracy (points; 95% t-interval)",
+             table(["MoE method", "baseline", "method - baseline"], rows)]
+    recall = {s: r for s, r in detail["recall"].items() if r}
+    if recall:
+        classes = max(len(r) for r in recall.values())
+        parts += ["### Recall per class of the final global model (mean over seeds, %)",
+                  table(["strategy", *[f"class {c}" for c in range(classes)]],
+                        [[s, *[_pct(v) for v in r]] for s, r in recall.items()])]
+    mix_rows = [[seed, client, " / ".join(map(str, counts))]
+                for seed, clients in detail["label_mix"].items() for client, counts in enumerate(clients)]
+    parts += ["### Label mix per client (rows of class 0 / 1 / 2 / ..., train and held-out)",
+              table(["seed", "client (partition)", "rows per class"], mix_rows)]
+    return "\n\n".join(parts)
+
+
 def matrix_table(results: dict) -> str:
     """Every learning run."""
     rows = [[c["strategy"], c["partition"], c["mix"], c["seed"], _pct(c["final_global_accuracy"]),
@@ -206,9 +228,11 @@ def write(results: dict, out_dir: Path) -> Path:
     sections = [
         f"# fedmoe benchmark: {name}",
         f"{results['date']}; {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}, "
-        f"flwr {m['flwr']}; {results['settings']['rounds']} rounds, {results['settings']['num_clients']} clients; "
+        f"flwr {m['flwr']}; {results['settings'].get('headline_rounds', results['settings']['rounds'])} rounds in the "
+        f"headline cell, {results['settings']['rounds']} elsewhere, {results['settings']['num_clients']} clients; "
         f"suite took {results['seconds'] / 60:.0f} min.",
-        "## Headline: Dirichlet 0.1, mixed tiers", headline_table(results), f"![accuracy]({plots['accuracy'].name})",
+        "## Headline: Dirichlet 0.1, mixed tiers", headline_table(results), headline_detail(results),
+        f"![accuracy]({plots['accuracy'].name})",
         "## Learning matrix", matrix_table(results), f"![matrix]({plots['matrix'].name})",
         "## Centralised ceilings (same backbone and adapters, all data, same sample-steps)", ceiling_table(results),
         f"## Client cost per tier (one client process, {results['settings']['client_threads']} thread; "

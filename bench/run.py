@@ -24,6 +24,7 @@ import torch
 
 from bench import kernels, report
 from bench.client_cost import measure_in_subprocess
+from bench.headline import label_mix, paired_differences, recall_by_class
 from bench.learning import run_ceilings, run_cells, strategy_file
 from bench.scale import run_scale
 from bench.speedups import measure_speedups
@@ -141,13 +142,23 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     cells = run_cells(suite, strategies, runs_dir, data_dir, fresh, log)
     ceilings = run_ceilings(suite, strategies, cells, runs_dir, data_dir, fresh, log)
     scale = run_scale(suite, strategies, runs_dir, data_dir, fresh, log)
+    headline_seeds = sorted({c["seed"] for c in cells if (c["partition"], c["mix"]) == HEADLINE})
+    headline_detail = {
+        "paired": paired_differences(cells, strategies),
+        "recall": {s: recall_by_class(cells, s) for s in strategies},
+        "label_mix": label_mix(headline_seeds, suite.num_clients, data_dir, suite.overrides),
+        "rounds": suite.headline_rounds or suite.rounds,
+        "test_rows": sorted({c["final_test_rows"] for c in cells if (c["partition"], c["mix"]) == HEADLINE
+                             and c.get("final_test_rows")}),
+    }
     headline_kernel = next((r for r in kernel_rows if (r["num_experts"], r["top_k"]) == HEADLINE_KERNEL and r["auto"]
                             and r["precision"] == precision.name), kernel_rows[0])
     results = {
         "suite": suite.name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
-        "settings": {"rounds": suite.rounds, "num_clients": suite.num_clients, "target_accuracy": suite.target_accuracy,
+        "settings": {"rounds": suite.rounds, "headline_rounds": suite.headline_rounds or suite.rounds,
+                     "headline_overrides": suite.headline_overrides, "num_clients": suite.num_clients, "target_accuracy": suite.target_accuracy,
                      "headline": {"partition": HEADLINE[0], "mix": HEADLINE[1]}, "overrides": suite.overrides,
                      "client_threads": config.train.threads, "device": str(device), "tiers": tiers},
         "precision": precision.name,
@@ -156,6 +167,7 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
         "matmul_peak_gflops_bf16": peak_bf16,
         "matmul_peak_gflops_all_cores": peak_all,
         "strategies": {s: strategy_entry(s, cells, ceilings, costs, peak, peak_bf16) for s in strategies},
+        "headline": headline_detail,
         "kernel": {"moe_dispatch_ratio": headline_kernel["ratio"], "dispatch": headline_kernel["dispatch"],
                    "hidden": KERNEL_HIDDEN,
                    "expert_hidden": config.moe.expert_hidden, "cases": kernel_rows},

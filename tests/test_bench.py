@@ -29,13 +29,16 @@ def test_high_tier_mix_puts_every_client_on_the_largest_budget():
 def test_every_registered_strategy_gets_every_cell_headline_seeds_first():
     suite = SUITES["full"]
     cells = suite.cells()
-    assert cells[:3] == [(*HEADLINE, 0), (*HEADLINE, 1), (*HEADLINE, 2)]
-    assert len(cells) == len(set(cells)) == 3 * 2 + 2  # 3 splits x 2 populations, 2 extra headline seeds
+    assert cells[:5] == [(*HEADLINE, seed) for seed in range(5)]
+    assert len(cells) == len(set(cells)) == 3 * 2 + 4  # 3 splits x 2 populations, 4 extra headline seeds
     assert {"fft_moe", "fedavg_lora", "head_only"} <= set(STRATEGIES)
     overrides = cell_overrides(suite, "fedavg_lora", "dir0.1", "high", 2, "/data")
     config = load_config("conf/fedavg_lora.yaml", overrides)
-    assert (config.seed, config.rounds, config.data.alpha, config.data.data_dir) == (2, suite.rounds, 0.1, "/data")
-    assert config.run_name == "fedavg_lora-dir0.1-high-s2"
+    assert (config.seed, config.rounds, config.data.alpha, config.data.data_dir) == (2, 6, 0.1, "/data")
+    assert config.run_name == "fedavg_lora-dir0.1-high-s2" and config.eval.final_test_samples == 500
+    # the headline cell: 10 rounds, the final model scored on the whole test split
+    config = load_config("conf/fedavg_lora.yaml", cell_overrides(suite, "fedavg_lora", *HEADLINE, 4, "/data"))
+    assert (config.rounds, config.eval.final_test_samples, config.run_name) == (10, 0, "fedavg_lora-dir0.1-mixed-s4")
 
 
 def record(round_, accuracy, train_s, clients):
@@ -43,6 +46,42 @@ def record(round_, accuracy, train_s, clients):
             "phase_seconds": {"train": train_s},
             "clients": {str(i): {"num_examples": 1000, "samples_processed": n, "train_seconds": s}
                         for i, (n, s) in enumerate(clients)}}
+
+
+def headline_cell(strategy, seed, accuracy, recall=None):
+    return {"strategy": strategy, "partition": HEADLINE[0], "mix": HEADLINE[1], "seed": seed,
+            "final_global_accuracy": accuracy, "final_global_recall": recall}
+
+
+def test_headline_detail_pairs_every_moe_method_with_every_baseline_by_seed():
+    from bench.headline import paired_differences, recall_by_class
+
+    cells = [headline_cell("fft_moe", s, a, [a, 1.0]) for s, a in enumerate([0.80, 0.85, 0.90])]
+    cells += [headline_cell("head_only", s, a, [0.5, 0.5]) for s, a in enumerate([0.70, 0.80, 0.75])]
+    cells += [headline_cell("flexlora", s, a) for s, a in enumerate([0.81, 0.84])]  # two seeds only
+    cells.append({**headline_cell("head_only", 0, 0.1), "partition": "iid"})  # another cell: ignored
+    found = {(p["method"], p["baseline"]): p["difference"] for p in paired_differences(cells, ["fft_moe", "head_only", "flexlora"])}
+    assert set(found) == {("fft_moe", "head_only"), ("fft_moe", "flexlora")}
+    # differences +10, +5, +15: mean 10, sample std 5, half-width t(2) 4.303 * 5 / sqrt(3) = 12.42
+    assert found[("fft_moe", "head_only")] == "+10.0 (-2.4 .. +22.4; seeds +10.0, +5.0, +15.0)"
+    assert found[("fft_moe", "flexlora")].startswith("+0.0 (")  # -1, +1 over the two shared seeds
+    assert recall_by_class(cells, "fft_moe") == pytest.approx([0.85, 1.0])
+    assert recall_by_class(cells, "flexlora") is None
+
+
+def test_label_mix_is_each_seeds_partition_of_the_whole_train_split(ag_news_dir):
+    from bench.headline import label_mix
+
+    import csv
+
+    with open(ag_news_dir / "train.csv", newline="") as f:
+        labels = [int(row["label"]) for row in csv.DictReader(f)]
+    mix = label_mix([0, 1], 10, str(ag_news_dir))
+    for seed in (0, 1):
+        assert len(mix[seed]) == 10 and all(len(counts) == 4 for counts in mix[seed])
+        # every training row, once: the clients' rows of each class add up to the file's
+        assert [sum(c[k] for c in mix[seed]) for k in range(4)] == [labels.count(k) for k in range(4)]
+    assert mix[0] != mix[1]  # the seed draws the partition
 
 
 def test_round_record_figures_match_hand_computation():
@@ -135,6 +174,12 @@ def test_report_writes_tables_and_plots(tmp_path):
     results["strategies"]["fft_moe"].update(seeds=[0, 1], accuracy=0.6, accuracy_std=0.1414213562)  # 0.5, 0.7
     assert "| fft_moe | 60.0 ± 14.1 |" in report.headline_table(results)
     assert "| fft_moe | rpi4 | 8 | 0.50 | - | 10.0 | 20.0 | 40.0 | - |" in text
+    results["headline"] = {"paired": [{"method": "fft_moe", "baseline": "head_only", "difference": "+1.0 (1 seed)"}],
+                           "recall": {"fft_moe": [0.9, 0.5], "head_only": None}, "rounds": 10, "test_rows": [7600],
+                           "label_mix": {0: [[3, 0], [1, 2]]}}
+    detail = report.headline_detail(results)
+    assert "scored on 7600 test rows, after 10 rounds" in detail and "| fft_moe | head_only | +1.0 (1 seed) |" in detail
+    assert "| fft_moe | 90.0 | 50.0 |" in detail and "| 0 | 1 | 1 / 2 |" in detail
     for name in ("unit_accuracy.png", "unit_matrix.png", "unit_costs.png", "unit_kernel.png"):
         assert (tmp_path / name).stat().st_size > 1000
 
@@ -152,6 +197,7 @@ def test_a_smoke_suite_is_each_suite_at_its_smallest_and_writes_apart():
     for name, suite in SUITES.items():
         small = smoke(suite)
         assert small.name == f"{name}-smoke" and small.rounds == 1 and small.cells() == [(*HEADLINE, 0)]
+        assert small.headline_rounds == 1
         assert len(small.kernel_cases) == 1 and small.cost_tiers == 1 and len(small.scale_populations) <= 1
         assert small.speedups == suite.speedups  # every section of the suite still runs
         config = load_config("conf/fft_moe.yaml", small.overrides)
