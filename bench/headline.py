@@ -41,7 +41,8 @@ def recall_by_class(cells: list[dict], strategy: str) -> list[float] | None:
     recalls = [c["final_global_recall"] for c in headline_cells(cells, strategy).values() if c.get("final_global_recall")]
     if not recalls:
         return None
-    return [mean(r[i] for r in recalls if r[i] is not None) for i in range(len(recalls[0]))]
+    by_class = [[r[i] for r in recalls if r[i] is not None] for i in range(len(recalls[0]))]
+    return [mean(values) if values else None for values in by_class]
 
 
 def label_mix(seeds: list[int], num_clients: int, data_dir: str, overrides: str = "") -> dict[int, list[list[int]]]:

@@ -116,9 +116,11 @@ def cell_metrics(run_dir: Path, target: float) -> dict:
 def simulate(simulation: LocalSimulation, runs_dir: Path, name: str, strategy: str, overrides: str,
              fresh: bool, log=print) -> Path:
     """Run `strategy` with `overrides` (which name the run `name`) unless a finished run of
-    that name is there and not `fresh`; its results directory."""
+    that name with the same number of rounds is there and not `fresh`; its results directory."""
     run_dir = runs_dir / name
-    if fresh or not (run_dir / SUMMARY_FILE).is_file():
+    rounds = load_config(strategy_file(strategy), overrides).rounds
+    finished = (run_dir / SUMMARY_FILE).is_file() and read_run(run_dir)[0]["rounds"] == rounds
+    if fresh or not finished:
         if run_dir.is_dir():  # an unfinished run: a run never overwrites a metrics file
             for path in run_dir.iterdir():
                 path.unlink()
@@ -149,8 +151,8 @@ def run_cells(suite: Suite, strategies: list[str], runs_dir: Path, data_dir: str
 def train_centralised(config: RunConfig, steps: int, batch_size: int = CEILING_BATCH_SIZE) -> dict:
     """The ceiling: the global model of the configured method (all experts for MoE) trained on
     the whole training split for `steps` batches with the method's loss terms (no
-    heterogeneity term: there is no global usage), evaluated on the federated runs' test
-    subsample."""
+    heterogeneity term: there is no global usage), scored as the federated runs' final
+    models are (eval.final-test-samples)."""
     splits = load_splits(config.data, config.seed)
     largest = max(load_tiers(config.devices.file).values(), key=lambda t: t.max_length)
     max_length = largest.max_length
@@ -164,7 +166,7 @@ def train_centralised(config: RunConfig, steps: int, batch_size: int = CEILING_B
     started = time.perf_counter()
     result = train_local(model, batches, steps, config.train.lr, config.train.weight_decay, method)
     seconds = time.perf_counter() - started
-    evaluation = GlobalEvaluator(config, model)(0, to_record(state_to_numpy(model)))
+    evaluation = GlobalEvaluator(config, model)(config.rounds, to_record(state_to_numpy(model)))
     return {"accuracy": evaluation["accuracy"], "steps": result.steps, "batch_size": batch_size,
             "sample_steps": result.num_examples, "train_seconds": seconds, "max_length": max_length}
 
@@ -172,7 +174,8 @@ def train_centralised(config: RunConfig, steps: int, batch_size: int = CEILING_B
 def run_ceilings(suite: Suite, strategies: list[str], cells: list[dict], runs_dir: Path, data_dir: str,
                  fresh: bool, log=print) -> list[dict]:
     """One centralised ceiling per strategy and device population, matching the sample-steps
-    of that population's seed-0 federated run (sample-steps do not depend on the split)."""
+    of that population's first federated run (the headline cell's for the mixed tiers;
+    sample-steps do not depend on the split), scored on the same test rows as that run."""
     ceilings = []
     for strategy in strategies:
         for mix in dict.fromkeys(c["mix"] for c in cells):
@@ -180,8 +183,10 @@ def run_ceilings(suite: Suite, strategies: list[str], cells: list[dict], runs_di
             path = runs_dir / f"ceiling-{strategy}-{mix}.json"
             if fresh or not path.is_file():
                 log(f"bench: centralised ceiling {strategy} {mix} ({cell['sample_steps']} sample-steps)")
+                headline = (cell["partition"], cell["mix"]) == HEADLINE
                 config = load_config(strategy_file(strategy), " ".join(filter(None, [
-                    f"data.data-dir={data_dir}" if data_dir else "", suite.overrides])))
+                    f"data.data-dir={data_dir}" if data_dir else "", suite.overrides,
+                    suite.headline_overrides if headline else ""])))
                 steps = math.ceil(cell["sample_steps"] / CEILING_BATCH_SIZE)
                 path.write_text(json.dumps(train_centralised(config, steps)))
             ceilings.append({"strategy": strategy, "mix": mix, **json.loads(path.read_text())})

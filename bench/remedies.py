@@ -7,7 +7,8 @@ personalised accuracy, with paired per-seed differences against the same strateg
 Usage: python -m bench.remedies --data-dir ../shared/data/ag_news --out results/remedies
        [--strategies fft_moe,head_only] [--variants none,la,rs] [--seeds 0] [--rounds 10]
        [--test-samples 500] [--smoke]
-Writes <out>/remedies.md and remedies.json; finished runs under <out>/remedies-runs/ are reused.
+Writes <out>/remedies.md and remedies.json; finished runs under <out>/remedies-runs-<rows>-rows/
+are reused.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import json
 import math
 from pathlib import Path
 
-from bench.learning import cell_name, simulate
+from bench.learning import cell_metrics, cell_name, simulate
 from bench.paired import paired, spread
 from bench.simulation import LocalSimulation
 from bench.suites import HEADLINE, PARTITIONS, SMOKE_OVERRIDES
 from fedmoe_app.config import ConfigError, resolve_path
-from fedmoe_app.results import read_rounds, to_json_safe
+from fedmoe_app.results import to_json_safe
 from strategies import STRATEGIES
 
 LA = "train.logit-adjustment=1.0"
@@ -55,13 +56,13 @@ def run_variants(strategies: list[str], variants: list[str], seeds: list[int], r
                         f"eval.final-test-samples={test_samples}", f"data.data-dir={data_dir}" if data_dir else "",
                         PARTITIONS[partition], VARIANTS[variant], extra]))
                     run_dir = simulate(simulation, runs_dir, name, strategy, overrides, False, log)
-                    last = read_rounds(run_dir)[-1]
-                    recall = [r for r in (last.get("global_recall") or []) if r is not None]
+                    metrics = cell_metrics(run_dir, target=0.85)
+                    recall = [r for r in (metrics["final_global_recall"] or []) if r is not None]
                     found.append({"strategy": strategy, "variant": variant, "seed": seed,
-                                  "global_accuracy": last["global_accuracy"],
+                                  "global_accuracy": metrics["final_global_accuracy"],
                                   "lowest_recall": min(recall) if recall else math.nan,
-                                  "recall": last.get("global_recall"), "test_rows": last.get("global_test_rows"),
-                                  "client_accuracy_mean": last["client_accuracy_mean"], "run_dir": str(run_dir)})
+                                  "recall": metrics["final_global_recall"], "test_rows": metrics["final_test_rows"],
+                                  "client_accuracy_mean": metrics["client_accuracy_mean"], "run_dir": str(run_dir)})
     return found
 
 
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         seeds, rounds, extra = seeds[:1], 1, SMOKE_OVERRIDES
     out = resolve_path(args.out)
-    runs_dir = out / "remedies-runs"
+    # runs are reused by name and rounds: scored on other rows, they go to a folder of their own
+    runs_dir = out / ("remedies-smoke-runs" if args.smoke else f"remedies-runs-{args.test_samples or 'all'}-rows")
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs = run_variants(strategies, variants, seeds, rounds, args.test_samples, runs_dir, data_dir, extra)
     name = "remedies-smoke" if args.smoke else "remedies"

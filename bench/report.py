@@ -165,7 +165,8 @@ def plot_accuracy(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in results["cells"]:
         if (c["partition"], c["mix"], c["seed"]) == (head["partition"], head["mix"], 0):
-            line, = ax.plot(range(len(c["accuracy_by_round"])), c["accuracy_by_round"], marker="o", label=c["strategy"])
+            evaluated = [(r, a) for r, a in enumerate(c["accuracy_by_round"]) if a is not None]
+            line, = ax.plot(*zip(*evaluated), marker="o", label=c["strategy"])
             ceiling = next((x for x in results["ceilings"] if x["strategy"] == c["strategy"] and x["mix"] == head["mix"]), None)
             if ceiling:
                 ax.axhline(ceiling["accuracy"], ls="--", color=line.get_color(), lw=1)

@@ -73,7 +73,8 @@ SUITES = {
 }
 
 # A tiny random backbone and a few hundred rows: every section runs, in about a minute.
-SMOKE_OVERRIDES = "model.backbone=tiny-bert data.max-train-rows=300 eval.test-samples=100 moe.num-experts=4 moe.expert-hidden=8"
+SMOKE_OVERRIDES = ("model.backbone=tiny-bert data.max-train-rows=300 eval.test-samples=100 eval.final-test-samples=100 "
+                   "moe.num-experts=4 moe.expert-hidden=8")
 
 
 def smoke(suite: Suite) -> Suite:
@@ -81,7 +82,7 @@ def smoke(suite: Suite) -> Suite:
     mean nothing): a tiny random backbone, one round, seed 0, the headline cell, the first
     kernel case, tier and scale population; results go to <suite>-smoke.json."""
     return replace(
-        suite, name=f"{suite.name}-smoke", rounds=1, headline_rounds=1, partitions=(HEADLINE[0],), mixes=(HEADLINE[1],), seeds=(0,),
+        suite, name=f"{suite.name}-smoke", rounds=1, headline_rounds=1, headline_overrides="", partitions=(HEADLINE[0],), mixes=(HEADLINE[1],), seeds=(0,),
         headline_seeds=(0,), scale_populations=suite.scale_populations[:1], scale_rounds=1,
         kernel_cases=suite.kernel_cases[:1], kernel_tokens=256, cost_tiers=1, overrides=f"{suite.overrides} {SMOKE_OVERRIDES}".strip(),
     )

@@ -3,9 +3,9 @@
 After every round the server writes results/<run-name>/checkpoint.safetensors: the global
 arrays as tensors, the strategy's own tensors (its server optimiser's moments) as tensors
 named STRATEGY_PREFIX + name, and in the file's metadata (JSON text) the round, the
-strategy's name and its state (`state_dict`, which holds its random generator). One file, written to a
-temporary name, flushed to disk and renamed over the last one, so a crash at any moment
-leaves the previous complete round or this one, never a mix. Never pickle.
+strategy's name and its state (`state_dict`, which holds its random generator). One file,
+written to a temporary name, flushed to disk and renamed over the last one, so a crash at
+any moment leaves the previous complete round or this one, never a mix. Never pickle.
 """
 
 from __future__ import annotations

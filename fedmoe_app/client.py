@@ -21,7 +21,7 @@ from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.config import RunConfig, config_from_yaml
 from fedmoe_app.methods import method_class
 from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.model import AdapterClassifier, load_tokenizer, state_to_numpy
+from fedmoe_app.model import AdapterClassifier, load_tokenizer, num_labels_of, state_to_numpy
 from fedmoe_app.node import describe as describe_node
 from fedmoe_app.node import partition_of
 from fedmoe_app.rows import ClientData, device_client_data, label_counts
@@ -83,7 +83,7 @@ class ClientTask:
             num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
             length_multiple=model.precision.length_multiple,
         )
-        task_loss = local_task_loss(self.config.train, self.train_label_counts)
+        task_loss = local_task_loss(self.config.train, self.train_label_counts, num_labels_of(arrays))
         result = train_local(model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr,
                              self.config.train.weight_decay, method, task_loss)
         method_metrics, request = method.report()

@@ -147,7 +147,7 @@ class FederationConfig:
     wire_dtype: str  # tensors on the wire: fp32 | fp16 | bf16 (aggregation is float32)
     max_update_ratio: float  # reject updates with RMS over this times the round's median of others (0 = off)
     server_optimizer: str  # the server's step from the aggregate: avg | avgm | adam | yogi (strategies/server_optimizer.py)
-    server_lr: float  # eta of avgm, adam, yogi
+    server_lr: float  # eta of avgm, adam, yogi; 0 = Flower's default for the optimiser
     server_momentum: float  # avgm's momentum; adam's and yogi's beta_1
     server_beta2: float  # adam's and yogi's beta_2
     server_tau: float  # adam's and yogi's tau (adaptivity)
@@ -478,8 +478,9 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"config key 'federation.max-update-ratio' is {config.federation.max_update_ratio}; "
                           "allowed: >= 0 (0 = off)")
     fed = config.federation
-    if fed.server_lr <= 0:
-        raise ConfigError(f"config key 'federation.server-lr' is {fed.server_lr}; allowed: > 0")
+    if fed.server_lr < 0:
+        raise ConfigError(f"config key 'federation.server-lr' is {fed.server_lr}; "
+                          "allowed: >= 0 (0: Flower's default for the optimiser)")
     for key in ("server_momentum", "server_beta2"):
         if not 0.0 <= getattr(fed, key) < 1.0:
             raise ConfigError(f"config key 'federation.{_to_key(key)}' is {getattr(fed, key)}; allowed: [0, 1)")

@@ -27,12 +27,16 @@ PRIOR_FLOOR = 1e-8
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def local_task_loss(train: TrainConfig, label_counts: Sequence[int]) -> TaskLoss:
-    """loss(logits [B, C], labels [B]): the mean training loss of a client whose training
-    rows hold `label_counts` of each class, with the remedies `train` switches on."""
+def local_task_loss(train: TrainConfig, label_counts: Sequence[int], num_classes: int) -> TaskLoss:
+    """loss(logits [B, num_classes], labels [B]): the mean training loss of a client whose
+    training rows hold `label_counts` of classes 0, 1, ... (classes past them: none; a
+    device's own files may lack the last labels), with the remedies `train` switches on."""
     tau, alpha = train.logit_adjustment, train.restricted_softmax
     if tau == 0 and alpha == 1:
         return F.cross_entropy
+    if len(label_counts) > num_classes:
+        raise ValueError(f"label counts of {len(label_counts)} classes for a head of {num_classes}")
+    label_counts = list(label_counts) + [0] * (num_classes - len(label_counts))
     total = max(sum(label_counts), 1)
     offset = torch.tensor([tau * math.log(max(c / total, PRIOR_FLOOR)) for c in label_counts])
     scale = torch.tensor([1.0 if c > 0 else alpha for c in label_counts])

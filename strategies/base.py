@@ -5,8 +5,8 @@ A concrete strategy says only what makes its method different, through these hoo
 (each reply's weight per tensor), `contribution_of` (what a reply adds to the average),
 `aggregate` (the round's average; default: the sparse core over the two before),
 `to_average_space` / `from_average_space` (where a method averages something other than
-the global tensors themselves, e.g. FlexLoRA's full products), `update_state` (what it learns from the replies, e.g. the next expert subsets),
-`check_reply` (its own parts of a reply: metrics, requests), `round_metrics` (its own
+the global tensors themselves, e.g. FlexLoRA's full products), `update_state` (what it
+learns from the replies, e.g. the next expert subsets), `check_reply` (its own parts of a reply: metrics, requests), `round_metrics` (its own
 fields in the round record) and `state_dict` / `load_state_dict` (what it has learnt,
 JSON-able, for resuming a run). Replies are checked against what each node was sent
 (strategies/replies.py) before any hook sees them. The server's step from the round's

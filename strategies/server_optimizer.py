@@ -14,8 +14,10 @@ Sparse, where Flower's strategies are dense: the step is taken key by key, eleme
 element, where this round's aggregate changed the model. An element no reply held (an
 expert nobody trained this round, a router row nobody held) keeps its value and its
 moments: momentum from earlier rounds does not move what nobody trained. Each element
-counts its own steps t (for adam's correction); where every reply holds every element, as
-in Flower's dense strategies, t is the round and both give the same model.
+counts its own steps t (for adam's correction). Where every element changes every round,
+as with Flower's dense strategies on trained replies, t is the round and both give the same
+model (Flower's momentum would also move an element whose average did not change, and its
+correction counts rounds that updated nothing).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import numpy as np
 
 from fedmoe_app.config import FederationConfig
 
-OPTIMIZERS = ("avg", "avgm", "adam", "yogi")
+# Flower's default eta of each (FedAvgM's server_learning_rate, FedAdam's and FedYogi's eta):
+# federation.server-lr 0 means it.
+FLOWER_LR = {"avg": 1.0, "avgm": 1.0, "adam": 0.1, "yogi": 0.01}
 # The state each optimiser keeps per key: first moment (momentum), second moment, steps taken.
 STATE = {"avg": (), "avgm": ("m",), "adam": ("m", "v", "t"), "yogi": ("m", "v")}
 
@@ -36,7 +40,7 @@ class ServerOptimizer:
 
     def __init__(self, federation: FederationConfig) -> None:
         self.name = federation.server_optimizer
-        self.lr = federation.server_lr
+        self.lr = federation.server_lr or FLOWER_LR[self.name]
         self.momentum = federation.server_momentum
         self.beta2 = federation.server_beta2
         self.tau = federation.server_tau

@@ -103,7 +103,7 @@ def test_yaml_round_trip():
         ("train.device=gpu", "'train.device' is 'gpu'; allowed: auto, cpu, cuda, cuda:N"),
         ("federation.fraction-evaluate=0", "'federation.fraction-evaluate' must be in \\(0, 1\\]"),
         ("federation.server-optimizer=sgd", "'federation.server-optimizer' is 'sgd'; allowed: avg, avgm, adam, yogi"),
-        ("federation.server-lr=0", "'federation.server-lr' is 0.0; allowed: > 0"),
+        ("federation.server-lr=-1", "'federation.server-lr' is -1.0; allowed: >= 0"),
         ("federation.server-momentum=1", "'federation.server-momentum' is 1.0; allowed: \\[0, 1\\)"),
         ("federation.server-tau=0", "'federation.server-tau' is 0.0; allowed: > 0"),
         ("train.logit-adjustment=-1", "'train.logit-adjustment' is -1.0; allowed: >= 0"),

@@ -88,6 +88,12 @@ def test_agrees_with_flowers_strategy_on_dense_replies(name, flower, overrides):
     assert not np.allclose(got[-1]["head.weight"], fedavg[-1]["head.weight"], atol=1e-3)
 
 
+@pytest.mark.parametrize("name, flower", [("avgm", lambda: FedAvgM().server_learning_rate),
+                                           ("adam", lambda: FedAdam().eta), ("yogi", lambda: FedYogi().eta)])
+def test_server_lr_zero_is_flowers_default(name, flower):
+    assert ours(f"federation.server-optimizer={name}", {}).optimizer.lr == flower()
+
+
 def test_avg_is_the_weighted_average():
     start = {k: np.zeros(SHAPES[k], np.float32) for k in KEYS}
     rounds = trained_sets(1)

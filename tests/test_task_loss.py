@@ -23,7 +23,7 @@ def by_hand(logits, labels):
 
 
 def loss(tau=0.0, alpha=1.0, counts=COUNTS):
-    return local_task_loss(defaults(TrainConfig, logit_adjustment=tau, restricted_softmax=alpha), counts)
+    return local_task_loss(defaults(TrainConfig, logit_adjustment=tau, restricted_softmax=alpha), counts, 4)
 
 
 def test_off_is_plain_cross_entropy():
@@ -66,6 +66,12 @@ def test_a_client_with_every_class_is_not_restricted():
     assert loss(alpha=0.2, counts=counts)(LOGITS, LABELS).item() == pytest.approx(by_hand(LOGITS, LABELS), rel=1e-5)
     # uniform prior: the adjustment is a constant shift, which softmax ignores
     assert loss(tau=1.0, counts=counts)(LOGITS, LABELS).item() == pytest.approx(by_hand(LOGITS, LABELS), rel=1e-5)
+
+
+def test_counts_of_fewer_classes_than_the_head_are_absent_classes():
+    """A device whose files hold labels 0 and 1 only knows two counts; the head has four."""
+    assert loss(tau=0.5, alpha=0.5, counts=(30, 10))(LOGITS, LABELS).item() == pytest.approx(
+        loss(tau=0.5, alpha=0.5)(LOGITS, LABELS).item())
 
 
 def test_bf16_logits_are_adjusted_in_float32():
