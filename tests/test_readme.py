@@ -164,6 +164,7 @@ RUN_BY = {
     "make bench-skew": "test_benchmarks",
     "make bench": "test_benchmarks",
     "make bench-budgets": "test_benchmarks",
+    "make bench-remedies": "test_benchmarks",
     'make bench-quick BENCH_ARGS="--smoke"': "test_benchmarks",
     "flwr ls": "test_flwr_ls_and_log",
     "flwr log": "test_flwr_ls_and_log",
@@ -384,6 +385,11 @@ def test_benchmarks(shell):
     budgets = json.loads((shell.results / "budgets" / "budgets.json").read_text())
     assert [(r["method"], r["partition"]) for r in budgets["runs"]] == [("ub_smoe", "dir0.1")]
     assert budgets["runs"][0]["utilisation"]["all"]["cv"] >= 0 and (shell.results / "budgets" / "budgets.md").is_file()
+    ok(shell.run('make bench-remedies BENCH_ARGS="--smoke --strategies head_only --variants none,la"'))
+    remedies = json.loads((shell.results / "remedies" / "remedies-smoke.json").read_text())
+    assert [(r["strategy"], r["variant"]) for r in remedies["runs"]] == [("head_only", "none"), ("head_only", "la")]
+    config = (Path(remedies["runs"][1]["run_dir"]) / "config.yaml").read_text()
+    assert "logit-adjustment: 1.0" in config and (shell.results / "remedies" / "remedies-smoke.md").is_file()
 
 
 @pytest.mark.slow
