@@ -246,15 +246,20 @@ def test_the_same_without_make(shell, ag_news_dir):
     assert (config["strategy"], config["data"]["partitioner"]) == ("fedavg_lora", "iid")
 
 
+STOPPED_ROUNDS = 40
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_resume_finishes_it(shell):
     """Ctrl-C in `make run` (SIGINT to the terminal's foreground process group) stops the run
     on the SuperLink and says how to resume; the README's resume command finishes it."""
-    process = shell.popen(shortened("make run", f"{TINY} rounds=8 run-name=readme-stopped"))
+    # 40 rounds of about a second each: the log stream reaches us seconds behind the run, and
+    # a shorter run could end before the Ctrl-C we send when round 1's line arrives
+    process = shell.popen(shortened("make run", f"{TINY} rounds={STOPPED_ROUNDS} run-name=readme-stopped"))
     lines = []
     for line in process.stdout:
         lines.append(line)
-        if "round  1/8" in line:
+        if f"round  1/{STOPPED_ROUNDS}" in line:
             os.killpg(process.pid, signal.SIGINT)
             break
     output = "".join(lines) + process.communicate(timeout=300)[0]
@@ -262,7 +267,7 @@ def test_ctrl_c_stops_the_run_and_resume_finishes_it(shell):
     assert 'make run OVERRIDES="resume=readme-stopped"' in output, output[-3000:]
     run_dir = shell.results / "readme-stopped"
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "stopped" and 1 <= status["last_round"] < 8
+    assert status["status"] == "stopped" and 1 <= status["last_round"] < STOPPED_ROUNDS
     assert load_checkpoint(run_dir).server_round == status["last_round"] == records(run_dir)[-1]["round"]
     assert not RunResults.at(run_dir).writer_running()  # the ServerApp has ended: nothing more is written
     run_id = re.search(r"run (\d{6,})", output).group(1)
@@ -272,7 +277,7 @@ def test_ctrl_c_stops_the_run_and_resume_finishes_it(shell):
     command = 'make run OVERRIDES="resume=<run-name>"'.replace("<run-name>", "readme-stopped")
     output = ok(shell.run(command))
     assert f"resuming readme-stopped after round {status['last_round']}" in output, output[-5000:]
-    completed(run_dir, rounds=8)
+    completed(run_dir, rounds=STOPPED_ROUNDS)
 
 
 @pytest.mark.slow
