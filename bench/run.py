@@ -24,7 +24,7 @@ import torch
 
 from bench import kernels, report
 from bench.client_cost import measure_in_subprocess
-from bench.headline import label_mix, paired_differences, recall_by_class
+from bench.headline import headline_cells, label_mix, paired_differences, recall_by_class
 from bench.learning import run_ceilings, run_cells, strategy_file
 from bench.scale import run_scale
 from bench.speedups import measure_speedups
@@ -55,7 +55,7 @@ def machine() -> dict:
 
 def headline(cells: list[dict], strategy: str) -> dict:
     """Mean and sample std (None with one seed) over seeds of the headline cell (Dirichlet 0.1, mixed tiers)."""
-    runs = [c for c in cells if c["strategy"] == strategy and (c["partition"], c["mix"]) == HEADLINE]
+    runs = [c for _, c in sorted(headline_cells(cells, strategy).items())]
     out = {"seeds": [c["seed"] for c in runs]}
     for key in ("final_global_accuracy", "client_accuracy_mean", "client_accuracy_worst"):
         values = [c[key] for c in runs if c[key] is not None]
