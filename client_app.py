@@ -32,3 +32,9 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate the personalised model on this node's held-out slice."""
     return Message(handle(MessageType.EVALUATE, message.content, context.node_config), reply_to=message)
+
+
+@app.evaluate("calibrate")
+def calibrate(message: Message, context: Context) -> Message:
+    """Report the per-class moments of the global model's features on local training rows."""
+    return Message(handle(msg.CALIBRATE, message.content, context.node_config), reply_to=message)

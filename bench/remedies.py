@@ -37,6 +37,8 @@ VARIANTS = {
     "la-avgm": f"{LA} federation.server-optimizer=avgm federation.server-lr=1.0 federation.server-momentum=0.5",
     "la-adam": f"{LA} federation.server-optimizer=adam federation.server-lr=0.003",
     "la-yogi": f"{LA} federation.server-optimizer=yogi federation.server-lr=0.003",
+    "ccvr": "calibration.method=ccvr",  # the head refitted after the last round (bench.calibration measures it
+    # on finished runs without training again)
 }
 NUM_CLIENTS = 10
 

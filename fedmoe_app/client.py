@@ -18,10 +18,11 @@ from fedmoe_app import messages as msg
 from fedmoe_app import startup
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.budgets import resolve_budget
+from fedmoe_app.calibration import ClassStatistics, feature_statistics
 from fedmoe_app.config import RunConfig, config_from_yaml
 from fedmoe_app.methods import method_class
 from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.model import AdapterClassifier, load_tokenizer, num_labels_of, state_to_numpy
+from fedmoe_app.model import AdapterClassifier, load_state, load_tokenizer, num_labels_of, state_to_numpy
 from fedmoe_app.node import describe as describe_node
 from fedmoe_app.node import partition_of
 from fedmoe_app.rows import ClientData, device_client_data, label_counts
@@ -110,6 +111,17 @@ class ClientTask:
                                   shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         result = evaluate(model, batches)
         return {msg.NUM_EXAMPLES: result.num_examples, msg.LOSS: result.loss, msg.ACCURACY: result.accuracy}
+
+    def feature_statistics(self, arrays: Mapping[str, np.ndarray]) -> ClassStatistics:
+        """Per-class moments of the head's input features of the global model (as the server
+        evaluates it) over this node's training rows: its half of head calibration."""
+        torch.set_num_threads(self.config.train.threads)
+        num_labels = num_labels_of(arrays)
+        model = method_class(self.config.strategy).global_model(self.config, num_labels)
+        load_state(model, arrays)
+        batches = iterate_batches(self.train_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
+                                  shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
+        return feature_statistics(model, batches, num_labels)
 
 
 def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id: int,

@@ -182,6 +182,16 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """Server-side head calibration after the last round (fedmoe_app/calibration.py)."""
+
+    method: str  # none | ccvr (nodes send per-class feature moments; the server refits the head)
+    virtual_per_class: int  # virtual features drawn per class
+    steps: int  # full-batch Adam steps of the head's refit
+    lr: float
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs, server and clients alike. Defaults live in conf/base.yaml only."""
 
@@ -203,6 +213,7 @@ class RunConfig:
     federation: FederationConfig
     devices: DevicesConfig
     eval: EvalConfig
+    calibration: CalibrationConfig
     faults: FaultsConfig
 
 
@@ -218,6 +229,7 @@ CHOICES = {
     "moe.grouping": ("kmeans", "contiguous"),
     "hfedmoe.gate-weights": ("normalised", "raw"),
     "federation.server-optimizer": ("avg", "avgm", "adam", "yogi"),
+    "calibration.method": ("none", "ccvr"),
 }
 
 
@@ -429,6 +441,8 @@ def _check_ranges(config: RunConfig) -> None:
         "eval.every": config.eval.every,
         "eval.batch-size": config.eval.batch_size,
         "federation.min-nodes": config.federation.min_nodes,
+        "calibration.virtual-per-class": config.calibration.virtual_per_class,
+        "calibration.steps": config.calibration.steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -496,6 +510,8 @@ def _check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"config key 'eval.{_to_key(key)}' is {getattr(config.eval, key)}; allowed: >= 0 (0 = all)")
     if config.data.alpha <= 0:
         raise ConfigError("config key 'data.alpha' must be > 0")
+    if config.calibration.lr <= 0:
+        raise ConfigError(f"config key 'calibration.lr' is {config.calibration.lr}; allowed: > 0")
     for key in ("balance", "heterogeneity", "z_loss"):
         if getattr(config.loss, key) < 0:
             raise ConfigError(f"config key 'loss.{_to_key(key)}' must be >= 0")

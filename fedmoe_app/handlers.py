@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedmoe_app import faults
@@ -38,4 +39,15 @@ def evaluate_reply(content: RecordDict, node_config: Mapping[str, Any], origin: 
     return RecordDict({msg.METRICS: MetricRecord(task.evaluate(from_record(content[msg.ARRAYS]), config))})
 
 
-HANDLERS: dict[str, Callable[..., RecordDict]] = {MessageType.TRAIN: train_reply, MessageType.EVALUATE: evaluate_reply}
+def calibrate_reply(content: RecordDict, node_config: Mapping[str, Any], origin: float | None = None) -> RecordDict:
+    """Per-class moments of the global model's head-input features on local training rows
+    (head calibration), in float32 whatever the wire dtype: a covariance needs the precision."""
+    config = content[msg.CONFIG]
+    task = client_task(config[msg.RUN_CONFIG], node_config, origin)
+    stats = task.feature_statistics(from_record(content[msg.ARRAYS]))
+    arrays = {msg.FEATURE_COUNT: stats.count, msg.FEATURE_MEAN: stats.mean, msg.FEATURE_COV: stats.cov}
+    return RecordDict({msg.ARRAYS: to_record({k: v.astype(np.float32) for k, v in arrays.items()}, "fp32")})
+
+
+HANDLERS: dict[str, Callable[..., RecordDict]] = {MessageType.TRAIN: train_reply, MessageType.EVALUATE: evaluate_reply,
+                                                  msg.CALIBRATE: calibrate_reply}

@@ -2,8 +2,12 @@
 
 A train or evaluate message holds ARRAYS (tensors) and CONFIG (RUN_CONFIG, SERVER_ROUND and
 whatever the method adds); a train reply holds ARRAYS (updates), METRICS and REQUEST (what the
-node asks of the server for the next round). A query reply holds NODE and BUDGET.
+node asks of the server for the next round). A query reply holds NODE and BUDGET. A CALIBRATE
+message holds the global ARRAYS and CONFIG; its reply holds ARRAYS (the FEATURE_* moments).
 """
+
+# Message type of head calibration (calibration.method: ccvr), a Flower evaluate action.
+CALIBRATE = "evaluate.calibrate"
 
 # Records of a message's content.
 ARRAYS = "arrays"
@@ -56,6 +60,12 @@ EXPERT_IMPORTANCE = "expert-importance"
 
 # UB-SMoE: the server's routing modulation phi sent down [L * M].
 MODULATION = "modulation"
+
+# Head calibration reply ARRAYS: per class the training rows [C], the head-input feature mean
+# [C, D] and unbiased covariance [C, D, D] under the global model (fedmoe_app.calibration).
+FEATURE_COUNT = "feature-count"
+FEATURE_MEAN = "feature-mean"
+FEATURE_COV = "feature-cov"
 
 # HetLoRA: the LoRA rank a node asks to train at next round (after self-pruning).
 LORA_RANK = "lora-rank"

@@ -167,15 +167,19 @@ class AdapterClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] in float32, computed in the model's precision; this pass's
         routing is left in `self.trace.routes`."""
+        pooled = self.features(input_ids, attention_mask)
+        with self.precision.autocast(input_ids.device):
+            return self.head(pooled).float()
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head's input [B, D] in float32: the adapted encoder's pooled output."""
         self.trace.start(attention_mask)
         with self.precision.autocast(input_ids.device):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
             if self.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            return self.head(pooled).float()
+                return hidden[:, 0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def _add_moe_adapters(

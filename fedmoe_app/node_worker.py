@@ -142,7 +142,7 @@ def _from_bytes(body: bytes) -> RecordDict:
 
 
 def handle(kind: str, content: RecordDict, node_config: Mapping[str, Any]) -> RecordDict:
-    """The reply content of a `kind` (train | evaluate) message: from the node worker when
+    """The reply content of a `kind` (train | evaluate | calibrate) message: from the node worker when
     `wants_worker(node_config)`, else computed in this process."""
     if not wants_worker(node_config):
         from fedmoe_app.handlers import HANDLERS

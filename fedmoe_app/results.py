@@ -14,7 +14,7 @@ The round record (one line of metrics.jsonl):
     round: int                          1..R (round 0 = before training, only global eval fields)
     wall_time_s: float                  seconds since the run started
     phase_seconds: dict[str, float]     wall seconds of this round's phases: train (send, wait,
-                                        aggregate), client_eval, server_eval (those that ran)
+                                        aggregate), calibration, client_eval, server_eval (those that ran)
     global_accuracy: float | None       server-side accuracy of the global model on the test split
                                         (None if not evaluated this round)
     global_loss: float | None
@@ -47,6 +47,8 @@ The round record (one line of metrics.jsonl):
                                         train_seconds (whole local round), peak_rss_mb,
                                         bytes_down, bytes_up, startup_seconds, import_seconds,
                                         data_seconds, model_seconds (deployment start-up)
+    calibration: dict | None            (last round, calibration.method on) nodes (that reported
+                                        feature moments) and rows_by_class (pooled), before evaluation
     num_replies: int
     failures: int                       failed messages (or malformed replies); failed_nodes names them
                                         (node_id, client_id, tier, reason)

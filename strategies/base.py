@@ -11,7 +11,8 @@ fields in the round record) and `state_dict` / `load_state_dict` (what it has le
 JSON-able, for resuming a run). Replies are checked against what each node was sent
 (strategies/replies.py) before any hook sees them. The server's step from the round's
 average to the new global model (`federation.server-optimizer`: FedAvg, FedAvgM, FedAdam,
-FedYogi) is the base's, the same for every method (strategies/server_optimizer.py).
+FedYogi) is the base's, the same for every method (strategies/server_optimizer.py), as is
+head calibration after the last round (`calibration.method`, `calibrate_head`).
 
 Per-client knowledge is keyed by the client id a node reports (stable across restarts of
 the node), never by Flower's node id.
@@ -34,12 +35,13 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedmoe_app import messages as msg
+from fedmoe_app.calibration import calibrated_head
 from fedmoe_app.checkpoint import Checkpoint
 from fedmoe_app.config import RunConfig, config_to_yaml
 from fedmoe_app.records import from_record, to_record
 from strategies.core import Contribution, Weight, sparse_weighted_average
-from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_train_reply, examples,
-                                node_from_query, outliers, train_loss)
+from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_statistics, decode_train_reply,
+                                examples, node_from_query, outliers, train_loss)
 from strategies.server_optimizer import ServerOptimizer
 from strategies.rounds import ACCURACY_MEAN, ACCURACY_OF_TIER, ACCURACY_WORST, RoundState, round_record, timed
 
@@ -363,6 +365,9 @@ class SparseStrategy(Strategy):
             else:
                 arrays = result.arrays = new_arrays
                 result.train_metrics_clientapp[server_round] = train_metrics
+            if server_round == num_rounds and self.config.calibration.method != "none":
+                with timed(self.round.phases, "calibration"):
+                    arrays = result.arrays = self.calibrate_head(grid, arrays)
             server_eval = client_eval = None
             if self.evaluates(server_round):
                 messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
@@ -377,6 +382,35 @@ class SparseStrategy(Strategy):
             self.on_round(self._round_record(t_start, server_eval, client_eval))
         log(INFO, "Strategy %s finished rounds %d-%d in %.0f s", self.name, first_round, num_rounds, time.time() - t_start)
         return result
+
+    def calibrate_head(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
+        """The global arrays with the head refitted by calibration.method (CCVR,
+        fedmoe_app/calibration.py): every connected node with a known budget reports the
+        per-class moments of the global model's features on its training rows; the head is
+        refitted on virtual features drawn from their pool. Nodes that fail are counted as
+        in a round; with no valid reply the head stays as it is."""
+        self.global_arrays = from_record(arrays)
+        weight, bias = self.global_arrays["head.weight"], self.global_arrays["head.bias"]
+        known = sorted((n for n in grid.get_node_ids() if n in self.nodes), key=self._order)
+        messages = [self._message(self.nodes[n], self.round.server_round, msg.CALIBRATE, ConfigRecord(),
+                                  self.global_arrays) for n in known]
+        parts = []
+        for node_id, content in self._outcomes(messages, self._send(grid, messages)):
+            try:
+                parts.append(decode_statistics(self.nodes[node_id], content, *weight.shape))
+            except MalformedReply as error:
+                self._failed(node_id, f"malformed calibrate reply: {error}")
+        self.round.calibration = {"nodes": len(parts),
+                                  "rows_by_class": [int(n) for n in sum(p.count for p in parts)] if parts else []}
+        if not parts:
+            log(WARNING, "head calibration: no node reported its feature moments; the head is unchanged")
+            return arrays
+        settings = self.config.calibration
+        weight, bias = calibrated_head(weight, bias, parts, settings.virtual_per_class, settings.steps, settings.lr,
+                                       seed=self.config.seed)
+        self.global_arrays = {**self.global_arrays, "head.weight": weight, "head.bias": bias}
+        log(INFO, "head calibration: refitted on the feature moments of %d nodes", len(parts))
+        return to_record(self.global_arrays)
 
     def _evaluate_on_server(self, server_round: int, arrays: ArrayRecord,
                             evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedmoe_app import messages as msg
 from fedmoe_app.budgets import DeviceBudget
+from fedmoe_app.calibration import ClassStatistics
 from fedmoe_app.config import ConfigError
 from fedmoe_app.records import from_record, trained_from
 from fedmoe_app.startup import PHASE_METRICS
@@ -131,6 +132,35 @@ def check_eval_metrics(content: RecordDict) -> tuple[int, float]:
     if rows and not (_is_number(accuracy) and 0.0 <= accuracy <= 1.0):
         raise MalformedReply(f"metric '{msg.ACCURACY}' is {accuracy!r}; allowed: a number in [0, 1]")
     return rows, float(accuracy) if rows else math.nan
+
+
+def decode_statistics(node: Node, content: RecordDict, num_classes: int, dim: int) -> ClassStatistics:
+    """The per-class feature moments of a calibrate reply: counts [C] of whole numbers summing
+    to at most the rows the node declared, a mean [C, D] and symmetric covariances [C, D, D],
+    all finite. MalformedReply otherwise."""
+    if set(content) != {msg.ARRAYS}:
+        raise MalformedReply(f"it holds {sorted(content)}; a calibrate reply holds only '{msg.ARRAYS}'")
+    try:
+        arrays = from_record(content[msg.ARRAYS])
+    except (ValueError, TypeError) as error:
+        raise MalformedReply(f"its arrays cannot be decoded: {error}") from error
+    shapes = {msg.FEATURE_COUNT: (num_classes,), msg.FEATURE_MEAN: (num_classes, dim),
+              msg.FEATURE_COV: (num_classes, dim, dim)}
+    if set(arrays) != set(shapes):
+        raise MalformedReply(f"it holds tensors {sorted(arrays)}; allowed: {sorted(shapes)}")
+    for key, shape in shapes.items():
+        if arrays[key].shape != shape or not np.issubdtype(arrays[key].dtype, np.floating):
+            raise MalformedReply(f"tensor '{key}' is {arrays[key].dtype} {arrays[key].shape}; allowed: float {shape}")
+        if not np.isfinite(arrays[key]).all():
+            raise MalformedReply(f"tensor '{key}' holds NaN or Inf")
+    count = arrays[msg.FEATURE_COUNT].astype(np.float64)
+    if (count < 0).any() or (count != np.round(count)).any() or count.sum() > node.num_examples:
+        raise MalformedReply(f"tensor '{msg.FEATURE_COUNT}' is {count.tolist()}; allowed: whole numbers >= 0 "
+                             f"summing to <= {node.num_examples} (the rows the node declared)")
+    cov = arrays[msg.FEATURE_COV].astype(np.float64)
+    if not np.allclose(cov, cov.transpose(0, 2, 1), atol=1e-5):
+        raise MalformedReply(f"tensor '{msg.FEATURE_COV}' is not symmetric")
+    return ClassStatistics(count, arrays[msg.FEATURE_MEAN].astype(np.float64), cov)
 
 
 def _rms(updates: Mapping[str, np.ndarray]) -> float:

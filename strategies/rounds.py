@@ -29,7 +29,7 @@ CLIENT_METRICS = (msg.NUM_EXAMPLES, msg.SAMPLES_PROCESSED, msg.STEPS, msg.STEP_S
 class RoundState:
     """The round under way: whom it sampled, the messages it sent (their ids are set once
     sent) and the tensors each node was sent to train, who failed and why, the replies that
-    passed every check, and the wall seconds of its phases."""
+    passed every check, the wall seconds of its phases, and its head calibration."""
 
     server_round: int
     sampled: list[int] = field(default_factory=list)  # node ids drawn for training
@@ -39,6 +39,7 @@ class RoundState:
     failures: list[dict] = field(default_factory=list)  # node_id, client_id, tier, reason
     replies: list[Reply] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None  # head calibration after the last round: who reported, rows by class
 
 
 @contextmanager
@@ -85,6 +86,7 @@ def round_record(state: RoundState, wall_time_s: float, server_eval: MetricRecor
         "peak_rss_mb": {t: max(float(r.metrics[msg.PEAK_RSS_MB]) for r in replies if r.node.tier == t) for t in by_tier},
         "server_peak_rss_mb": peak_rss_mb(),
         "clients": {r.node.client_id: client_record(r) for r in replies},
+        "calibration": state.calibration,
         "num_replies": len(replies),
         "failures": len(state.failures),
         "failed_nodes": list(state.failures),

@@ -40,7 +40,8 @@ def check_results(run_dir: Path, rounds: int, num_labels: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_simulation_tiny_bert(simulation, tmp_path, ag_news_dir, strategy):
-    overrides = f"{TINY} run-name={strategy}"
+    # head_only also calibrates its head after the last round: the ClientApp's calibrate action, through Flower
+    overrides = f"{TINY} run-name={strategy}" + (" calibration.method=ccvr" if strategy == "head_only" else "")
     done = simulation.run(f"conf/{strategy}.yaml", overrides, tmp_path, ag_news_dir, timeout_s=900)
     run_dir = tmp_path / strategy
     assert run_dir.is_dir(), done.stdout[-4000:] + done.stderr[-4000:]
@@ -66,6 +67,8 @@ def test_simulation_tiny_bert(simulation, tmp_path, ag_news_dir, strategy):
         assert ranks == ({8} if strategy == "fedavg_lora" else {16}) and not any(".moe." in k for k in arrays)
     else:
         assert set(arrays) >= {"head.weight", "head.bias"}
+        last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        assert last["calibration"]["nodes"] == 3 and sum(last["calibration"]["rows_by_class"]) > 0
     assert "fedmoe: done" in done.stdout + done.stderr
 
 
