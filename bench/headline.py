@@ -1,15 +1,24 @@
 """What the headline cell (Dirichlet 0.1, mixed tiers) reports beside mean +- std: paired
 per-seed differences of every MoE method against every baseline (95% t-intervals), the
-final global model's recall per class, and each seed's label mix per client."""
+final global model's recall per class, and each seed's label mix per client.
+
+`make bench` writes it into its report; on its own, from a folder of finished runs:
+Usage: python -m bench.headline --runs results/bench/full-runs --data-dir ../shared/data/ag_news
+       [--strategies fft_moe,head_only]
+Prints Markdown.
+"""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from statistics import mean
 
-from bench.learning import strategy_file
-from bench.paired import paired
+from bench.learning import cell_metrics, strategy_file
+from bench.paired import RUN_NAME, paired, spread
 from bench.suites import HEADLINE, PARTITIONS
-from fedmoe_app.config import load_config
+from fedmoe_app.budgets import tiers_for_population
+from fedmoe_app.config import ConfigError, load_config, resolve_path
 from fedmoe_app.data import load_client_data
 from fedmoe_app.methods import method_class
 
@@ -55,3 +64,68 @@ def label_mix(seeds: list[int], num_clients: int, data_dir: str, overrides: str 
         mix[seed] = [list(load_client_data(config.data, seed, client, num_clients).label_counts)
                      for client in range(num_clients)]
     return mix
+
+
+def detail(cells: list[dict], strategies: list[str], num_clients: int, data_dir: str, overrides: str,
+           rounds: int) -> dict:
+    """The headline section of a suite's results: paired differences, recall per class,
+    each client's tier and label mix, rounds and the test rows the final models were scored on."""
+    head = [c for c in cells if (c["partition"], c["mix"]) == HEADLINE]
+    mix = load_config(strategy_file("head_only"), overrides).devices.simulation_mix
+    return {
+        "tiers": tiers_for_population(num_clients, mix),
+        "paired": paired_differences(cells, strategies),
+        "recall": {s: recall_by_class(cells, s) for s in strategies},
+        "label_mix": label_mix(sorted({c["seed"] for c in head}), num_clients, data_dir, overrides),
+        "rounds": rounds,
+        "test_rows": sorted({c["final_test_rows"] for c in head if c.get("final_test_rows")}),
+    }
+
+
+def finished_cells(runs: Path, strategies: list[str]) -> list[dict]:
+    """The headline cell's finished runs in `runs`, as `bench.learning.run_cells` lists cells."""
+    cells = []
+    for run_dir in sorted(runs.iterdir()):
+        match = RUN_NAME.match(run_dir.name)
+        if (match and match["strategy"] in strategies and (match["partition"], match["mix"]) == HEADLINE
+                and (run_dir / "summary.json").is_file()):
+            cells.append({"strategy": match["strategy"], "partition": match["partition"], "mix": match["mix"],
+                          "seed": int(match["seed"]), "run_dir": str(run_dir), **cell_metrics(run_dir, target=0.8)})
+    return cells
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line (see the module docstring)."""
+    from bench.report import headline_detail, table
+    from strategies import STRATEGIES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", required=True)
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--num-clients", type=int, default=10)
+    args = parser.parse_args(argv)
+    strategies = args.strategies.split(",")
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    runs = resolve_path(args.runs)
+    if unknown or not runs.is_dir():
+        raise ConfigError(f"--strategies names {unknown}; allowed: {', '.join(sorted(STRATEGIES))}" if unknown else
+                          f"--runs is {str(runs)!r}, which is not a folder of runs")
+    cells = finished_cells(runs, strategies)
+    strategies = [s for s in strategies if any(c["strategy"] == s for c in cells)]
+    rows = []
+    for strategy in strategies:
+        mine = [c for _, c in sorted(headline_cells(cells, strategy).items())]
+        rows.append([strategy, spread([c["final_global_accuracy"] for c in mine]),
+                     spread([c["client_accuracy_mean"] for c in mine]), spread([c["client_accuracy_worst"] for c in mine]),
+                     ",".join(str(c["seed"]) for c in mine)])
+    rounds = max((c["rounds"] for c in cells), default=0)
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+    section = detail(cells, strategies, args.num_clients, data_dir, "", rounds)
+    print(table(["strategy", "global %", "personalised mean %", "worst client %", "seeds"], rows))
+    print()
+    print(headline_detail({"headline": section}))
+
+
+if __name__ == "__main__":
+    main()

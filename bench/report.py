@@ -57,10 +57,11 @@ def headline_detail(results: dict) -> str:
         parts += ["### Recall per class of the final global model (mean over seeds, %)",
                   table(["strategy", *[f"class {c}" for c in range(classes)]],
                         [[s, *[_pct(v) for v in r]] for s, r in recall.items()])]
-    mix_rows = [[seed, client, " / ".join(map(str, counts))]
+    tiers = detail.get("tiers") or []
+    mix_rows = [[seed, f"{client} ({tiers[client]})" if client < len(tiers) else client, " / ".join(map(str, counts))]
                 for seed, clients in detail["label_mix"].items() for client, counts in enumerate(clients)]
     parts += ["### Label mix per client (rows of class 0 / 1 / 2 / ..., train and held-out)",
-              table(["seed", "client (partition)", "rows per class"], mix_rows)]
+              table(["seed", "client (partition, tier)", "rows per class"], mix_rows)]
     return "\n\n".join(parts)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from bench import kernels, report
 from bench.client_cost import measure_in_subprocess
-from bench.headline import headline_cells, label_mix, paired_differences, recall_by_class
+from bench.headline import detail, headline_cells
 from bench.learning import run_ceilings, run_cells, strategy_file
 from bench.scale import run_scale
 from bench.speedups import measure_speedups
@@ -142,15 +142,8 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     cells = run_cells(suite, strategies, runs_dir, data_dir, fresh, log)
     ceilings = run_ceilings(suite, strategies, cells, runs_dir, data_dir, fresh, log)
     scale = run_scale(suite, strategies, runs_dir, data_dir, fresh, log)
-    headline_seeds = sorted({c["seed"] for c in cells if (c["partition"], c["mix"]) == HEADLINE})
-    headline_detail = {
-        "paired": paired_differences(cells, strategies),
-        "recall": {s: recall_by_class(cells, s) for s in strategies},
-        "label_mix": label_mix(headline_seeds, suite.num_clients, data_dir, suite.overrides),
-        "rounds": suite.headline_rounds or suite.rounds,
-        "test_rows": sorted({c["final_test_rows"] for c in cells if (c["partition"], c["mix"]) == HEADLINE
-                             and c.get("final_test_rows")}),
-    }
+    headline_detail = detail(cells, strategies, suite.num_clients, data_dir, suite.overrides,
+                             suite.headline_rounds or suite.rounds)
     headline_kernel = next((r for r in kernel_rows if (r["num_experts"], r["top_k"]) == HEADLINE_KERNEL and r["auto"]
                             and r["precision"] == precision.name), kernel_rows[0])
     results = {

@@ -84,6 +84,17 @@ def test_label_mix_is_each_seeds_partition_of_the_whole_train_split(ag_news_dir)
     assert mix[0] != mix[1]  # the seed draws the partition
 
 
+def test_headline_detail_names_each_clients_tier_as_the_simulation_assigns_it(ag_news_dir):
+    from bench.headline import detail
+
+    cells = [headline_cell("fft_moe", 0, 0.8, [0.8, 0.8]), headline_cell("head_only", 0, 0.7, [0.7, 0.7])]
+    found = detail(cells, ["fft_moe", "head_only"], 10, str(ag_news_dir), "", 10)
+    # conf/base.yaml's simulation-mix: rpi4 0.4, jetson-nano 0.3, jetson-orin 0.3, by partition id
+    assert found["tiers"] == ["rpi4"] * 4 + ["jetson-nano"] * 3 + ["jetson-orin"] * 3
+    assert list(found["label_mix"]) == [0] and found["rounds"] == 10
+    assert [(p["method"], p["baseline"]) for p in found["paired"]] == [("fft_moe", "head_only")]
+
+
 def test_round_record_figures_match_hand_computation():
     rounds = [record(1, 0.5, 6.0, [(64, 2.0), (96, 4.0)]), record(2, 0.81, 3.0, [(64, 1.0), (96, 2.0)]),
               record(3, 0.9, 4.0, [(64, 1.0)])]
@@ -180,6 +191,8 @@ def test_report_writes_tables_and_plots(tmp_path):
     detail = report.headline_detail(results)
     assert "scored on 7600 test rows, after 10 rounds" in detail and "| fft_moe | head_only | +1.0 (1 seed) |" in detail
     assert "| fft_moe | 90.0 | 50.0 |" in detail and "| 0 | 1 | 1 / 2 |" in detail
+    results["headline"]["tiers"] = ["rpi4", "jetson-orin"]
+    assert "| 0 | 1 (jetson-orin) | 1 / 2 |" in report.headline_detail(results)
     for name in ("unit_accuracy.png", "unit_matrix.png", "unit_costs.png", "unit_kernel.png"):
         assert (tmp_path / name).stat().st_size > 1000
 

@@ -200,3 +200,19 @@ def test_the_bench_measure_on_a_finished_run_equals_a_calibrated_run(ag_news_dir
     assert measured["test_rows"] == scored["num-examples"] == config.eval.final_test_samples
     assert abs(measured["calibrated_accuracy"] - scored["accuracy"]) <= 1 / measured["test_rows"]
     assert measured["accuracy"] == 0.25 and len(measured["calibrated_recall"]) == 4
+
+
+def test_the_calibration_report_pairs_by_seed():
+    from bench.calibration import table
+
+    def run_(before, after, recall_after):
+        return {"accuracy": before, "recall": [before, 0.1], "calibrated_accuracy": after,
+                "calibrated_recall": recall_after}
+
+    measured = {"fft_moe": {0: run_(0.70, 0.86, [0.9, 0.8]), 1: run_(0.72, 0.88, [0.9, 0.6])},
+                "head_only": {0: run_(0.78, 0.87, [0.9, 0.7]), 1: run_(0.80, 0.86, [0.9, 0.7])}}
+    text = "\n".join(table(measured))
+    # fft_moe: gains +16, +16; lowest recall 10 before, 80 and 60 after (mean 70, std 14.1)
+    assert "| fft_moe | 2 | 71.0 ± 1.4 | 87.0 ± 1.4 | +16.0 (" in text and "| 10.0 ± 0.0 | 70.0 ± 14.1 |" in text
+    # calibrated fft_moe - head_only: -1, +2 -> mean +0.5
+    assert "| fft_moe | head_only | +0.5 (" in text and "seeds -1.0, +2.0)" in text
