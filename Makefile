@@ -72,6 +72,14 @@ bench-budgets: install
 bench-remedies: install
 	$(BIN)/python -m bench.remedies --data-dir "$(DATA_DIR)" --out $(RESULTS_DIR)/remedies $(BENCH_ARGS)
 
+# The headline cell's report from make bench's finished runs (bench/headline.py), printed.
+bench-headline: install
+	$(BIN)/python -m bench.headline --runs $(RESULTS_DIR)/bench/full-runs --data-dir "$(DATA_DIR)" $(BENCH_ARGS)
+
+# Head calibration (ccvr) on the final models of those runs (bench/calibration.py): results/calibration/.
+bench-calibration: install
+	$(BIN)/python -m bench.calibration --runs $(RESULTS_DIR)/bench/full-runs --out $(RESULTS_DIR)/calibration $(BENCH_ARGS)
+
 # Start a SuperLink and one SuperNode per tier on 127.0.0.1, run the app, stop them all.
 deploy-local: install flwr-config
 	$(BIN)/python -m deploy.local_federation --mode $(DEPLOY_MODE) --tiers $(DEPLOY_TIERS) \

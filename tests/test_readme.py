@@ -165,6 +165,9 @@ RUN_BY = {
     "make bench": "test_benchmarks",
     "make bench-budgets": "test_benchmarks",
     "make bench-remedies": "test_benchmarks",
+    "make bench-headline": "test_benchmarks",
+    "make bench-calibration": "test_benchmarks",
+    'make run OVERRIDES="data.alpha=0.1 calibration.method=ccvr"': "test_make_run_with_calibration",
     'make bench-quick BENCH_ARGS="--smoke"': "test_benchmarks",
     "flwr ls": "test_flwr_ls_and_log",
     "flwr log": "test_flwr_ls_and_log",
@@ -215,6 +218,14 @@ def test_make_run(shell):
 def test_make_run_with_another_strategy(shell, strategy):
     ok(shell.run(shortened(f"make run CONFIG=conf/{strategy}.yaml", f"{TINY} run-name=readme-{strategy}")))
     assert completed(shell.results / f"readme-{strategy}")["strategy"] == strategy
+
+
+@pytest.mark.slow
+def test_make_run_with_calibration(shell):
+    ok(shell.run(shortened('make run OVERRIDES="data.alpha=0.1 calibration.method=ccvr"', f"{TINY} run-name=readme-ccvr")))
+    run_dir = shell.results / "readme-ccvr"
+    assert completed(run_dir)["calibration"]["method"] == "ccvr"
+    assert records(run_dir)[-1]["calibration"]["nodes"] == NODES
 
 
 @pytest.mark.slow
@@ -395,6 +406,12 @@ def test_benchmarks(shell):
     assert [(r["strategy"], r["variant"]) for r in remedies["runs"]] == [("head_only", "none"), ("head_only", "la")]
     config = (Path(remedies["runs"][1]["run_dir"]) / "config.yaml").read_text()
     assert "logit-adjustment: 1.0" in config and (shell.results / "remedies" / "remedies-smoke.md").is_file()
+    smoke_runs = shell.results / "bench" / "full-smoke-runs"  # make bench's smoke runs, above
+    output = ok(shell.run(f'make bench-headline BENCH_ARGS="--runs {smoke_runs} --strategies head_only"'))
+    assert "| head_only |" in output and "### Label mix per client" in output
+    ok(shell.run(f'make bench-calibration BENCH_ARGS="--runs {smoke_runs} --strategies head_only"'))
+    calibrated = json.loads((shell.results / "calibration" / "calibration.json").read_text())["runs"]
+    assert [r["run"] for r in calibrated] == ["head_only-dir0.1-mixed-s0"] and 0 <= calibrated[0]["calibrated_accuracy"] <= 1
 
 
 @pytest.mark.slow
