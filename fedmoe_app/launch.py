@@ -145,7 +145,10 @@ def launch(config_file: str, overrides: str, results_dir: str, data_dir: str, co
     run_dir = resolve_path(config.results_dir) / name
     args = [str(FLWR), "run", ".", connection, "--stream",
             "--run-config", run_config_string(config_file, overrides, results_dir, data_dir)]
+    # Unbuffered: writing into our pipe, `flwr` would otherwise hold its log lines back in
+    # blocks, and the console (and a Ctrl-C sent on seeing round 1) would lag the run.
     process = subprocess.Popen(args, cwd=APP_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                start_new_session=True)  # Ctrl-C reaches this process only; it stops the run
     run_id, tail = None, deque(maxlen=200)
     try:
