@@ -22,11 +22,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
-from bench.headline import is_moe
-from bench.paired import RUN_NAME, paired, spread
+from bench.headline import is_moe, lowest_recall
+from bench.paired import finished_runs, paired, spread
 from fedmoe_app.calibration import calibrated_head
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import ConfigError, config_from_dict, resolve_path
@@ -60,12 +59,6 @@ def calibrate_run(run_dir: Path, num_nodes: int) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def lowest(recall: list[float | None] | None) -> float:
-    """The lowest per-class recall (NaN without any)."""
-    values = [r for r in (recall or []) if r is not None and not np.isnan(r)]
-    return min(values) if values else float("nan")
-
-
 def table(measured: dict[str, dict[int, dict]]) -> list[str]:
     """Markdown: per strategy (seed -> measurement) before and after calibration, then every
     MoE method against every baseline after calibration."""
@@ -75,8 +68,8 @@ def table(measured: dict[str, dict[int, dict]]) -> list[str]:
         before = {s: r["accuracy"] for s, r in runs.items()}
         after = {s: r["calibrated_accuracy"] for s, r in runs.items()}
         lines.append(f"| {strategy} | {len(runs)} | {spread(list(before.values()))} | {spread(list(after.values()))} | "
-                     f"{paired(after, before)} | {spread([lowest(r['recall']) for r in runs.values()])} | "
-                     f"{spread([lowest(r['calibrated_recall']) for r in runs.values()])} |")
+                     f"{paired(after, before)} | {spread([lowest_recall(r['recall']) for r in runs.values()])} | "
+                     f"{spread([lowest_recall(r['calibrated_recall']) for r in runs.values()])} |")
     lines += ["", "| calibrated MoE method | calibrated baseline | difference (95% CI; seeds) |", "|---|---|---|"]
     for moe in (s for s in measured if is_moe(s)):
         for baseline in (s for s in measured if not is_moe(s)):
@@ -107,16 +100,15 @@ def main(argv: list[str] | None = None) -> None:
     saved = out / "calibration.json"
     done = {r["run"]: r for r in json.loads(saved.read_text())["runs"]} if saved.is_file() else {}
     measured: dict[str, dict[int, dict]] = {}
-    for run_dir in sorted(runs.iterdir()):
-        match = RUN_NAME.match(run_dir.name)
-        if not (match and match["strategy"] in strategies and (match["partition"], match["mix"]) == (args.partition, args.mix)
-                and (run_dir / SUMMARY_FILE).is_file() and (run_dir / ADAPTER_FILE).is_file()):
+    for name, run_dir in finished_runs(runs):
+        if not (name["strategy"] in strategies and (name["partition"], name["mix"]) == (args.partition, args.mix)
+                and (run_dir / ADAPTER_FILE).is_file()):
             continue
         if run_dir.name not in done:
             print(f"calibration: {run_dir.name}", flush=True)
             done[run_dir.name] = calibrate_run(run_dir, args.num_nodes)
             saved.write_text(json.dumps(to_json_safe({"runs": list(done.values())}), indent=1))
-        measured.setdefault(match["strategy"], {})[int(match["seed"])] = done[run_dir.name]
+        measured.setdefault(name["strategy"], {})[int(name["seed"])] = done[run_dir.name]
     measured = {s: measured[s] for s in strategies if s in measured}
     lines = [f"# Head calibration (ccvr) on the final models of {runs.name}, {args.partition} {args.mix}", "",
              *table(measured), ""]

@@ -11,11 +11,12 @@ Prints Markdown.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from statistics import mean
 
 from bench.learning import cell_metrics, strategy_file
-from bench.paired import RUN_NAME, paired, spread
+from bench.paired import finished_runs, paired, spread
 from bench.suites import HEADLINE, PARTITIONS
 from fedmoe_app.budgets import tiers_for_population
 from fedmoe_app.config import ConfigError, load_config, resolve_path
@@ -54,6 +55,12 @@ def recall_by_class(cells: list[dict], strategy: str) -> list[float] | None:
     return [mean(values) if values else None for values in by_class]
 
 
+def lowest_recall(recall: list[float | None] | None) -> float:
+    """The lowest of a model's per-class recalls (classes without test rows left out; NaN without any)."""
+    values = [r for r in (recall or []) if r is not None and not math.isnan(r)]
+    return min(values) if values else math.nan
+
+
 def label_mix(seeds: list[int], num_clients: int, data_dir: str, overrides: str = "") -> dict[int, list[list[int]]]:
     """seed -> per client (partition id order) its rows of each label, train and held-out
     together, as the headline cell partitions the data for that seed."""
@@ -84,14 +91,9 @@ def detail(cells: list[dict], strategies: list[str], num_clients: int, data_dir:
 
 def finished_cells(runs: Path, strategies: list[str]) -> list[dict]:
     """The headline cell's finished runs in `runs`, as `bench.learning.run_cells` lists cells."""
-    cells = []
-    for run_dir in sorted(runs.iterdir()):
-        match = RUN_NAME.match(run_dir.name)
-        if (match and match["strategy"] in strategies and (match["partition"], match["mix"]) == HEADLINE
-                and (run_dir / "summary.json").is_file()):
-            cells.append({"strategy": match["strategy"], "partition": match["partition"], "mix": match["mix"],
-                          "seed": int(match["seed"]), "run_dir": str(run_dir), **cell_metrics(run_dir, target=0.8)})
-    return cells
+    return [{**name, "seed": int(name["seed"]), "run_dir": str(run_dir), **cell_metrics(run_dir, target=0.8)}
+            for name, run_dir in finished_runs(runs)
+            if name["strategy"] in strategies and (name["partition"], name["mix"]) == HEADLINE]
 
 
 def main(argv: list[str] | None = None) -> None:

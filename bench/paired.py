@@ -27,13 +27,23 @@ def final_record(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+def finished_runs(runs: Path) -> list[tuple[dict[str, str], Path]]:
+    """(name fields: strategy, partition, mix, seed; folder) of every finished run in `runs`
+    named as the benchmark suites name them, in name order."""
+    found = []
+    for run_dir in sorted(runs.iterdir()):
+        match = RUN_NAME.match(run_dir.name)
+        if match and (run_dir / "summary.json").is_file():
+            found.append((match.groupdict(), run_dir))
+    return found
+
+
 def collect(runs: Path, mix: str) -> dict[tuple[str, str], dict[int, dict]]:
     """(strategy, partition) -> seed -> last round record, for every finished run of `mix`."""
     found: dict[tuple[str, str], dict[int, dict]] = {}
-    for run_dir in sorted(runs.iterdir()):
-        match = RUN_NAME.match(run_dir.name)
-        if match and match["mix"] == mix and (run_dir / "summary.json").is_file():
-            found.setdefault((match["strategy"], match["partition"]), {})[int(match["seed"])] = final_record(run_dir)
+    for name, run_dir in finished_runs(runs):
+        if name["mix"] == mix:
+            found.setdefault((name["strategy"], name["partition"]), {})[int(name["seed"])] = final_record(run_dir)
     return found
 
 

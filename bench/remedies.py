@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
+from bench.headline import lowest_recall
 from bench.learning import cell_metrics, cell_name, simulate
 from bench.paired import paired, spread
 from bench.simulation import LocalSimulation
@@ -59,10 +59,9 @@ def run_variants(strategies: list[str], variants: list[str], seeds: list[int], r
                         PARTITIONS[partition], VARIANTS[variant], extra]))
                     run_dir = simulate(simulation, runs_dir, name, strategy, overrides, False, log)
                     metrics = cell_metrics(run_dir, target=0.85)
-                    recall = [r for r in (metrics["final_global_recall"] or []) if r is not None]
                     found.append({"strategy": strategy, "variant": variant, "seed": seed,
                                   "global_accuracy": metrics["final_global_accuracy"],
-                                  "lowest_recall": min(recall) if recall else math.nan,
+                                  "lowest_recall": lowest_recall(metrics["final_global_recall"]),
                                   "recall": metrics["final_global_recall"], "test_rows": metrics["final_test_rows"],
                                   "client_accuracy_mean": metrics["client_accuracy_mean"], "run_dir": str(run_dir)})
     return found

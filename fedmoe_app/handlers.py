@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import numpy as np
 from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 
 from fedmoe_app import faults
@@ -46,7 +45,7 @@ def calibrate_reply(content: RecordDict, node_config: Mapping[str, Any], origin:
     task = client_task(config[msg.RUN_CONFIG], node_config, origin)
     stats = task.feature_statistics(from_record(content[msg.ARRAYS]))
     arrays = {msg.FEATURE_COUNT: stats.count, msg.FEATURE_MEAN: stats.mean, msg.FEATURE_COV: stats.cov}
-    return RecordDict({msg.ARRAYS: to_record({k: v.astype(np.float32) for k, v in arrays.items()}, "fp32")})
+    return RecordDict({msg.ARRAYS: to_record(arrays, "fp32")})
 
 
 HANDLERS: dict[str, Callable[..., RecordDict]] = {MessageType.TRAIN: train_reply, MessageType.EVALUATE: evaluate_reply,

@@ -402,8 +402,8 @@ class SparseStrategy(Strategy):
                 self._failed(node_id, f"malformed calibrate reply: {error}")
         self.round.calibration = {"nodes": len(parts),
                                   "rows_by_class": [int(n) for n in sum(p.count for p in parts)] if parts else []}
-        if not parts:
-            log(WARNING, "head calibration: no node reported its feature moments; the head is unchanged")
+        if not any(p.count.sum() for p in parts):
+            log(WARNING, "head calibration: no node reported feature moments of any row; the head is unchanged")
             return arrays
         settings = self.config.calibration
         weight, bias = calibrated_head(weight, bias, parts, settings.virtual_per_class, settings.steps, settings.lr,

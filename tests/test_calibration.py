@@ -12,12 +12,13 @@ from fedmoe_app import messages as msg
 from fedmoe_app.calibration import (ClassStatistics, calibrated_head, fit_head, pooled, statistics_of,
                                     virtual_features)
 from fedmoe_app.client import ClientTask
-from fedmoe_app.config import ConfigError, load_config
+from fedmoe_app.budgets import load_tiers
+from fedmoe_app.config import ConfigError, RunConfig, defaults, load_config
 from fedmoe_app.methods import method_class
 from fedmoe_app.model import load_state, num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
 from strategies import STRATEGIES, make_strategy
-from strategies.replies import MalformedReply, decode_statistics
+from strategies.replies import MalformedReply, Node, decode_statistics
 
 NUM_NODES = 3
 
@@ -87,10 +88,6 @@ def calibrate_content(count, mean, cov) -> RecordDict:
     ({"cov": np.stack([np.triu(np.ones((3, 3)))] * 2)}, "not symmetric"),
 ])
 def test_a_malformed_calibrate_reply_is_refused(change, error):
-    from strategies.replies import Node
-    from fedmoe_app.config import defaults, RunConfig
-    from fedmoe_app.budgets import load_tiers
-
     node = Node(1, "client-1", load_tiers(defaults(RunConfig).devices.file)["rpi4"], num_examples=10)
     good = {"count": [4.0, 6.0], "mean": np.zeros((2, 3)), "cov": np.stack([np.eye(3)] * 2)}
     decoded = decode_statistics(node, calibrate_content(**good), 2, 3)
