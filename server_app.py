@@ -61,13 +61,14 @@ def main(grid: Grid, context: Context) -> None:
 
     def on_round(record: dict) -> None:
         results.log_round(record)
-        status = results.set_status("running", last_round=record["round"], rounds=config.rounds, server=server)
+        results.set_status("running", last_round=record["round"], rounds=config.rounds, server=server)
         log(INFO, "fedmoe: %s", round_line(record, config.rounds))
-        if status == "stopped" and record["round"] < config.rounds:  # the user stopped the run
-            raise RunStopped(record["round"])
 
     def on_checkpoint(state: Checkpoint) -> None:
         save_checkpoint(results.run_dir, state)
+        stopped = results.status().get("status") == "stopped"
+        if stopped and state.server_round < config.rounds:  # the user stopped the run
+            raise RunStopped(state.server_round)
 
     strategy = make_strategy(config, num_layers(config), on_round, on_checkpoint)
     if checkpoint is not None:

@@ -56,6 +56,15 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
+def checkpoint_round(run_dir: Path) -> int:
+    """The round of the checkpoint in `run_dir` (0 if it has none); reads only its header."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return 0
+    with safe_open(str(path), framework="numpy") as f:
+        return int((f.metadata() or {}).get("server_round", 0))
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint:
     """The checkpoint in `run_dir`; ConfigError if there is none or it is not one of ours."""
     path = Path(run_dir) / CHECKPOINT_FILE

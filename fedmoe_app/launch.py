@@ -4,9 +4,9 @@
    a bad key, value, tier or data file ends the command with its error and exit code 2.
 2. The app runs with `flwr run . <connection> --stream`; its log goes to the console.
 3. Exit code 0 only if the run completed; otherwise 1, and the last line printed is the
-   run's error. Ctrl-C marks the run's results folder stopped (status.json; its ServerApp
-   ends after the round in progress), stops the run on the SuperLink (not just the log
-   stream), waits for the ServerApp to end and says how to resume the run; exit code 130.
+   run's error. Ctrl-C stops the run on the SuperLink (not just the log stream), waits for
+   the ServerApp to end, marks the run's results folder stopped after its last checkpoint
+   (status.json) and says how to resume the run; exit code 130.
 
 Usage: python -m fedmoe_app.launch [--config conf/fft_moe.yaml] [--overrides "rounds=3"]
        [--results-dir results] [--data-dir DIR] [--connection local-simulation]
@@ -106,15 +106,17 @@ def last_error(lines: list[str]) -> str:
 
 
 def mark_stopped(run_dir: Path, run_id: str) -> None:
-    """Say in the run's status.json that it was stopped, keeping what it wrote; its ServerApp
-    reads this and ends after the round in progress."""
+    """Say in the run's status.json that it was stopped after its last checkpoint (where a
+    resume continues), keeping what it wrote; a ServerApp still running reads this and ends
+    after the round in progress."""
+    from fedmoe_app.checkpoint import checkpoint_round
     from fedmoe_app.results import RunResults
 
     if not run_dir.is_dir():
         return
     results = RunResults.at(run_dir)
     status = results.status()
-    results.set_status("stopped", reason=f"Ctrl-C: run {run_id} stopped by the user", last_round=results.last_round(),
+    results.set_status("stopped", reason=f"Ctrl-C: run {run_id} stopped by the user", last_round=checkpoint_round(run_dir),
                        rounds=status.get("rounds"), server=status.get("server"))
 
 
@@ -174,16 +176,18 @@ def launch(config_file: str, overrides: str, results_dir: str, data_dir: str, co
 
 
 def _stop(process: subprocess.Popen, run_id: str | None, connection: str, run_dir: Path, name: str) -> int:
-    """Ctrl-C: mark the results stopped (the ServerApp ends after its round in progress), stop
-    the run on the SuperLink, wait for the ServerApp to end, end the log stream."""
+    """Ctrl-C: stop the run on the SuperLink, wait for the ServerApp to end, mark the results
+    stopped, end the log stream."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-    mark_stopped(run_dir, run_id or "?")
     deadline = time.time() + STOP_WAIT_SECONDS
+    # The SuperLink first: a ServerApp told to stop by its results folder alone could end
+    # cleanly before the SuperLink hears of it, and the run would be listed as completed.
     if run_id is not None:
         flwr_json("stop", run_id, connection)
         while not run_status(run_id, connection).startswith("finished") and time.time() < deadline:
             time.sleep(1)
     ended = not run_dir.is_dir() or wait_for_server_exit(run_dir, deadline)
+    mark_stopped(run_dir, run_id or "?")
     process.terminate()
     try:
         process.wait(timeout=30)

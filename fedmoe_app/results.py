@@ -58,6 +58,7 @@ Non-finite floats (NaN, inf) are written as null, so every line stays valid JSON
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -132,10 +133,16 @@ class RunResults:
         or `stopped` (with a reason), so a folder says whether its run finished. A run the
         user stopped stays `stopped`; a round its ServerApp completes before it ends still
         moves `last_round` on. Returns the status written."""
-        current = self.status()
-        if current.pop("status", None) == "stopped" and status != "stopped":
-            status, details = "stopped", {**current, "last_round": details.get("last_round", current.get("last_round"))}
-        _write_atomically(self.run_dir / STATUS_FILE, json.dumps(to_json_safe({"status": status, **details}), indent=2) + "\n")
+        folder = os.open(self.run_dir, os.O_RDONLY)
+        try:  # read and write as one step: the ServerApp and `make run`'s Ctrl-C both write here
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            current = self.status()
+            if current.pop("status", None) == "stopped" and status != "stopped":
+                status, details = "stopped", {**current, "last_round": details.get("last_round", current.get("last_round"))}
+            _write_atomically(self.run_dir / STATUS_FILE,
+                              json.dumps(to_json_safe({"status": status, **details}), indent=2) + "\n")
+        finally:
+            os.close(folder)  # releases the lock
         return status
 
     def writer_running(self) -> bool:

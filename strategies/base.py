@@ -329,8 +329,8 @@ class SparseStrategy(Strategy):
         """Run rounds `first_round`..`num_rounds`, as Flower's `Strategy.start` does (same
         arguments and Result), with what a fedmoe run needs beside it: nodes are queried for
         their budget up front, failures are counted, client-side and server-side evaluation
-        run every `eval.every` rounds (and after the last), `on_checkpoint` gets the run's
-        state after every round and then `on_round` the round's record. `timeout` defaults to
+        run every `eval.every` rounds (and after the last), `on_round` gets every round's
+        record and then `on_checkpoint` the run's state after it. `timeout` defaults to
         federation.round-timeout. To resume a run: `load_state_dict` its checkpoint's
         strategy state, pass its arrays and the round after it as `first_round`.
 
@@ -377,9 +377,11 @@ class SparseStrategy(Strategy):
                     if client_eval is not None:
                         result.evaluate_metrics_clientapp[server_round] = client_eval
                 server_eval = self._evaluate_on_server(server_round, arrays, evaluate_fn, result)
+            # The record before the checkpoint: a server killed between the two leaves a record
+            # past the checkpoint, which a resume drops and redoes, never a round without a record.
+            self.on_round(self._round_record(t_start, server_eval, client_eval))
             self.on_checkpoint(Checkpoint(server_round, self.name, from_record(arrays), self.state_dict(),
                                           self.state_arrays()))
-            self.on_round(self._round_record(t_start, server_eval, client_eval))
         log(INFO, "Strategy %s finished rounds %d-%d in %.0f s", self.name, first_round, num_rounds, time.time() - t_start)
         return result
 

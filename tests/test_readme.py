@@ -278,12 +278,14 @@ def test_ctrl_c_stops_the_run_and_resume_finishes_it(shell):
     assert 'make run OVERRIDES="resume=readme-stopped"' in output, output[-3000:]
     run_dir = shell.results / "readme-stopped"
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "stopped" and 1 <= status["last_round"] < STOPPED_ROUNDS
-    assert load_checkpoint(run_dir).server_round == status["last_round"] == records(run_dir)[-1]["round"]
+    assert status["status"] == "stopped" and 1 <= status["last_round"] < STOPPED_ROUNDS, (status, output[-3000:])
+    assert load_checkpoint(run_dir).server_round == status["last_round"]
+    # a ServerApp stopped between a round's record and its checkpoint leaves one record past it
+    assert records(run_dir)[-1]["round"] - status["last_round"] in (0, 1)
     assert not RunResults.at(run_dir).writer_running()  # the ServerApp has ended: nothing more is written
     run_id = re.search(r"run (\d{6,})", output).group(1)
     listed = ok(shell.run(f"flwr ls --run-id {run_id} --format json"))
-    assert json.loads(listed)["runs"][0]["status"] == "finished:stopped"  # stopped on the SuperLink, not only the log
+    assert json.loads(listed)["runs"][0]["status"] == "finished:stopped", listed  # on the SuperLink, not only the log
 
     command = 'make run OVERRIDES="resume=<run-name>"'.replace("<run-name>", "readme-stopped")
     output = ok(shell.run(command))
