@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import InProcessGrid
-from fedmoe_app.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from fedmoe_app.checkpoint import CHECKPOINT_FILE, Checkpoint, checkpoint_round, load_checkpoint, save_checkpoint
 from fedmoe_app.config import ConfigError, config_to_yaml, load_config
+from fedmoe_app.launch import mark_stopped
 from fedmoe_app.methods import method_class
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
@@ -97,3 +98,42 @@ def test_resume_is_refused_while_the_runs_server_still_writes_it(tmp_path):
     results.set_status("stopped", reason="Ctrl-C", last_round=1, rounds=3,
                        server={**this_process(), "started": this_process()["started"] - 1})  # a reused process id
     assert resumed_run(resume)[1].server_round == 1
+
+
+def test_ctrl_c_marks_a_killed_run_stopped_after_its_last_checkpoint(tmp_path):
+    """A ServerApp killed by the SuperLink between round 3's record and its checkpoint (it
+    wrote `failed` or nothing): `make run`'s Ctrl-C marks the run stopped after round 2, and
+    the resume drops round 3's record and redoes it."""
+    config = load_config("conf/head_only.yaml", f"results-dir={tmp_path} run-name=killed rounds=5")
+    results = RunResults(tmp_path / "killed", config_to_yaml(config))
+    assert checkpoint_round(results.run_dir) == 0
+    for round_ in range(4):
+        results.log_round({"round": round_})
+        if 1 <= round_ <= 2:
+            save_checkpoint(results.run_dir, Checkpoint(round_, "head_only", {"head.weight": np.zeros((2, 2), np.float32)}, {}))
+    results.set_status("failed", error="stopped", last_round=3)
+    mark_stopped(results.run_dir, "123")
+    status = results.status()
+    assert status["status"] == "stopped" and status["last_round"] == checkpoint_round(results.run_dir) == 2
+    resumed = RunResults.resume(results.run_dir, load_checkpoint(results.run_dir).server_round)
+    assert [r["round"] for r in resumed.rounds()] == [0, 1, 2]
+
+
+def _write_status(run_dir, status, n):
+    results = RunResults.at(run_dir)
+    for i in range(n):
+        results.set_status(status, last_round=i)
+
+
+def test_status_writers_in_two_processes_never_lose_a_stop(tmp_path):
+    """The ServerApp writes `running` while Ctrl-C writes `stopped`: read and write are one
+    step, so once `stopped` is written no later `running` replaces it."""
+    import multiprocessing
+
+    results = RunResults(tmp_path / "race", "a: 1\n")
+    context = multiprocessing.get_context("fork")
+    writer = context.Process(target=_write_status, args=(results.run_dir, "running", 400))
+    writer.start()
+    results.set_status("stopped", reason="Ctrl-C", last_round=0)
+    writer.join()
+    assert writer.exitcode == 0 and results.status()["status"] == "stopped"
