@@ -87,9 +87,12 @@ class Shell:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT_S)
 
     def popen(self, command: str) -> subprocess.Popen:
-        """Start `command` in a process group of its own, as a terminal's foreground job."""
+        """Start `command` in a process group of its own, as a terminal's foreground job: with
+        Ctrl-C's default action even where pytest itself runs with SIGINT ignored (a background
+        job of a non-interactive shell: `make test &`), which every child would inherit."""
         return subprocess.Popen(["bash", "-c", command], cwd=APP_DIR, env=self.env, text=True, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.fixture(scope="module")
