@@ -30,7 +30,7 @@ from bench.scale import run_scale
 from bench.speedups import measure_speedups
 from bench.suites import HEADLINE, SUITES, Suite, smoke
 from fedmoe_app.budgets import load_tiers
-from fedmoe_app.config import ConfigError, load_config, resolve_path
+from fedmoe_app.config import ConfigError, RunConfig, load_config, resolve_path
 from fedmoe_app.precision import resolve_precision
 from fedmoe_app.results import to_json_safe
 from fedmoe_app.system import torch_device
@@ -113,16 +113,10 @@ def measure_with_fp32(strategy: str, tier: str, overrides: str) -> dict:
     return {**cost, "step_seconds_fp32": fp32["step_seconds"]}
 
 
-def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str, fresh: bool) -> dict:
-    """Every section of `suite`; the results dict (also written to <out>/<suite>.json)."""
-    runs_dir = out_dir / f"{suite.name}-runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    log = lambda text: print(f"[{time.time() - started:6.0f} s] {text}", flush=True)  # noqa: E731
-    base_overrides = " ".join(filter(None, [f"data.data-dir={data_dir}" if data_dir else "", suite.overrides]))
-    config = load_config(strategy_file(strategies[0]), base_overrides)
-    tiers = list(load_tiers(config.devices.file))
-
+def measure_costs(suite: Suite, strategies: list[str], config: RunConfig, tiers: list[str], overrides: str, log=print) -> dict:
+    """The cost sections, measured together so that their figures share one machine state:
+    matmul peaks, the sparse MoE kernel, client cost per strategy and tier, and the
+    optimisations' before/after."""
     device = torch_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
     log(f"bench: matmul peaks and sparse MoE kernel on {device}; {precision.reason}")
@@ -134,18 +128,51 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
     kernel_rows = kernels.kernel_cases(KERNEL_HIDDEN, config.moe.expert_hidden, suite.kernel_cases, suite.kernel_tokens,
                                        precisions, threads=config.train.threads, device=device)
     log("bench: client cost per strategy and tier, at the resolved precision and at fp32")
-    costs = [measure_with_fp32(s, t, base_overrides) for s in strategies for t in tiers[:suite.cost_tiers or None]]
+    costs = [measure_with_fp32(s, t, overrides) for s in strategies for t in tiers[:suite.cost_tiers or None]]
     speedups = None
     if suite.speedups:
         log("bench: before/after of the optimisations")
         speedups = measure_speedups(config, tiers[-1])
+    return {"strategies": strategies, "measured": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
+            "precision": precision.name, "precision_reason": precision.reason, "matmul_peak_gflops": peak,
+            "matmul_peak_gflops_bf16": peak_bf16, "matmul_peak_gflops_all_cores": peak_all, "kernel_cases": kernel_rows,
+            "client_cost": costs, "speedups": speedups}
+
+
+def costs_of_suite(suite: Suite, strategies: list[str], config: RunConfig, tiers: list[str], overrides: str, runs_dir: Path,
+                   fresh: bool, log=print) -> dict:
+    """`measure_costs`, kept in <runs>/costs.json and reused (like finished runs) while the
+    strategies are the same."""
+    path = runs_dir / "costs.json"
+    if not fresh and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["strategies"] == strategies:
+            log(f"bench: cost sections reused from {path} (measured {saved['measured']})")
+            return saved
+    costs = measure_costs(suite, strategies, config, tiers, overrides, log)
+    path.write_text(json.dumps(to_json_safe(costs), indent=2) + "\n")
+    return costs
+
+
+def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str, fresh: bool) -> dict:
+    """Every section of `suite`; the results dict (also written to <out>/<suite>.json)."""
+    runs_dir = out_dir / f"{suite.name}-runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    log = lambda text: print(f"[{time.time() - started:6.0f} s] {text}", flush=True)  # noqa: E731
+    base_overrides = " ".join(filter(None, [f"data.data-dir={data_dir}" if data_dir else "", suite.overrides]))
+    config = load_config(strategy_file(strategies[0]), base_overrides)
+    tiers = list(load_tiers(config.devices.file))
+    measured = costs_of_suite(suite, strategies, config, tiers, base_overrides, runs_dir, fresh, log)
+    peak, peak_bf16, kernel_rows = measured["matmul_peak_gflops"], measured["matmul_peak_gflops_bf16"], measured["kernel_cases"]
+    costs = measured["client_cost"]
     cells = run_cells(suite, strategies, runs_dir, data_dir, fresh, log)
     ceilings = run_ceilings(suite, strategies, cells, runs_dir, data_dir, fresh, log)
     scale = run_scale(suite, strategies, runs_dir, data_dir, fresh, log)
     headline_detail = detail(cells, strategies, suite.num_clients, data_dir, suite.overrides,
                              suite.headline_rounds or suite.rounds)
     headline_kernel = next((r for r in kernel_rows if (r["num_experts"], r["top_k"]) == HEADLINE_KERNEL and r["auto"]
-                            and r["precision"] == precision.name), kernel_rows[0])
+                            and r["precision"] == measured["precision"]), kernel_rows[0])
     results = {
         "suite": suite.name,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -153,12 +180,13 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
         "settings": {"rounds": suite.rounds, "headline_rounds": suite.headline_rounds or suite.rounds,
                      "headline_overrides": suite.headline_overrides, "num_clients": suite.num_clients, "target_accuracy": suite.target_accuracy,
                      "headline": {"partition": HEADLINE[0], "mix": HEADLINE[1]}, "overrides": suite.overrides,
-                     "client_threads": config.train.threads, "device": str(device), "tiers": tiers},
-        "precision": precision.name,
-        "precision_reason": precision.reason,
+                     "client_threads": config.train.threads, "device": measured["device"], "tiers": tiers},
+        "costs_measured": measured["measured"],
+        "precision": measured["precision"],
+        "precision_reason": measured["precision_reason"],
         "matmul_peak_gflops": peak,
         "matmul_peak_gflops_bf16": peak_bf16,
-        "matmul_peak_gflops_all_cores": peak_all,
+        "matmul_peak_gflops_all_cores": measured["matmul_peak_gflops_all_cores"],
         "strategies": {s: strategy_entry(s, cells, ceilings, costs, peak, peak_bf16) for s in strategies},
         "headline": headline_detail,
         "kernel": {"moe_dispatch_ratio": headline_kernel["ratio"], "dispatch": headline_kernel["dispatch"],
@@ -168,7 +196,7 @@ def run_suite(suite: Suite, strategies: list[str], out_dir: Path, data_dir: str,
         "ceilings": ceilings,
         "client_cost": costs,
         "scale": scale,
-        "speedups": speedups,
+        "speedups": measured["speedups"],
         "seconds": time.time() - started,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench import report
 from bench.kernels import moe_and_dense
 from bench.learning import cell_overrides, first_reaching, mix_overrides, overhead_ratio, sample_steps
-from bench.run import headline, strategy_entry
+from bench import run as bench_run
+from bench.run import costs_of_suite, headline, strategy_entry
 from bench.suites import HEADLINE, SUITES, smoke
 from fedmoe_app.budgets import tiers_for_population
 from fedmoe_app.config import load_config
@@ -215,3 +216,22 @@ def test_a_smoke_suite_is_each_suite_at_its_smallest_and_writes_apart():
         assert small.speedups == suite.speedups  # every section of the suite still runs
         config = load_config("conf/fft_moe.yaml", small.overrides)
         assert config.model.backbone == "tiny-bert" and config.data.max_train_rows == 300
+
+
+def test_cost_sections_are_kept_and_reused_until_the_strategies_change_or_fresh(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_measure(suite, strategies, config, tiers, overrides, log=print):
+        measured.append(list(strategies))
+        return {"strategies": strategies, "measured": f"call {len(measured)}", "step_seconds": 0.25}
+
+    monkeypatch.setattr(bench_run, "measure_costs", fake_measure)
+    quiet = lambda text: None  # noqa: E731
+    first = costs_of_suite(SUITES["full"], ["fft_moe", "head_only"], None, [], "", tmp_path, False, quiet)
+    again = costs_of_suite(SUITES["full"], ["fft_moe", "head_only"], None, [], "", tmp_path, False, quiet)
+    assert first == again == {"strategies": ["fft_moe", "head_only"], "measured": "call 1", "step_seconds": 0.25}
+    assert json.loads((tmp_path / "costs.json").read_text()) == first
+    other = costs_of_suite(SUITES["full"], ["head_only"], None, [], "", tmp_path, False, quiet)
+    fresh = costs_of_suite(SUITES["full"], ["head_only"], None, [], "", tmp_path, True, quiet)
+    assert (other["measured"], fresh["measured"]) == ("call 2", "call 3")
+    assert measured == [["fft_moe", "head_only"], ["head_only"], ["head_only"]]
