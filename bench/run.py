@@ -133,7 +133,7 @@ def measure_costs(suite: Suite, strategies: list[str], config: RunConfig, tiers:
     if suite.speedups:
         log("bench: before/after of the optimisations")
         speedups = measure_speedups(config, tiers[-1])
-    return {"strategies": strategies, "measured": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
+    return {"strategies": strategies, "overrides": overrides, "measured": time.strftime("%Y-%m-%d %H:%M"), "device": str(device),
             "precision": precision.name, "precision_reason": precision.reason, "matmul_peak_gflops": peak,
             "matmul_peak_gflops_bf16": peak_bf16, "matmul_peak_gflops_all_cores": peak_all, "kernel_cases": kernel_rows,
             "client_cost": costs, "speedups": speedups}
@@ -142,11 +142,12 @@ def measure_costs(suite: Suite, strategies: list[str], config: RunConfig, tiers:
 def costs_of_suite(suite: Suite, strategies: list[str], config: RunConfig, tiers: list[str], overrides: str, runs_dir: Path,
                    fresh: bool, log=print) -> dict:
     """`measure_costs`, kept in <runs>/costs.json and reused (like finished runs) while the
-    strategies are the same."""
+    strategies, the device and the overrides are the same."""
     path = runs_dir / "costs.json"
     if not fresh and path.is_file():
         saved = json.loads(path.read_text())
-        if saved["strategies"] == strategies:
+        same = (saved["strategies"], saved["device"], saved["overrides"]) == (strategies, str(torch_device(config.train.device)), overrides)
+        if same:
             log(f"bench: cost sections reused from {path} (measured {saved['measured']})")
             return saved
     costs = measure_costs(suite, strategies, config, tiers, overrides, log)

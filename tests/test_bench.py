@@ -222,16 +222,19 @@ def test_cost_sections_are_kept_and_reused_until_the_strategies_change_or_fresh(
     measured = []
 
     def fake_measure(suite, strategies, config, tiers, overrides, log=print):
-        measured.append(list(strategies))
-        return {"strategies": strategies, "measured": f"call {len(measured)}", "step_seconds": 0.25}
+        measured.append((list(strategies), overrides))
+        return {"strategies": strategies, "overrides": overrides, "device": "cpu", "measured": f"call {len(measured)}"}
 
     monkeypatch.setattr(bench_run, "measure_costs", fake_measure)
+    config = load_config("conf/fft_moe.yaml")  # train.device auto: cpu here
     quiet = lambda text: None  # noqa: E731
-    first = costs_of_suite(SUITES["full"], ["fft_moe", "head_only"], None, [], "", tmp_path, False, quiet)
-    again = costs_of_suite(SUITES["full"], ["fft_moe", "head_only"], None, [], "", tmp_path, False, quiet)
-    assert first == again == {"strategies": ["fft_moe", "head_only"], "measured": "call 1", "step_seconds": 0.25}
+    costs = lambda strategies, overrides="", fresh=False: costs_of_suite(  # noqa: E731
+        SUITES["full"], strategies, config, [], overrides, tmp_path, fresh, quiet)
+    first, again = costs(["fft_moe", "head_only"]), costs(["fft_moe", "head_only"])
+    assert first == again and first["measured"] == "call 1"
     assert json.loads((tmp_path / "costs.json").read_text()) == first
-    other = costs_of_suite(SUITES["full"], ["head_only"], None, [], "", tmp_path, False, quiet)
-    fresh = costs_of_suite(SUITES["full"], ["head_only"], None, [], "", tmp_path, True, quiet)
-    assert (other["measured"], fresh["measured"]) == ("call 2", "call 3")
-    assert measured == [["fft_moe", "head_only"], ["head_only"], ["head_only"]]
+    assert costs(["head_only"])["measured"] == "call 2"
+    assert costs(["head_only"], fresh=True)["measured"] == "call 3"
+    assert costs(["head_only"], "train.threads=2")["measured"] == "call 4"
+    assert measured == [(["fft_moe", "head_only"], ""), (["head_only"], ""), (["head_only"], ""),
+                        (["head_only"], "train.threads=2")]
