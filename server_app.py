@@ -11,12 +11,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe_app.budgets import check_mix
 from fedmoe_app.checkpoint import Checkpoint, save_checkpoint
 from fedmoe_app.config import config_from_run_config, config_to_yaml
-from fedmoe_app.data import load_splits
 from fedmoe_app.methods import method_class
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
 from fedmoe_app.results import RunResults, this_process
 from fedmoe_app.server import GlobalEvaluator, resumed_run, round_line, run_dir, summarise
+from fedmoe_app.tasks import task_of
 from strategies import make_strategy
 
 app = ServerApp()
@@ -36,10 +36,12 @@ def main(grid: Grid, context: Context) -> None:
     if config.resume:
         config, checkpoint = resumed_run(config)
     check_mix(config)
-    splits = load_splits(config.data, config.seed)
+    task = task_of(config)
+    splits = task.splits()
     log(INFO, "fedmoe: strategy %s | dataset: %s", config.strategy, splits.source)
     if splits.label_names and not config.data.label_names:  # clients (devices too) map names alike
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, label_names=splits.label_names))
+        task = task_of(config)
     if splits.label_names:
         log(INFO, "fedmoe: labels are names: %s", ", ".join(f"{i} = {n}" for i, n in enumerate(splits.label_names)))
 
@@ -62,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
     def on_round(record: dict) -> None:
         results.log_round(record)
         results.set_status("running", last_round=record["round"], rounds=config.rounds, server=server)
-        log(INFO, "fedmoe: %s", round_line(record, config.rounds))
+        log(INFO, "fedmoe: %s", round_line(record, config.rounds, task))
 
     def on_checkpoint(state: Checkpoint) -> None:
         save_checkpoint(results.run_dir, state)

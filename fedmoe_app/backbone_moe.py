@@ -1,17 +1,18 @@
 """Backbone experts put into a model (`moe.experts: backbone`, DESIGN section 2).
 
-- A dense BERT-family encoder (MiniLM, BERT, RoBERTa): each layer's FFN is MoE-fied
-  (fedmoe_app/moefy.py): its intermediate neurons split into moe.num-experts groups, the
-  layer's intermediate block removed and its output block replaced by `MoEfiedOutput`,
-  which runs K of the M slices per token plus the FFN's output bias.
-- A native MoE decoder from transformers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): each
-  sparse block (`layer.mlp` with a `gate` router and fused `experts`) is replaced by
-  `NativeMoEBlock`, which runs the model's own experts (gate_up_proj, down_proj) with our
-  router and dispatch; the router starts as the model's, K comes from the node's budget
-  instead of the model's top-k, and a shared expert (Qwen2-MoE) stays frozen beside them.
+- A dense model (BERT-family encoder; Llama / Qwen / SmolLM / GPT-2 decoder): each block's
+  FFN is MoE-fied (fedmoe_app/moefy.py): its intermediate neurons split into moe.num-experts
+  groups, each a slice of the FFN, and the FFN replaced by a module that runs K of the M
+  slices per token plus the FFN's output bias (`MoEfiedOutput` for BERT's output block,
+  `MoEfiedMLP` for a decoder's MLP; a gated MLP's slice keeps its gate and up rows together).
+- A native MoE decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): each sparse block is
+  replaced by `NativeMoEBlock`, which runs the model's own experts (gate_up_proj, down_proj)
+  with our router and dispatch; the router starts as the model's, K comes from the node's
+  budget instead of the model's top-k, and a shared expert (Qwen2-MoE) stays frozen beside them.
 
 Either way every expert carries a LoRA on its two projections; clients train the LoRAs,
-the routers and the head, and the frozen weights never travel.
+the routers and the head, and the frozen weights never travel. Where the FFNs are is
+fedmoe_app/architecture.py's table.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fedmoe_app.adapters import AdapterSlot, RoutingTrace
+from fedmoe_app.architecture import BERT, NATIVE_MOE, dense_ffn, ffn_kind, transformer_blocks
 from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.moe import SparseMoE
 from fedmoe_app.moefy import BackboneExperts, dense_ffn_experts, gated, group_neurons, router_from_groups
@@ -42,6 +44,7 @@ class FFNExperts:
     activation: Callable[[torch.Tensor], torch.Tensor]
     renormalize: bool  # renormalise the chosen gates (k >= 2)
     unit_gates: bool  # straight-through gates of 1 (slices of one dense FFN)
+    b_out: torch.Tensor | None = None  # a MoE-fied decoder MLP's output bias, added once per token
 
 
 class MoEfiedOutput(nn.Module):
@@ -58,6 +61,25 @@ class MoEfiedOutput(nn.Module):
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         out = self.trace.route(self.moe, input_tensor) + self.ffn_output.dense.bias.to(input_tensor.dtype)
         return self.ffn_output.LayerNorm(self.ffn_output.dropout(out) + input_tensor)
+
+
+class MoEfiedMLP(nn.Module):
+    """A decoder block's dense MLP as backbone experts: `dropout(sum over the token's K
+    experts of E_e(x) + b2)` (b2 and dropout where the family has them, e.g. GPT-2)."""
+
+    def __init__(self, moe: SparseMoE, trace: RoutingTrace, bias: torch.Tensor | None,
+                 dropout: nn.Module | None) -> None:
+        super().__init__()
+        self.moe = moe
+        self.trace = trace
+        self.bias = bias
+        self.dropout = dropout or nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.trace.route(self.moe, hidden_states)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return self.dropout(out)
 
 
 class NativeMoEBlock(nn.Module):
@@ -78,22 +100,8 @@ class NativeMoEBlock(nn.Module):
         return out
 
 
-def is_native_moe_block(module: nn.Module) -> bool:
-    """Whether `module` is a transformers sparse MoE block of the Mixtral / Qwen-MoE / OLMoE
-    form: a linear router `gate.weight` [M, d] and fused experts `gate_up_proj`, `down_proj`."""
-    experts = getattr(module, "experts", None)
-    return (hasattr(getattr(module, "gate", None), "weight") and hasattr(experts, "gate_up_proj")
-            and hasattr(experts, "down_proj"))
 
 
-def moe_layer_count(hf_config) -> int:
-    """Layers of a transformers config that hold an FFN run as backbone experts: every
-    layer of a dense encoder; the sparse layers of a native MoE model."""
-    layers = hf_config.num_hidden_layers
-    if getattr(hf_config, "decoder_sparse_step", None):  # Qwen2-MoE, Qwen3-MoE
-        skip = set(getattr(hf_config, "mlp_only_layers", []) or [])
-        return sum(1 for i in range(layers) if i not in skip and (i + 1) % hf_config.decoder_sparse_step == 0)
-    return layers
 
 
 def expert_lora_scale(config: RunConfig, global_rank: int) -> float:
@@ -106,19 +114,16 @@ def add_backbone_experts(model: nn.Module, config: RunConfig, held: Sequence[Seq
     """Turn `model.backbone`'s FFNs into backbone experts (a dense BERT-family encoder or a
     native MoE model), each layer holding `held[i]`, routing each token to `top_k`, with
     LoRAs of `rank`; the MoE layers are appended to `model.layers` (AdapterSlots)."""
-    from fedmoe_app.model import AdapterSlot  # model.py builds on this module
-
-    backbone = model.backbone
-    encoder_layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if encoder_layers is not None and all(hasattr(layer, "intermediate") for layer in encoder_layers):
-        slots = [(layer, _moefied(layer, config, i)) for i, layer in enumerate(encoder_layers)]
+    blocks = transformer_blocks(model.backbone)
+    kinds = [ffn_kind(block) for block in blocks]
+    if NATIVE_MOE in kinds:  # a native MoE model: its sparse blocks (dense ones, e.g. Qwen's mlp_only_layers, stay)
+        slots = [(block, _native(block.mlp, config)) for block, kind in zip(blocks, kinds) if kind == NATIVE_MOE]
+    elif None not in kinds:
+        slots = [(block, _moefied(block, config, i)) for i, block in enumerate(blocks)]
     else:
-        decoder_layers = getattr(backbone, "layers", None) or []
-        slots = [(layer, _native(layer.mlp, config)) for layer in decoder_layers if is_native_moe_block(layer.mlp)]
-    if not slots:
-        raise ConfigError(f"model.backbone '{config.model.backbone}': moe.experts 'backbone' needs a BERT-family "
-                          "encoder (encoder.layer[i].intermediate) or a native MoE model (Mixtral, Qwen2-MoE, "
-                          "Qwen3-MoE, OLMoE); use moe.experts 'adapter' or another backbone")
+        raise ConfigError(f"model.backbone '{config.model.backbone}': moe.experts 'backbone' needs blocks with a "
+                          "dense FFN (BERT-family, Llama / Qwen / GPT-2 style) or native MoE blocks (Mixtral, "
+                          "Qwen-MoE, OLMoE); use moe.experts 'adapter' or another backbone")
     if len(held) != len(slots):
         raise ValueError(f"held experts given for {len(held)} layers, the model has {len(slots)} MoE layers")
     scale = expert_lora_scale(config, global_rank)
@@ -129,22 +134,25 @@ def add_backbone_experts(model: nn.Module, config: RunConfig, held: Sequence[Seq
         with torch.no_grad():
             moe.router.weight.copy_(ffn.router)
         model.layers.append(AdapterSlot(moe))
-        if ffn.unit_gates:  # a MoE-fied dense FFN
+        if not ffn.unit_gates:
+            layer.mlp = NativeMoEBlock(layer.mlp, moe, model.trace)
+        elif ffn_kind(layer) == BERT:  # a MoE-fied encoder FFN
             layer.output = MoEfiedOutput(layer.output, moe, model.trace)
             layer.intermediate = nn.Identity()
-        else:
-            layer.mlp = NativeMoEBlock(layer.mlp, moe, model.trace)
+        else:  # a MoE-fied decoder MLP
+            layer.mlp = MoEfiedMLP(moe, model.trace, ffn.b_out, getattr(layer.mlp, "dropout", None))
 
 
 def _moefied(layer: nn.Module, config: RunConfig, index: int) -> FFNExperts:
-    """The experts of a BERT-family layer's FFN (slices, router start, activation); the
-    slices are gated by 1 (straight-through), so all M chosen are the dense FFN."""
-    w1, b1 = layer.intermediate.dense.weight, layer.intermediate.dense.bias
-    w2 = layer.output.dense.weight
-    groups = _groups(config.model.backbone, index, w1, config.moe.num_experts, config.moe.grouping)
-    w_in, b_in, w_out = _slices(w1, b1, w2, groups)
-    return FFNExperts(w_in, b_in, w_out, router_from_groups(w1, groups), layer.intermediate.intermediate_act_fn,
-                      renormalize=True, unit_gates=True)
+    """The experts of a dense block's FFN (slices, router start, activation); the slices are
+    gated by 1 (straight-through), so all M chosen are the dense FFN. A gated MLP's neurons
+    are grouped by their gate rows and each slice holds its gate rows, then its up rows."""
+    ffn = dense_ffn(layer)
+    groups = _groups(config.model.backbone, index, ffn.w1, config.moe.num_experts, config.moe.grouping)
+    w_in, b_in, w_out = _slices(ffn, groups)
+    activation = gated(ffn.act) if ffn.up is not None else ffn.act
+    return FFNExperts(w_in, b_in, w_out, router_from_groups(ffn.w1, groups), activation, renormalize=True,
+                      unit_gates=True, b_out=ffn.b2)
 
 
 def _native(block: nn.Module, config: RunConfig) -> FFNExperts:
@@ -169,17 +177,17 @@ def _groups(backbone: str, index: int, w1: torch.Tensor, num_experts: int, group
     key = (backbone, index, num_experts, grouping)
     if key not in _GROUPS:
         if w1.dtype != torch.float32:
-            from fedmoe_app.model import load_encoder  # model.py builds on this module
+            from fedmoe_app.backbones import load_backbone
 
-            w1 = load_encoder(backbone).encoder.layer[index].intermediate.dense.weight
+            w1 = dense_ffn(transformer_blocks(load_backbone(backbone))[index]).w1
         _GROUPS[key] = group_neurons(w1, num_experts, grouping, GROUPING_SEED)
     return _GROUPS[key]
 
 
-def _slices(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: torch.Tensor) -> tuple:
-    """The stacked slices of one FFN, gathered once per process for all the models that
-    share its frozen weights."""
-    cached = _SLICES.get(id(w1))
-    if cached is None or cached[0] is not w1 or not torch.equal(cached[1], groups):
-        cached = _SLICES[id(w1)] = (w1, groups, dense_ffn_experts(w1, b1, w2, groups))
+def _slices(ffn, groups: torch.Tensor) -> tuple:
+    """The stacked slices (w_in, b_in, w_out) of one dense FFN, gathered once per process for
+    all the models that share its frozen weights."""
+    cached = _SLICES.get(id(ffn.w2))
+    if cached is None or cached[0] is not ffn.w2 or not torch.equal(cached[1], groups):
+        cached = _SLICES[id(ffn.w2)] = (ffn.w2, groups, dense_ffn_experts(ffn.w1, ffn.b1, ffn.w2, groups, ffn.up))
     return cached[2]

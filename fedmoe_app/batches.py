@@ -1,4 +1,6 @@
-"""Token ids of text rows, and the padded batches a model trains and evaluates on."""
+"""Token ids of rows, and the padded batches a model trains and evaluates on. A row's label
+is one integer (classification) or a list of per-token targets (a causal LM's: IGNORE where
+no token is predicted), padded with IGNORE."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ from typing import Iterator, Sequence
 
 import torch
 
+IGNORE = -100  # a per-token target that is not scored (torch's cross_entropy ignore_index)
+
 
 @dataclass(frozen=True)
 class EncodedSet:
     """Token ids (unpadded, truncated, with special tokens) and labels of a dataset."""
 
     input_ids: list[list[int]]
-    labels: list[int]
+    labels: list  # per row: an int, or a list of per-token targets as long as its input ids
 
     def select(self, index: Sequence[int]) -> EncodedSet:
         """The rows at `index`, in that order."""
@@ -33,6 +37,8 @@ def encode(rows, tokenizer, max_length: int) -> EncodedSet:
 def _pad(rows: list[list[int]], labels: list[int], pad_token_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
     """One batch, padded to its longest row rounded up to a multiple of `multiple`."""
     length = -(-max(len(row) for row in rows) // multiple) * multiple
+    if labels and isinstance(labels[0], list):
+        labels = [row + [IGNORE] * (length - len(row)) for row in labels]
     return {
         "input_ids": torch.tensor([row + [pad_token_id] * (length - len(row)) for row in rows], dtype=torch.long),
         "attention_mask": torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows], dtype=torch.long),

@@ -9,27 +9,27 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from fedmoe_app import messages as msg
 from fedmoe_app import startup
-from fedmoe_app.batches import encode, iterate_batches
+from fedmoe_app.backbones import load_tokenizer
+from fedmoe_app.batches import iterate_batches
 from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.calibration import ClassStatistics, feature_statistics
 from fedmoe_app.config import RunConfig, config_from_yaml
 from fedmoe_app.methods import method_class
 from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.model import AdapterClassifier, load_state, load_tokenizer, num_labels_of, state_to_numpy
+from fedmoe_app.model import AdapterModel, load_state, state_to_numpy
+from fedmoe_app.names import num_labels_of
 from fedmoe_app.node import describe as describe_node
 from fedmoe_app.node import partition_of
-from fedmoe_app.rows import ClientData, device_client_data, label_counts
 from fedmoe_app.system import peak_rss_mb
-from fedmoe_app.task_loss import local_task_loss
-from fedmoe_app.token_cache import encode_csv
-from fedmoe_app.train import evaluate, train_local
+from fedmoe_app.tasks import task_of
+from fedmoe_app.train import train_local
 
 startup.mark("imports")
 
@@ -42,15 +42,10 @@ class ClientTask:
         self.node_config = dict(node_config)
         self.budget = resolve_budget(node_config, config)
         self.partition_id, num_partitions = partition_of(node_config)
-        self.data = _client_data(config, node_config, self.partition_id, num_partitions)
+        self.task = task_of(config)
+        self.data = self.task.client_data(node_config, self.partition_id, num_partitions)
         self.tokenizer = load_tokenizer(config.model.backbone)
-        if self.data.csv_path is not None:  # a device: its train.csv's tokens are cached on disk
-            encoded = encode_csv(self.data.csv_path, self.data.rows, self.tokenizer, self.budget.max_length)
-        else:
-            encoded = encode(self.data.rows, self.tokenizer, self.budget.max_length)
-        self.train_set = encoded.select(self.data.train_index)
-        self.train_label_counts = label_counts(self.data.train, self.data.num_labels)
-        self.holdout_set = encoded.select(self.data.holdout_index)
+        self.train_set, self.holdout_set = self.task.encode(self.data, self.tokenizer, self.budget.max_length)
         startup.mark("data")
 
     def describe(self) -> dict[str, dict[str, Any]]:
@@ -59,9 +54,9 @@ class ClientTask:
 
     def method(self, server: Mapping[str, Any]) -> ClientMethod:
         """The run's method's client half for one message whose config is `server`."""
-        return method_class(self.config.strategy)(self.config, self.budget, self.data.label_counts, server)
+        return method_class(self.config.strategy)(self.config, self.budget, self.data.group_counts, server)
 
-    def model(self, method: ClientMethod, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
+    def model(self, method: ClientMethod, arrays: Mapping[str, np.ndarray]) -> AdapterModel:
         """The model `method` builds for this node, holding `arrays`."""
         model = method.build_model(arrays)
         startup.mark("model")
@@ -78,15 +73,15 @@ class ClientTask:
         method = self.method(server)
         model = self.model(method, arrays)
         server_round = int(server.get(msg.SERVER_ROUND, 0))
-        batches = iterate_batches(
+        batches = self.task.batches(
             self.train_set, self.budget.batch_size, self.tokenizer.pad_token_id,
             shuffle=True, seed=self.config.seed + 1000 * server_round + self.partition_id,
             num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
             length_multiple=model.precision.length_multiple,
         )
-        task_loss = local_task_loss(self.config.train, self.train_label_counts, num_labels_of(arrays))
         result = train_local(model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr,
-                             self.config.train.weight_decay, method, task_loss)
+                             self.config.train.weight_decay, method,
+                             self.task.batch_loss(self.data, num_labels_of(arrays)))
         method_metrics, request = method.report()
         metrics: dict[str, Any] = {
             msg.NUM_EXAMPLES: len(self.data.train_index),  # Flower's convention: local training rows
@@ -103,14 +98,12 @@ class ClientTask:
         return trained, metrics, request
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], server: Mapping[str, Any]) -> dict[str, Any]:
-        """Accuracy of the personalised model (as the method builds it for this node) on the
-        held-out slice."""
+        """The task's client metrics of the personalised model (as the method builds it for
+        this node) on the held-out slice, and the rows scored."""
         torch.set_num_threads(self.config.train.threads)
         model = self.model(self.method(server), arrays)
-        batches = iterate_batches(self.holdout_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
-                                  shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
-        result = evaluate(model, batches)
-        return {msg.NUM_EXAMPLES: result.num_examples, msg.LOSS: result.loss, msg.ACCURACY: result.accuracy}
+        result = self.task.evaluate(model, self.holdout_set, self.config.eval.batch_size)
+        return {msg.NUM_EXAMPLES: result[msg.NUM_EXAMPLES], **{m.name: result[m.name] for m in self.task.client_metrics}}
 
     def feature_statistics(self, arrays: Mapping[str, np.ndarray]) -> ClassStatistics:
         """Per-class moments of the head's input features of the global model (as the server
@@ -122,17 +115,6 @@ class ClientTask:
         batches = iterate_batches(self.train_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
                                   shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         return feature_statistics(model, batches, num_labels)
-
-
-def _client_data(config: RunConfig, node_config: Mapping[str, Any], partition_id: int,
-                 num_partitions: int) -> ClientData:
-    """A device's own data-path folder (read without `datasets`), else its simulated partition."""
-    data_path = str(node_config.get(msg.DATA_PATH, ""))
-    if data_path:
-        return device_client_data(data_path, config.data.holdout_fraction, config.seed, config.data.label_names)
-    from fedmoe_app.data import load_client_data  # partitioning needs `datasets` and `flwr_datasets`
-
-    return load_client_data(config.data, config.seed, partition_id, num_partitions)
 
 
 def _marking_first_step(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:

@@ -33,8 +33,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Backbone and head."""
 
-    backbone: str  # 'minilm' (offline package), a hub id, a local path, or 'tiny-bert'
-    pooling: str
+    backbone: str  # 'minilm' (offline package), a hub id, a local path, or a tiny family ('tiny-llama', ...)
+    pooling: str  # classification: how the head's input is pooled from the tokens
+    gradient_checkpointing: bool  # recompute each block's activations in backward: less memory, more compute
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class LoRAConfig:
     rank: int
     alpha: float
     dropout: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...]  # () = by the backbone's architecture (PEFT's table; q_proj, v_proj)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,17 @@ class DataConfig:
     holdout_fraction: float
     max_train_rows: int  # 0 = all rows; else a seeded subsample of the train split
     label_names: tuple[str, ...]  # names of labels 0, 1, ... when CSV labels are names (() = integers)
+    partition_by: str  # the column partitions are drawn by ('' = the task's: label, or source for instruction)
+
+
+@dataclass(frozen=True)
+class InstructionConfig:
+    """The instruction-tuning task of causal LMs (fedmoe_app/tasks/instruction.py)."""
+
+    prompt_template: str  # alpaca (LLM-Adapters' template) | plain
+    scoring: str  # multiple-choice accuracy by: likelihood (of each allowed answer) | generate (greedy, answer extracted)
+    max_new_tokens: int  # generate: tokens generated per row
+    benchmarks: tuple[str, ...]  # test benchmarks (files test/<name>.jsonl) scored; () = every one
 
 
 @dataclass(frozen=True)
@@ -196,6 +208,7 @@ class RunConfig:
     """Everything a run needs, server and clients alike. Defaults live in conf/base.yaml only."""
 
     strategy: str
+    task: str  # classification | instruction (fedmoe_app/tasks)
     rounds: int
     seed: int
     run_name: str  # '' = <strategy>-<timestamp>
@@ -215,11 +228,17 @@ class RunConfig:
     eval: EvalConfig
     calibration: CalibrationConfig
     faults: FaultsConfig
+    instruction: InstructionConfig
 
 
 FAULT_KINDS = ("raise", "hang", "garbage")
 
+TASKS = ("classification", "instruction")
+
 CHOICES = {
+    "task": TASKS,
+    "instruction.prompt-template": ("alpaca", "plain"),
+    "instruction.scoring": ("likelihood", "generate"),
     "model.pooling": ("mean", "cls"),
     "data.partitioner": ("iid", "dirichlet", "pathological"),
     "federation.wire-dtype": ("fp32", "fp16", "bf16"),
@@ -515,6 +534,26 @@ def _check_ranges(config: RunConfig) -> None:
     for key in ("balance", "heterogeneity", "z_loss"):
         if getattr(config.loss, key) < 0:
             raise ConfigError(f"config key 'loss.{_to_key(key)}' must be >= 0")
+    if config.instruction.max_new_tokens < 1:
+        raise ConfigError(f"config key 'instruction.max-new-tokens' is {config.instruction.max_new_tokens}; allowed: >= 1")
+    _check_task_keys(config)
+
+
+# Keys that mean something for one task only: (key, its value when off, the task it belongs to).
+TASK_ONLY_KEYS = (
+    ("train.logit-adjustment", lambda c: c.train.logit_adjustment == 0.0, "classification"),
+    ("train.restricted-softmax", lambda c: c.train.restricted_softmax == 1.0, "classification"),
+    ("calibration.method", lambda c: c.calibration.method == "none", "classification"),
+    ("data.label-names", lambda c: not c.data.label_names, "classification"),
+)
+
+
+def _check_task_keys(config: RunConfig) -> None:
+    """A key that belongs to another task than `task` must stay off (a ConfigError names it)."""
+    for key, off, task in TASK_ONLY_KEYS:
+        if config.task != task and not off(config):
+            raise ConfigError(f"config key '{key}' belongs to the {task} task; task is '{config.task}', "
+                              f"where it has no meaning: leave it at its default")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

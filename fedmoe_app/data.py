@@ -108,7 +108,8 @@ def _check_hub_reachable() -> None:
         raise ConnectionError(f"{datasets.config.HF_ENDPOINT} is unreachable ({getattr(error, 'reason', error)})")
 
 
-def _load_hub(name: str) -> datasets.DatasetDict:
+def load_hub(name: str) -> datasets.DatasetDict:
+    """A hub dataset (or a local dataset folder), failing fast when the hub is unreachable."""
     if not Path(name).is_dir():  # load_dataset also reads a local dataset folder, offline
         _check_hub_reachable()
     return datasets.load_dataset(name)
@@ -192,7 +193,7 @@ def _resolve(data: DataConfig) -> tuple[dict[str, datasets.Dataset], str, tuple[
         return splits, f"local dataset {named} from {local}", names
     hub_id = AG_NEWS_HUB_ID if is_ag_news else data.dataset
     try:
-        loaded = _load_hub(hub_id)
+        loaded = load_hub(hub_id)
     except Exception as error:  # any failure counts: no network, no such dataset, bad files
         hub_error = error
     else:
@@ -235,64 +236,85 @@ def load_test_set(data: DataConfig, seed: int, max_samples: int) -> datasets.Dat
 def clear_caches() -> None:
     """Forget the per-process caches of splits and partitions (for tests, or new files)."""
     load_splits.cache_clear()
-    _partitioner.cache_clear()
+    _PARTITIONERS.clear()
 
 
 # ---------------------------------------------------------------------------- partitions
 
 
-def make_partitioner(data: DataConfig, num_partitions: int, seed: int) -> Partitioner:
-    """The flwr-datasets partitioner (by label) that `data.partitioner` names."""
+def make_partitioner(data: DataConfig, num_partitions: int, seed: int, partition_by: str = "label") -> Partitioner:
+    """The flwr-datasets partitioner that `data.partitioner` names, by column `partition_by`."""
     if data.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if data.partitioner == "dirichlet":
         # The library's default minimum (10 rows) fails on small data with many clients;
         # 1 keeps every client non-empty.
         return DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=data.alpha,
+            num_partitions=num_partitions, partition_by=partition_by, alpha=data.alpha,
             min_partition_size=1, self_balancing=False, seed=seed,
         )
     if data.partitioner == "pathological":
         # first-deterministic (the paper's mode) uses every class once num_partitions >= classes.
         return PathologicalPartitioner(
-            num_partitions=num_partitions, partition_by="label",
+            num_partitions=num_partitions, partition_by=partition_by,
             num_classes_per_partition=data.classes_per_partition,
             class_assignment_mode="first-deterministic", seed=seed,
         )
     raise DataError(f"data.partitioner is {data.partitioner!r}; allowed: {', '.join(CHOICES['data.partitioner'])}")
 
 
-@lru_cache(maxsize=4)  # partition once per process, not once per simulated client
-def _partitioner(data: DataConfig, seed: int, num_partitions: int) -> Partitioner:
-    splits = load_splits(data, seed)
-    if not 1 <= num_partitions <= len(splits.train):
-        raise DataError(f"num-partitions is {num_partitions}; allowed: 1 to {len(splits.train)} (the train rows)")
-    classes = len(set(_column(splits.train, "label")))
-    if data.partitioner == "pathological" and not 1 <= data.classes_per_partition <= classes:
-        raise DataError(f"data.classes-per-partition is {data.classes_per_partition}; allowed: 1 to {classes}")
-    partitioner = make_partitioner(data, num_partitions, seed)
+_PARTITIONERS: dict[tuple, Partitioner] = {}  # partition once per process, not once per simulated client
+
+
+def partitioner_of(train: datasets.Dataset, data: DataConfig, seed: int, num_partitions: int,
+                   partition_by: str) -> Partitioner:
+    """The partitioner of `train` by `data.partitioner` over column `partition_by`, with every
+    partition computed (cached per process)."""
+    key = (train._fingerprint, data, seed, num_partitions, partition_by)
+    if key in _PARTITIONERS:
+        return _PARTITIONERS[key]
+    if not 1 <= num_partitions <= len(train):
+        raise DataError(f"num-partitions is {num_partitions}; allowed: 1 to {len(train)} (the train rows)")
+    if data.partitioner != "iid" and partition_by not in train.column_names:
+        raise DataError(f"config key 'data.partition-by' is {partition_by!r}; allowed: a column of the data "
+                        f"({', '.join(train.column_names)})")
+    if data.partitioner == "pathological":
+        values = len(set(_column(train, partition_by)))
+        if not 1 <= data.classes_per_partition <= values:
+            raise DataError(f"data.classes-per-partition is {data.classes_per_partition}; allowed: 1 to {values}")
+    partitioner = make_partitioner(data, num_partitions, seed, partition_by)
     # IidPartitioner cuts contiguous shards and takes no seed; shuffling first seeds it.
-    partitioner.dataset = splits.train.shuffle(seed=seed) if data.partitioner == "iid" else splits.train
+    partitioner.dataset = train.shuffle(seed=seed) if data.partitioner == "iid" else train
     try:
         partitioner.load_partition(0)  # computes every partition now
     except ValueError as error:
         raise DataError(
-            f"could not split {len(splits.train)} rows into {num_partitions} '{data.partitioner}' partitions "
-            f"(data.alpha={data.alpha}, data.classes-per-partition={data.classes_per_partition}): {error}"
+            f"could not split {len(train)} rows into {num_partitions} '{data.partitioner}' partitions by "
+            f"'{partition_by}' (data.alpha={data.alpha}, data.classes-per-partition={data.classes_per_partition}): "
+            f"{error}"
         ) from error
+    _PARTITIONERS[key] = partitioner
     return partitioner
 
 
-def load_client_data(data: DataConfig, seed: int, partition_id: int, num_partitions: int) -> ClientData:
+def partition_of_split(train: datasets.Dataset, data: DataConfig, seed: int, partition_id: int, num_partitions: int,
+                       partition_by: str) -> datasets.Dataset:
+    """Partition `partition_id` of `num_partitions` of `train`, by `data.partitioner` over `partition_by`."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id is {partition_id}; allowed: 0 to {num_partitions - 1} (num-partitions={num_partitions})")
+    return partitioner_of(train, data, seed, num_partitions, partition_by).load_partition(partition_id)
+
+
+def load_client_data(data: DataConfig, seed: int, partition_id: int, num_partitions: int,
+                     partition_by: str = "label") -> ClientData:
     """A simulated client's rows and held-out slice: partition `partition_id` of the train
     split (a device reads its own folder: `rows.device_client_data`)."""
-    partition = load_partition(data, seed, partition_id, num_partitions)
+    partition = load_partition(data, seed, partition_id, num_partitions, partition_by)
     rows = TextRows(_column(partition, "text"), _column(partition, "label"))
     return client_data(rows, data.holdout_fraction, seed, load_splits(data, seed).num_labels)
 
 
-def load_partition(data: DataConfig, seed: int, partition_id: int, num_partitions: int) -> datasets.Dataset:
-    """Partition `partition_id` of `num_partitions` of the train split, by `data.partitioner`."""
-    if not 0 <= partition_id < num_partitions:
-        raise DataError(f"partition-id is {partition_id}; allowed: 0 to {num_partitions - 1} (num-partitions={num_partitions})")
-    return _partitioner(data, seed, num_partitions).load_partition(partition_id)
+def load_partition(data: DataConfig, seed: int, partition_id: int, num_partitions: int,
+                   partition_by: str = "label") -> datasets.Dataset:
+    """Partition `partition_id` of `num_partitions` of the text train split."""
+    return partition_of_split(load_splits(data, seed).train, data, seed, partition_id, num_partitions, partition_by)

@@ -38,14 +38,14 @@ def checked_config(run_config: dict[str, str]) -> RunConfig:
     """The run's configuration, with its tiers and data checked (a resumed run's own);
     ConfigError or DataError naming what is wrong."""
     from fedmoe_app.budgets import check_mix
-    from fedmoe_app.data import load_splits
     from fedmoe_app.server import resumed_run
+    from fedmoe_app.tasks import task_of
 
     config = config_from_run_config(run_config, os.environ)
     if config.resume:
         config, _ = resumed_run(config)
     check_mix(config)
-    load_splits(config.data, config.seed)
+    task_of(config).splits()
     return config
 
 

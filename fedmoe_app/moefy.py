@@ -86,11 +86,16 @@ def router_from_groups(w1: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return w1.detach().float()[groups].mean(dim=1)
 
 
-def dense_ffn_experts(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, groups: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dense_ffn_experts(w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, groups: torch.Tensor,
+                      up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The M experts of a dense FFN `W2 act(W1 x + b1)` split by neuron `groups` [M, g], as
-    stacked frozen slices: w_in [M, g, d] = W1[S_e], b_in [M, g] = b1[S_e], w_out [M, d, g] = W2[:, S_e]."""
-    return (w1.detach()[groups].clone(), b1.detach()[groups].clone(),
+    stacked frozen slices: w_in [M, g, d] = W1[S_e], b_in [M, g] = b1[S_e] (None without b1),
+    w_out [M, d, g] = W2[:, S_e]. A gated FFN `W2 (act(W1 x) * (U x))` gives w_in [M, 2g, d],
+    the gate rows W1[S_e] then the up rows U[S_e] (the order `gated` splits them in)."""
+    w_in = w1.detach()[groups]
+    if up is not None:
+        w_in = torch.cat([w_in, up.detach()[groups]], dim=1)
+    return (w_in.clone(), b1.detach()[groups].clone() if b1 is not None else None,
             w2.detach()[:, groups].permute(1, 0, 2).clone())
 
 

@@ -1,4 +1,4 @@
-"""Conversions between NumPy/torch tensors and Flower records; tensor-name helpers.
+"""Conversions between NumPy/torch tensors and Flower records (tensor names: fedmoe_app/names.py).
 
 The wire codec lives here and nowhere else: tensors travel in `federation.wire-dtype`
 (fp32 | fp16 | bf16) and are decoded to float32; clients send updates (trained minus
@@ -7,16 +7,12 @@ received), servers send values.
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-EXPERT_KEY = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.")
-ROUTER_KEY = re.compile(r"^layers\.(\d+)\.moe\.router\.weight$")
-PEFT_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.[^.]+\.weight$")  # A [r, in], B [out, r]
 WIRE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}  # bf16: no NumPy dtype
 BF16 = "bfloat16"  # the dtype string of a bf16 Array
 RAW_STYPE = "raw"  # an Array's data is its elements' bytes, little-endian, C order, no header
@@ -99,34 +95,6 @@ def record_nbytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def expert_of(key: str) -> tuple[int, int] | None:
-    """(layer, expert) of an expert tensor's name, else None."""
-    match = EXPERT_KEY.match(key)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def router_layer(key: str) -> int | None:
-    """The layer of a router weight's name, else None."""
-    match = ROUTER_KEY.match(key)
-    return int(match.group(1)) if match else None
-
-
-def held_experts(keys: Sequence[str], num_layers: int) -> list[list[int]]:
-    """Per layer, the experts whose tensors appear in `keys` (sorted)."""
-    held: list[set[int]] = [set() for _ in range(num_layers)]
-    for key in keys:
-        found = expert_of(key)
-        if found:
-            held[found[0]].add(found[1])
-    return [sorted(layer) for layer in held]
-
-
-def select_keys(arrays: Mapping[str, np.ndarray], subset: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-    """`arrays` without the expert tensors outside `subset` (experts per layer)."""
-    wanted = {(layer, e) for layer, experts in enumerate(subset) for e in experts}
-    return {k: a for k, a in arrays.items() if expert_of(k) is None or expert_of(k) in wanted}
-
-
 def flatten(matrix: np.ndarray) -> list[float]:
     """A [L, M] matrix as a flat list (for MetricRecord / ConfigRecord)."""
     return [float(x) for x in np.asarray(matrix).reshape(-1)]
@@ -135,13 +103,3 @@ def flatten(matrix: np.ndarray) -> list[float]:
 def unflatten(values: Sequence[float], num_layers: int) -> np.ndarray:
     """Inverse of `flatten` for L rows."""
     return np.asarray(values, dtype=np.float64).reshape(num_layers, -1)
-
-
-def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """PEFT LoRA module name -> (its A key, its B key), for the modules with both among `keys`."""
-    factors: dict[str, dict[str, str]] = {}
-    for key in keys:
-        match = PEFT_LORA_KEY.match(key)
-        if match:
-            factors.setdefault(match.group("module"), {})[match.group("factor")] = key
-    return {module: (f["A"], f["B"]) for module, f in sorted(factors.items()) if len(f) == 2}

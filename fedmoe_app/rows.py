@@ -47,13 +47,14 @@ class TextRows:
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's rows: what it trains on and its held-out slice."""
+    """One client's rows (TextRows, or another task's rows with `select`): what it trains on and its held-out slice."""
 
     rows: TextRows  # all of them: the device's train.csv in file order, or the partition
     train_index: list[int]  # positions in `rows` it trains on
     holdout_index: list[int]  # positions in `rows` held out for personalised evaluation; may be empty
-    num_labels: int
-    label_counts: tuple[int, ...]  # of train + holdout, length num_labels
+    num_labels: int  # classes of the data (0: rows without labels, e.g. instruction data)
+    group_counts: tuple[int, ...]  # rows (train + holdout) per value of the task's partition key: per label
+    # for classification, per benchmark for instruction data; what methods may use of a client's data skew
     csv_path: Path | None = None  # the file `rows` were read from (a device), else None
 
     @property

@@ -6,24 +6,19 @@ import dataclasses
 import time
 from logging import WARNING
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
-from fedmoe_app import messages as msg
-from fedmoe_app.batches import encode, iterate_batches
+from fedmoe_app.backbones import load_tokenizer
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.checkpoint import Checkpoint, load_checkpoint
 from fedmoe_app.config import ConfigError, RunConfig, config_from_yaml, config_to_dict, resolve_path
-from fedmoe_app.data import load_test_set
-from fedmoe_app.model import AdapterClassifier, load_state, load_tokenizer
+from fedmoe_app.model import AdapterModel, load_state
 from fedmoe_app.records import from_record
 from fedmoe_app.results import CONFIG_FILE, RunResults
-from fedmoe_app.train import evaluate
-
-if TYPE_CHECKING:
-    import datasets
+from fedmoe_app.tasks import Task, task_of
 
 
 def eval_max_length(config: RunConfig) -> int:
@@ -38,30 +33,25 @@ class GlobalEvaluator:
     """Evaluates global arrays on the central test split: a seeded subsample of
     eval.test-samples rows each evaluated round, of eval.final-test-samples after the last."""
 
-    def __init__(self, config: RunConfig, model: AdapterClassifier) -> None:
+    def __init__(self, config: RunConfig, model: AdapterModel) -> None:
         self.config = config
         self.model = model
+        self.task = task_of(config)
         self.tokenizer = load_tokenizer(config.model.backbone)
-        self.test_sets: dict[int, datasets.Dataset] = {}  # encoded, by number of rows asked for
+        self.test_sets: dict[int, Any] = {}  # encoded (as the task evaluates them), by number of rows asked for
 
-    def test_set(self, server_round: int) -> datasets.Dataset:
+    def test_set(self, server_round: int):
         """The encoded test rows round `server_round` is scored on."""
         final = server_round == self.config.rounds
         samples = self.config.eval.final_test_samples if final else self.config.eval.test_samples
         if samples not in self.test_sets:
-            test = load_test_set(self.config.data, self.config.seed, samples)
-            self.test_sets[samples] = encode(test, self.tokenizer, eval_max_length(self.config))
+            self.test_sets[samples] = self.task.test_set(samples, self.tokenizer, eval_max_length(self.config))
         return self.test_sets[samples]
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Loss, accuracy and per-class recall of `arrays` on the round's test rows."""
+        """The task's metrics of `arrays` on the round's test rows."""
         load_state(self.model, from_record(arrays))
-        batches = iterate_batches(self.test_set(server_round), self.config.eval.batch_size, self.tokenizer.pad_token_id,
-                                  shuffle=False, group_by_length=True,
-                                  length_multiple=self.model.precision.length_multiple)
-        result = evaluate(self.model, batches)
-        return MetricRecord({msg.ACCURACY: result.accuracy, msg.LOSS: result.loss, msg.NUM_EXAMPLES: result.num_examples,
-                             msg.RECALL: result.recall})
+        return MetricRecord(self.task.evaluate(self.model, self.test_set(server_round), self.config.eval.batch_size))
 
 
 def resumed_run(config: RunConfig) -> tuple[RunConfig, Checkpoint]:
@@ -111,13 +101,15 @@ def _mb(num_bytes: float) -> str:
     return f"{num_bytes / 1e6:.2f} MB"
 
 
-def round_line(record: dict, num_rounds: int) -> str:
-    """One readable console line summarising a round record."""
+def round_line(record: dict, num_rounds: int, task: Task) -> str:
+    """One readable console line summarising a round record (the global metrics `task` reports)."""
     parts = [f"round {record['round']:>2}/{num_rounds}"]
-    if record["global_accuracy"] is not None:
-        parts.append(f"global acc {record['global_accuracy']:.3f} loss {record['global_loss']:.3f}")
-    if record.get("client_accuracy_mean") is not None:
-        parts.append(f"client acc {record['client_accuracy_mean']:.3f} (worst {record['client_accuracy_worst']:.3f})")
+    if task.line(record):
+        parts.append(task.line(record))
+    primary = task.primary
+    if record.get(f"client_{primary.name}_mean") is not None:
+        parts.append(f"client {primary.label or primary.name} {record[f'client_{primary.name}_mean']:.3f} "
+                     f"(worst {record[f'client_{primary.name}_worst']:.3f})")
     if record.get("train_loss") is not None:
         parts.append(f"train loss {record['train_loss']:.3f}")
     if record["num_replies"]:
@@ -146,27 +138,32 @@ def memory_by_tier(config: RunConfig, rounds: list[dict]) -> dict[str, dict[str,
 
 
 def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
-    """summary.json: the run's headline numbers, computed from its round records."""
+    """summary.json: the run's headline numbers, computed from its round records (the
+    metrics the run's task reports: final, best and initial of the primary one)."""
+    task = task_of(config)
+    primary = task.primary.name
     trained = [r for r in rounds if r["round"] > 0]
-    evaluated = [r for r in rounds if r["global_accuracy"] is not None]
+    evaluated = [r[f"global_{primary}"] for r in rounds if r.get(f"global_{primary}") is not None]
+    best = max if task.primary.higher_is_better else min
     last = rounds[-1]
+    finals = {f"final_global_{m.name}": last.get(f"global_{m.name}") for m in task.metrics}
+    finals.update({f"final_{k}": last.get(k) for k in task.record_fields(None) if f"final_{k}" not in finals})
     return {
         "strategy": config.strategy,
+        "task": config.task,
         "backbone": config.model.backbone,
         "dataset": dataset,
         "partitioner": config.data.partitioner,
         "alpha": config.data.alpha,
         "rounds": config.rounds,
         "seed": config.seed,
-        "final_global_accuracy": last["global_accuracy"],
-        "final_global_loss": last["global_loss"],
-        "final_global_recall": last.get("global_recall"),
+        **finals,
         "final_test_rows": last.get("global_test_rows"),
-        "best_global_accuracy": max((r["global_accuracy"] for r in evaluated), default=None),
-        "initial_global_accuracy": rounds[0]["global_accuracy"],
-        "final_client_accuracy_mean": last.get("client_accuracy_mean"),
-        "final_client_accuracy_worst": last.get("client_accuracy_worst"),
-        "final_client_accuracy_by_tier": last.get("client_accuracy", {}),
+        f"best_global_{primary}": best(evaluated, default=None),
+        f"initial_global_{primary}": rounds[0].get(f"global_{primary}"),
+        f"final_client_{primary}_mean": last.get(f"client_{primary}_mean"),
+        f"final_client_{primary}_worst": last.get(f"client_{primary}_worst"),
+        f"final_client_{primary}_by_tier": last.get(f"client_{primary}", {}),
         "bytes_down_total": sum(sum(r["bytes_down"].values()) for r in trained),
         "bytes_up_total": sum(sum(r["bytes_up"].values()) for r in trained),
         "failures_total": sum(r["failures"] for r in trained),

@@ -1,5 +1,6 @@
-"""Local training and evaluation of an AdapterClassifier; the training loop asks a
-method's client half (fedmoe_app.methods) for its loss terms and hooks."""
+"""Local training of an adapter model: the loop asks the task for the loss of a batch
+(fedmoe_app/tasks) and the method's client half (fedmoe_app.methods) for its loss terms
+and hooks; it names neither."""
 
 from __future__ import annotations
 
@@ -10,15 +11,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from fedmoe_app.model import AdapterClassifier, trainable_parameters
+from fedmoe_app.model import AdapterModel, trainable_parameters
 from fedmoe_app.system import synchronize
-from fedmoe_app.task_loss import TaskLoss
 
 if TYPE_CHECKING:
     from fedmoe_app.methods.base import ClientMethod
+    from fedmoe_app.tasks.base import BatchLoss
 
 
 @dataclass
@@ -42,19 +42,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def train_local(
-    model: AdapterClassifier,
+    model: AdapterModel,
     batches: Iterable[dict[str, torch.Tensor]],
     steps: int,
     lr: float,
     weight_decay: float,
     method: ClientMethod,
-    task_loss: TaskLoss = F.cross_entropy,
+    batch_loss: BatchLoss,
 ) -> TrainResult:
     """Train the model's trainable tensors with AdamW for `steps` batches (on the model's
-    device, in the model's precision; fp16 with loss scaling): the task loss (`task_loss`
-    of the logits and labels; fedmoe_app.task_loss) plus the method's loss terms, backward,
-    the method's gradient hook, the step, the method's observation of it. The loss reported
-    is the task loss trained on."""
+    device, in the model's precision; fp16 with loss scaling): the task's loss of the batch
+    (`batch_loss`, fedmoe_app/tasks) plus the method's loss terms, backward, the method's
+    gradient hook, the step, the method's observation of it. The loss reported is the task
+    loss trained on (weighted by rows)."""
     device = model_device(model)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
@@ -63,9 +63,9 @@ def train_local(
     for batch in tqdm(batches, total=steps, desc="local steps", leave=False, disable=not sys.stderr.isatty()):
         start = time.perf_counter()
         batch = to_device(batch, device)
-        logits = model(batch["input_ids"], batch["attention_mask"])  # in the model's precision
-        task = task_loss(logits, batch["labels"])
+        task = batch_loss(model, batch)  # in the model's precision
         total = task + method.loss_terms(model)
+        model.trace.stop()  # a block recomputed in backward (gradient checkpointing) adds no routes
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)  # the hook sees true gradients, also under fp16 loss scaling
@@ -75,8 +75,9 @@ def train_local(
         synchronize(device)
         seconds += time.perf_counter() - start
         method.after_step(model)
-        examples += len(batch["labels"])
-        loss_sum += task.item() * len(batch["labels"])
+        rows = len(batch["input_ids"])
+        examples += rows
+        loss_sum += task.item() * rows
         done += 1
     model.train(False)
     return TrainResult(
@@ -85,40 +86,3 @@ def train_local(
         loss=loss_sum / examples if examples else math.nan,
         step_seconds=seconds / done if done else math.nan,
     )
-
-
-@dataclass
-class EvalResult:
-    """Loss, accuracy and per-class recall of a model on a dataset."""
-
-    num_examples: int
-    loss: float
-    accuracy: float
-    recall: list[float]  # per class of the head: the share of its rows predicted right (NaN: no row of it)
-
-
-@torch.no_grad()
-def evaluate(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]]) -> EvalResult:
-    """Mean cross-entropy, accuracy and per-class recall over `batches` (on the model's
-    device, in its precision)."""
-    model.train(False)
-    device = model_device(model)
-    examples, correct, loss_sum = 0, 0, 0.0
-    hits = rows = None  # per class
-    for batch in batches:
-        batch = to_device(batch, device)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        labels = batch["labels"]
-        right = logits.argmax(-1) == labels
-        if hits is None:
-            hits = torch.zeros(logits.shape[-1], dtype=torch.long, device=device)
-            rows = torch.zeros_like(hits)
-        hits.index_add_(0, labels, right.long())
-        rows.index_add_(0, labels, torch.ones_like(labels))
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += right.sum().item()
-        examples += len(labels)
-    if examples == 0:
-        return EvalResult(0, math.nan, math.nan, [])
-    recall = [h / n if n else math.nan for h, n in zip(hits.tolist(), rows.tolist())]
-    return EvalResult(examples, loss_sum / examples, correct / examples, recall)

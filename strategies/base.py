@@ -43,7 +43,8 @@ from strategies.core import Contribution, Weight, sparse_weighted_average
 from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_statistics, decode_train_reply,
                                 examples, node_from_query, outliers, train_loss)
 from strategies.server_optimizer import ServerOptimizer
-from strategies.rounds import ACCURACY_MEAN, ACCURACY_OF_TIER, ACCURACY_WORST, RoundState, round_record, timed
+from fedmoe_app.tasks import task_of
+from strategies.rounds import METRIC_MEAN, METRIC_OF_TIER, METRIC_WORST, RoundState, round_record, timed
 
 
 class SparseStrategy(Strategy):
@@ -62,6 +63,7 @@ class SparseStrategy(Strategy):
         self.random = random.Random(config.seed)
         self.round = RoundState(0)
         self.optimizer = ServerOptimizer(config.federation)
+        self.task = task_of(config)  # names the metrics of evaluations
 
     @property
     def config(self) -> RunConfig:
@@ -266,27 +268,30 @@ class SparseStrategy(Strategy):
         return self.round.eval_messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted mean, worst, and per-tier personalised accuracy of the replies
-        that pass their checks."""
+        """Example-weighted mean, worst, and per-tier mean of the task's primary metric over
+        the personalised evaluations that pass their checks ('worst' is the lowest where
+        higher is better, else the highest)."""
+        primary = self.task.primary
         results = []
         for node_id, content in self._outcomes(self.round.eval_messages, replies):
             try:
-                rows, accuracy = check_eval_metrics(content)
+                rows, values = check_eval_metrics(content, self.task.client_metrics)
             except MalformedReply as error:
                 self._failed(node_id, f"malformed evaluate reply: {error}")
                 continue
             if rows > 0:
-                results.append((self.nodes[node_id].tier, rows, accuracy))
+                results.append((self.nodes[node_id].tier, rows, values[primary.name]))
         if not results:
             return None
         total = sum(n for _, n, _ in results)
+        worst = min if primary.higher_is_better else max
         record = MetricRecord({
-            ACCURACY_MEAN: sum(n * a for _, n, a in results) / total,
-            ACCURACY_WORST: min(a for _, _, a in results),
+            METRIC_MEAN.format(metric=primary.name): sum(n * a for _, n, a in results) / total,
+            METRIC_WORST.format(metric=primary.name): worst(a for _, _, a in results),
         })
         for tier in sorted({t for t, _, _ in results}):
-            accs = [a for t, _, a in results if t == tier]
-            record[ACCURACY_OF_TIER.format(tier=tier)] = sum(accs) / len(accs)
+            values = [a for t, _, a in results if t == tier]
+            record[METRIC_OF_TIER.format(metric=primary.name, tier=tier)] = sum(values) / len(values)
         return record
 
     # ---- node discovery ----------------------------------------------------------------
@@ -428,7 +433,7 @@ class SparseStrategy(Strategy):
     def _round_record(self, t_start: float, server_eval: MetricRecord | None, client_eval: MetricRecord | None) -> dict:
         tiers = sorted({node.tier for node in self.nodes.values()})
         return round_record(self.round, time.time() - t_start, server_eval, client_eval, tiers,
-                            self.round_metrics(self.round.replies))
+                            self.round_metrics(self.round.replies), self.task)
 
 
 def _with_round_timeout(config: RunConfig, timeout: float) -> RunConfig:

@@ -19,7 +19,8 @@ import numpy as np
 
 from fedmoe_app import messages as msg
 from fedmoe_app.config import RunConfig
-from fedmoe_app.records import expert_of, flatten, router_layer, unflatten
+from fedmoe_app.records import flatten, unflatten
+from fedmoe_app.names import expert_of, router_layer
 from fedmoe_app.routing import expert_shares
 from strategies.core import Weight
 from strategies.moe import ExpertSubsetStrategy

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedmoe_app.budgets import max_lora_rank
-from fedmoe_app.records import lora_pairs
+from fedmoe_app.names import lora_pairs
 from strategies.base import SparseStrategy
 from strategies.core import Contribution, sparse_weighted_average
 from strategies.ranks import rank_axis, truncated, unpaired_lora

@@ -20,7 +20,7 @@ import numpy as np
 from fedmoe_app import messages as msg
 from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
-from fedmoe_app.records import lora_pairs
+from fedmoe_app.names import lora_pairs
 from strategies.base import SparseStrategy
 from strategies.core import Contribution, Weight, sparse_weighted_average
 from strategies.ranks import truncated, unpaired_lora, zero_padded

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from fedmoe_app import messages as msg
-from fedmoe_app.records import expert_of, held_experts, router_layer, unflatten
+from fedmoe_app.records import unflatten
+from fedmoe_app.names import expert_of, held_experts, router_layer
 from strategies.core import Weight
 from strategies.moe import ExpertSubsetStrategy
 from strategies.replies import MalformedReply, Reply, examples

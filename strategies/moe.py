@@ -24,7 +24,8 @@ import numpy as np
 
 from fedmoe_app import messages as msg
 from fedmoe_app.config import RunConfig
-from fedmoe_app.records import held_experts, router_layer, select_keys, unflatten
+from fedmoe_app.records import unflatten
+from fedmoe_app.names import held_experts, router_layer, select_keys
 from fedmoe_app.routing import utilisation
 from strategies.base import SparseStrategy
 from strategies.core import Contribution, sparse_weighted_average

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fedmoe_app.records import PEFT_LORA_KEY, lora_pairs
+from fedmoe_app.names import PEFT_LORA_KEY, lora_pairs
 
 EXPERT_RANK_AXIS = {"lora_in_a": 0, "lora_out_a": 0, "lora_in_b": 1, "lora_out_b": 1}
 

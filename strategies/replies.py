@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -17,6 +17,7 @@ from fedmoe_app.calibration import ClassStatistics
 from fedmoe_app.config import ConfigError
 from fedmoe_app.records import from_record, trained_from
 from fedmoe_app.startup import PHASE_METRICS
+from fedmoe_app.tasks.base import Metric
 
 
 @dataclass(frozen=True)
@@ -121,17 +122,21 @@ def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.nd
     return Reply(node, trained_from(sent, updates), metrics, request, _rms(updates), tuple(sent))
 
 
-def check_eval_metrics(content: RecordDict) -> tuple[int, float]:
-    """(rows, accuracy) of an evaluate reply; MalformedReply if they are not a count and a
-    share in [0, 1]."""
+def check_eval_metrics(content: RecordDict, expected: Sequence[Metric]) -> tuple[int, dict[str, float]]:
+    """(rows, the `expected` metrics' values) of an evaluate reply; MalformedReply if the rows
+    are not a count or (with rows) a metric is not a number in its range."""
     if msg.METRICS not in content:
         raise MalformedReply(f"it holds {sorted(content)}; an evaluate reply needs '{msg.METRICS}'")
     metrics = content[msg.METRICS]
     rows = _check_count(msg.NUM_EXAMPLES, metrics.get(msg.NUM_EXAMPLES))
-    accuracy = metrics.get(msg.ACCURACY)
-    if rows and not (_is_number(accuracy) and 0.0 <= accuracy <= 1.0):
-        raise MalformedReply(f"metric '{msg.ACCURACY}' is {accuracy!r}; allowed: a number in [0, 1]")
-    return rows, float(accuracy) if rows else math.nan
+    values = {}
+    for metric in expected:
+        value = metrics.get(metric.name)
+        if rows and not metric.check(value):
+            raise MalformedReply(f"metric '{metric.name}' is {value!r}; allowed: a number in "
+                                 f"[{metric.low:g}, {metric.high:g}]")
+        values[metric.name] = float(value) if rows else math.nan
+    return rows, values
 
 
 def decode_statistics(node: Node, content: RecordDict, num_classes: int, dim: int) -> ClassStatistics:

@@ -15,10 +15,12 @@ from fedmoe_app import messages as msg
 from fedmoe_app.budgets import BUDGET_FIELDS
 from fedmoe_app.startup import PHASE_METRICS
 from fedmoe_app.system import peak_rss_mb
+from fedmoe_app.tasks import Task
 from strategies.replies import Reply, train_loss
 
-# The keys of the aggregated client-evaluation MetricRecord (a Flower Result's evaluate_metrics_clientapp).
-ACCURACY_MEAN, ACCURACY_WORST, ACCURACY_OF_TIER = "accuracy-mean", "accuracy-worst", "accuracy.{tier}"
+# The keys of the aggregated client-evaluation MetricRecord (a Flower Result's evaluate_metrics_clientapp),
+# for the task's primary metric (e.g. accuracy-mean, accuracy-worst, accuracy.rpi4).
+METRIC_MEAN, METRIC_WORST, METRIC_OF_TIER = "{metric}-mean", "{metric}-worst", "{metric}.{tier}"
 
 # Train metrics a round record keeps per client (snake_case), besides its budget.
 CLIENT_METRICS = (msg.NUM_EXAMPLES, msg.SAMPLES_PROCESSED, msg.STEPS, msg.STEP_SECONDS, msg.TRAIN_SECONDS,
@@ -60,24 +62,24 @@ def client_record(reply: Reply) -> dict:
 
 
 def round_record(state: RoundState, wall_time_s: float, server_eval: MetricRecord | None,
-                 client_eval: MetricRecord | None, tiers: list[str], extra: dict[str, Any]) -> dict:
+                 client_eval: MetricRecord | None, tiers: list[str], extra: dict[str, Any], task: Task) -> dict:
     """The metrics.jsonl line of a finished round; per-client fields keyed by client id.
-    `tiers`: the tiers client evaluation may report; `extra`: the strategy's own fields."""
+    `tiers`: the tiers client evaluation may report; `extra`: the strategy's own fields;
+    `task`: names the evaluation's fields (`global_<metric>`, `client_<primary metric>...`)."""
     client_eval = client_eval or {}
     replies = state.replies
     by_tier = sorted({r.node.tier for r in replies})
-    per_tier = {t: ACCURACY_OF_TIER.format(tier=t) for t in tiers}
+    primary = task.primary.name
+    per_tier = {t: METRIC_OF_TIER.format(metric=primary, tier=t) for t in tiers}
     return {
         "round": state.server_round,
         "wall_time_s": wall_time_s,
         "phase_seconds": dict(state.phases),
-        "global_accuracy": server_eval[msg.ACCURACY] if server_eval else None,
-        "global_loss": server_eval[msg.LOSS] if server_eval else None,
-        "global_recall": list(server_eval[msg.RECALL]) if server_eval and msg.RECALL in server_eval else None,
+        **task.record_fields(server_eval),
         "global_test_rows": int(server_eval[msg.NUM_EXAMPLES]) if server_eval and msg.NUM_EXAMPLES in server_eval else None,
-        "client_accuracy": {t: client_eval[key] for t, key in per_tier.items() if key in client_eval},
-        "client_accuracy_mean": client_eval.get(ACCURACY_MEAN),
-        "client_accuracy_worst": client_eval.get(ACCURACY_WORST),
+        f"client_{primary}": {t: client_eval[key] for t, key in per_tier.items() if key in client_eval},
+        f"client_{primary}_mean": client_eval.get(METRIC_MEAN.format(metric=primary)),
+        f"client_{primary}_worst": client_eval.get(METRIC_WORST.format(metric=primary)),
         "train_loss": train_loss(replies) if replies else None,
         "bytes_down": {r.node.client_id: int(r.metrics[msg.BYTES_DOWN]) for r in replies},
         "bytes_up": {r.node.client_id: int(r.metrics[msg.BYTES_UP]) for r in replies},

@@ -11,7 +11,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import load_config
-from fedmoe_app.records import from_record, held_experts, select_keys, to_record
+from fedmoe_app.records import from_record, to_record
+from fedmoe_app.names import held_experts, select_keys
 from strategies import make_strategy
 from strategies.replies import Node
 from strategies.core import Contribution, sparse_weighted_average

@@ -10,7 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedmoe_app.config import ConfigError, load_config
-from fedmoe_app.model import build_model, load_encoder, num_layers, trainable_state
+from fedmoe_app.model import build_model, num_layers, trainable_state
+from fedmoe_app.backbones import load_backbone
 from strategies import make_strategy
 from fedmoe_app.records import from_record
 from tests.test_aggregation import node, reply
@@ -44,7 +45,7 @@ def test_every_expert_active_with_zero_lora_is_the_dense_encoder(backbone, group
     model = build_model(config, 4, "moe", top_k=16)
     ids, mask = batch()
     with torch.no_grad():
-        dense = load_encoder(backbone)(input_ids=ids, attention_mask=mask).last_hidden_state
+        dense = load_backbone(backbone)(input_ids=ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     torch.testing.assert_close(hidden_states(model, ids, mask)[real], dense[real], atol=1e-5, rtol=1e-5)
     # what trains and travels: LoRAs, routers, head; never a frozen slice
@@ -55,7 +56,7 @@ def test_every_expert_active_with_zero_lora_is_the_dense_encoder(backbone, group
 @pytest.mark.parametrize("backbone", sorted(NATIVE))
 def test_a_native_moe_model_runs_as_backbone_experts(backbone):
     config = config_for(backbone, 8)
-    native = load_encoder(backbone)
+    native = load_backbone(backbone)
     ids, mask = batch()
     with torch.no_grad():
         reference = native(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -125,7 +126,7 @@ def test_a_node_receives_its_experts_loras_at_its_rank_and_its_reply_moves_only_
 def test_a_native_moe_model_loads_from_a_folder_as_from_the_hub(tmp_path):
     """`model.backbone` as a hub id or a local folder takes the same path
     (AutoModel.from_pretrained): a saved tiny Mixtral comes back as backbone experts."""
-    native = load_encoder("tiny-mixtral")
+    native = load_backbone("tiny-mixtral")
     native.save_pretrained(tmp_path / "mixtral")
     config = config_for(str(tmp_path / "mixtral"), 8)
     assert num_layers(config) == 2

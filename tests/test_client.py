@@ -14,10 +14,13 @@ from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.methods.fedavg_lora import FedAvgLoRAClient
 from fedmoe_app.methods.fft_moe import FFTMoEClient
 from fedmoe_app.methods.lora import LoRAClient
-from fedmoe_app.model import build_model, lora_rank_of, state_to_numpy
-from fedmoe_app.records import held_experts, select_keys
+from fedmoe_app.model import build_model, state_to_numpy
+from fedmoe_app.rows import label_counts
+from fedmoe_app.names import lora_rank_of
+from fedmoe_app.names import held_experts, select_keys
 from fedmoe_app.routing import RoutingStats, expert_shares, utilisation
 from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ class RecordingMethod(ClientMethod):
 def test_the_loop_is_loss_terms_backward_hook_step_observe(ag_news_dir):
     from fedmoe_app.batches import encode, iterate_batches
     from fedmoe_app.data import load_splits
-    from fedmoe_app.model import load_tokenizer
+    from fedmoe_app.backbones import load_tokenizer
 
     config = load_config("conf/head_only.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} "
                          "data.max-train-rows=40 train.precision=fp32")
@@ -141,7 +144,7 @@ def test_the_loop_is_loss_terms_backward_hook_step_observe(ag_news_dir):
     method = RecordingMethod(config, budget, [], {})
     model = method.build_model(state_to_numpy(build_model(config, 4, "head")))
     weight = model.head.weight.detach().clone()
-    train_local(model, batches, 2, 1e-2, 0.0, method)
+    train_local(model, batches, 2, 1e-2, 0.0, method, classifier_loss())
     assert method.calls == ["loss_terms", "after_backward", "after_step"] * 2
     # the task's bias gradient sums to 0 over classes (softmax); the method's term adds 100 each
     assert all(torch.allclose(g.sum(), torch.tensor(400.0), atol=1e-3) for g in method.grad_seen)
@@ -170,7 +173,7 @@ def test_restricted_softmax_reaches_local_training(ag_news_dir, alpha, absent_ro
                          "data.max-train-rows=300 data.partitioner=pathological data.classes-per-partition=2 "
                          f"train.restricted-softmax={alpha}")
     task = ClientTask(config, {"partition-id": 0, "num-partitions": 4})
-    absent = [c for c, n in enumerate(task.train_label_counts) if n == 0]
+    absent = [c for c, n in enumerate(label_counts(task.data.train, 4)) if n == 0]
     assert len(absent) == 2
     glob = state_to_numpy(build_model(config, 4, "head"))
     arrays, _, _ = task.train(glob, {"server-round": 1})

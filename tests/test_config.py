@@ -56,7 +56,7 @@ def test_a_named_dataset_is_not_read_from_the_default_datasets_copy():
 
 def test_defaults_live_only_in_base_yaml():
     sections = [RunConfig] + [t for t in typing.get_type_hints(RunConfig).values() if dataclasses.is_dataclass(t)]
-    assert len(sections) == 15
+    assert len(sections) == 16
     for cls in sections:
         for f in dataclasses.fields(cls):
             no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -55,9 +55,9 @@ def mean_label_entropy(clients) -> float:
     """Mean over clients of the label entropy, normalised to [0, 1] (1 = balanced)."""
     entropies = []
     for client in clients:
-        total = sum(client.label_counts)
-        h = -sum(c / total * math.log(c / total) for c in client.label_counts if c)
-        entropies.append(h / math.log(len(client.label_counts)))
+        total = sum(client.group_counts)
+        h = -sum(c / total * math.log(c / total) for c in client.group_counts if c)
+        entropies.append(h / math.log(len(client.group_counts)))
     return sum(entropies) / len(entropies)
 
 
@@ -111,7 +111,7 @@ def test_hub_dataset_needs_text_and_label_and_a_labelled_test_split(monkeypatch)
         ),
         "someone/sentences": datasets.DatasetDict(train=split(["a"], [0], "sentence"), test=split(["b"], [0], "sentence")),
     }
-    monkeypatch.setattr(data, "_load_hub", hub.__getitem__)
+    monkeypatch.setattr(data, "load_hub", hub.__getitem__)
     splits = load_splits(defaults(DataConfig, dataset="someone/glue-like"), seed=0)
     assert splits.source == "someone/glue-like from the Hugging Face hub (someone/glue-like)"
     assert splits.test["text"][:] == ["v"] and splits.num_labels == 2  # unlabelled test: validation instead
@@ -232,7 +232,7 @@ def test_small_dataset_with_dirichlet_partitions(ag_news_dir):
 def test_pathological_partitions_hold_at_most_their_classes(ag_news_dir):
     config = ag_news(ag_news_dir, partitioner="pathological", classes_per_partition=2, max_train_rows=600)
     for pid in range(5):
-        counts = load_client_data(config, 0, pid, 5).label_counts
+        counts = load_client_data(config, 0, pid, 5).group_counts
         assert len(counts) == 4 and sum(1 for c in counts if c) <= 2
     with pytest.raises(DataError, match=r"data\.classes-per-partition is 5; allowed: 1 to 4"):
         load_client_data(ag_news(ag_news_dir, partitioner="pathological", classes_per_partition=5), 0, 0, 4)
@@ -249,7 +249,7 @@ def test_holdout_fraction(ag_news_dir):
     config = ag_news(ag_news_dir, partitioner="iid", max_train_rows=600, holdout_fraction=0.25)
     client = load_client_data(config, 0, 1, 3)
     assert (len(client.train), len(client.holdout)) == (150, 50)  # 600 / 3 = 200 rows, a quarter held out
-    assert sum(client.label_counts) == 200 and client.num_labels == 4
+    assert sum(client.group_counts) == 200 and client.num_labels == 4
     none = load_client_data(ag_news(ag_news_dir, partitioner="iid", max_train_rows=600, holdout_fraction=0.0), 0, 1, 3)
     assert (len(none.train), len(none.holdout)) == (200, 0)
 
@@ -269,11 +269,11 @@ def test_deployment_reads_only_the_devices_folder(tmp_path):
     client = device_client_data(str(tmp_path / "device"), config.holdout_fraction, 0)
     assert rows_of(client.train) + rows_of(client.holdout) == Counter(rows)
     assert (len(client.train), len(client.holdout), client.num_labels) == (8, 2, 3)
-    assert client.label_counts == (4, 3, 3)
+    assert client.group_counts == (4, 3, 3)
 
     write_csv(tmp_path / "one" / "train.csv", [("alone", 1)])
     alone = device_client_data(str(tmp_path / "one"), config.holdout_fraction, 0)
-    assert (len(alone.train), len(alone.holdout), alone.label_counts) == (1, 0, (0, 1))
+    assert (len(alone.train), len(alone.holdout), alone.group_counts) == (1, 0, (0, 1))
 
 
 def test_deployment_without_train_csv_names_data_path(tmp_path):

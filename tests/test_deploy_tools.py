@@ -28,7 +28,7 @@ def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):
         # same rows, same held-out slice, same label histogram: deployment = simulation client i
         assert list(deployed.train["text"][:]) == list(simulated.train["text"][:])
         assert list(deployed.holdout["label"][:]) == list(simulated.holdout["label"][:])
-        assert deployed.label_counts == simulated.label_counts and deployed.num_labels == 4
+        assert deployed.group_counts == simulated.group_counts and deployed.num_labels == 4
         total_test += len(read_csv(folder / "test.csv"))
     assert sum(len(read_csv(f / "train.csv")) for f in folders) == 600
     assert total_test == 7600

@@ -13,9 +13,11 @@ from fedmoe_app.config import ConfigError, load_config
 from fedmoe_app.methods.fft_moe import FFTMoEClient
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
-from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
+from fedmoe_app.model import build_model, state_to_numpy
+from fedmoe_app.backbones import load_tokenizer
 from fedmoe_app.system import torch_device
-from fedmoe_app.train import evaluate, train_local
+from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss, evaluate_classifier
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -50,8 +52,8 @@ def test_gpu_round_matches_the_cpu_round(ag_news_dir):
         method = FFTMoEClient(config, budget, [30, 0, 0, 10], {"global-usage": [0.25] * 8})
         model = method.build_model(state_to_numpy(build_model(config, splits.num_labels, "moe")))
         assert next(model.parameters()).device.type == device
-        trained = train_local(model, batches, 3, 1e-3, 0.0, method)
-        results[device] = (trained, evaluate(model, batches), state_to_numpy(model), method.routing)
+        trained = train_local(model, batches, 3, 1e-3, 0.0, method, classifier_loss())
+        results[device] = (trained, evaluate_classifier(model, batches), state_to_numpy(model), method.routing)
     (cpu, cpu_eval, cpu_state, cpu_routing), (gpu, gpu_eval, gpu_state, gpu_routing) = results["cpu"], results["cuda"]
     assert gpu.loss == pytest.approx(cpu.loss, abs=1e-3)
     np.testing.assert_array_equal(gpu_routing.routed_tokens, cpu_routing.routed_tokens)

@@ -12,8 +12,10 @@ from fedmoe_app.budgets import load_tiers
 from fedmoe_app.config import ConfigError, load_config
 from fedmoe_app.methods.hfedmoe import HFedMoEClient, expert_scores, selected_experts
 from fedmoe_app.model import build_model, state_to_numpy
-from fedmoe_app.records import expert_of, from_record
+from fedmoe_app.records import from_record
+from fedmoe_app.names import expert_of
 from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss
 from strategies import make_strategy
 from tests.test_aggregation import aggregate, node, reply
 
@@ -66,7 +68,7 @@ def test_only_the_selected_experts_receive_gradients_and_move(config):
         seen["routes"] = list(model.trace.routes)
 
     method.after_backward = spy
-    train_local(model, [batch], 1, 0.01, 0.0, method)
+    train_local(model, [batch], 1, 0.01, 0.0, method, classifier_loss())
     after = state_to_numpy(model)
     selected = set()
     for layer, (grad, route) in enumerate(zip(seen["grads"], seen["routes"])):

@@ -9,11 +9,13 @@ from fedmoe_app import precision as precision_module
 from fedmoe_app.config import ConfigError, load_config
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
-from fedmoe_app.model import build_model, load_tokenizer, trainable_parameters, trainable_state
+from fedmoe_app.model import build_model, trainable_parameters, trainable_state
+from fedmoe_app.backbones import load_tokenizer
 from fedmoe_app.precision import resolve_precision
 from fedmoe_app.budgets import load_tiers
 from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.train import evaluate, train_local
+from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss, evaluate_classifier
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -116,7 +118,7 @@ def test_a_bf16_round_keeps_trainable_tensors_and_optimiser_state_in_float32(cpu
     model = build_model(config, 4, "moe", top_k=2)
     before = {k: v.detach().clone() for k, v in trainable_state(model).items()}
     method = ClientMethod(config, load_tiers(config.devices.file)["rpi4"], [], {})  # the task loss alone
-    result = train_local(model, batches, 3, 1e-2, 0.0, method)
+    result = train_local(model, batches, 3, 1e-2, 0.0, method, classifier_loss())
     assert np.isfinite(result.loss) and result.steps == 3
     after = trainable_state(model)
     assert all(v.dtype == torch.float32 for v in after.values())
@@ -142,7 +144,7 @@ def test_the_bf16_forward_matches_the_fp32_forward(cpu_with, ag_news_dir):
             hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()
         outputs[precision] = (hidden.float() * mask).sum(1) / mask.sum(1)
-        outputs[precision + "-eval"] = evaluate(model, [batch])
+        outputs[precision + "-eval"] = evaluate_classifier(model, [batch])
     fp32, bf16 = outputs["fp32"], outputs["bf16"]
     relative = ((bf16 - fp32).norm(dim=1) / fp32.norm(dim=1)).max().item()
     cosine = torch.nn.functional.cosine_similarity(bf16, fp32, dim=1).min().item()

@@ -44,7 +44,8 @@ def test_global_evaluation_scores_the_last_round_on_its_own_rows_with_per_class_
 
     from fedmoe_app.config import load_config
     from fedmoe_app.data import load_test_set
-    from fedmoe_app.model import build_model, load_tokenizer, state_to_numpy
+    from fedmoe_app.model import build_model, state_to_numpy
+    from fedmoe_app.backbones import load_tokenizer
     from fedmoe_app.records import to_record
     from fedmoe_app.server import GlobalEvaluator
 

@@ -15,8 +15,10 @@ from fedmoe_app.methods.ub_smoe import (UBSMoEClient, active_experts, bound_pena
                                         pseudo_gradient)
 from fedmoe_app.model import build_model, state_to_numpy
 from fedmoe_app.moe import TopKRouter
-from fedmoe_app.records import expert_of, from_record
+from fedmoe_app.records import from_record
+from fedmoe_app.names import expert_of
 from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss
 from strategies import make_strategy
 from strategies.ub_smoe import modulation_target, utilisation_and_target
 from tests.test_aggregation import aggregate, node, reply
@@ -156,7 +158,7 @@ def one_step(config, tier, phi=None):
         seen["routes"] = list(model.trace.routes)
 
     method.after_backward = spy
-    train_local(model, [batch], 1, 0.01, 0.0, method)
+    train_local(model, [batch], 1, 0.01, 0.0, method, classifier_loss())
     return method, seen, before, state_to_numpy(model)
 
 

@@ -22,7 +22,8 @@ import torch
 
 from fedmoe_app.budgets import DeviceBudget
 from fedmoe_app.config import RunConfig
-from fedmoe_app.model import AdapterClassifier, build_model, load_state, num_labels_of
+from fedmoe_app.model import AdapterModel, build_model, load_state
+from fedmoe_app.names import num_labels_of
 
 
 class ClientMethod:
@@ -32,15 +33,16 @@ class ClientMethod:
     name = ""
     adapter = "head"  # the adapters its models carry: moe | lora | head
 
-    def __init__(self, config: RunConfig, budget: DeviceBudget, label_counts: Sequence[int],
+    def __init__(self, config: RunConfig, budget: DeviceBudget, group_counts: Sequence[int],
                  server: Mapping[str, Any]) -> None:
         self.config = config
         self.budget = budget
-        self.label_counts = list(label_counts)  # rows per class of the node's training data
+        # rows per value of the task's partition key (per class, or per benchmark): the node's data skew
+        self.group_counts = list(group_counts)
         self.server = server  # the config entries the server sent with this message
 
     @classmethod
-    def global_model(cls, config: RunConfig, num_labels: int) -> AdapterClassifier:
+    def global_model(cls, config: RunConfig, num_labels: int) -> AdapterModel:
         """The server's model: every expert, full rank, the evaluation top-k."""
         return build_model(config, num_labels, cls.adapter)
 
@@ -48,20 +50,20 @@ class ClientMethod:
         """Keyword arguments of `build_model` for this node (default: none)."""
         return {}
 
-    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
+    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterModel:
         """This node's model, holding `arrays`."""
         model = build_model(self.config, num_labels_of(arrays), self.adapter, **self.model_options(arrays))
         load_state(model, arrays)
         return model
 
-    def loss_terms(self, model: AdapterClassifier) -> torch.Tensor | float:
+    def loss_terms(self, model: AdapterModel) -> torch.Tensor | float:
         """What the method adds to the task loss of the forward pass just done (default: 0)."""
         return 0.0
 
-    def after_backward(self, model: AdapterClassifier) -> None:
+    def after_backward(self, model: AdapterModel) -> None:
         """Edit gradients before the optimiser step (default: nothing)."""
 
-    def after_step(self, model: AdapterClassifier) -> None:
+    def after_step(self, model: AdapterModel) -> None:
         """Observe the step just taken (default: nothing)."""
 
     def report(self) -> tuple[dict[str, Any], dict[str, Any]]:

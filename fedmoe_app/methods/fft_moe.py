@@ -19,7 +19,7 @@ from fedmoe_app import messages as msg
 from fedmoe_app.config import LossConfig
 from fedmoe_app.losses import heterogeneity_loss, heterogeneity_weight, load_balancing_loss, router_z_loss
 from fedmoe_app.methods.moe import MoEClient
-from fedmoe_app.model import AdapterClassifier
+from fedmoe_app.model import AdapterModel
 from fedmoe_app.moe import RouterOutput
 
 
@@ -31,9 +31,9 @@ class FFTMoEClient(MoEClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.global_usage = self.layer_matrix(msg.GLOBAL_USAGE)
-        self.het_weight = heterogeneity_weight(self.label_counts, self.budget.experts_held, self.config.moe.num_experts)
+        self.het_weight = heterogeneity_weight(self.group_counts, self.budget.experts_held, self.config.moe.num_experts)
 
-    def loss_terms(self, model: AdapterClassifier) -> torch.Tensor:
+    def loss_terms(self, model: AdapterModel) -> torch.Tensor:
         """Load balancing, heterogeneity-aware routing and z-loss terms (`auxiliary_loss`)."""
         return auxiliary_loss(model.trace.routes, self.config.loss, self.het_weight, self.global_usage)
 

@@ -28,8 +28,9 @@ import torch
 from fedmoe_app import messages as msg
 from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.lora import LoRAClient
-from fedmoe_app.model import AdapterClassifier, lora_rank_of, trainable_state
-from fedmoe_app.records import lora_pairs
+from fedmoe_app.model import AdapterModel, trainable_state
+from fedmoe_app.names import lora_rank_of
+from fedmoe_app.names import lora_pairs
 
 
 def tail_start(rank: int, decay: float, min_rank: int = 1) -> int:
@@ -44,7 +45,7 @@ def pruning_penalty(factors: list[tuple[torch.Tensor, torch.Tensor]], start: int
                torch.zeros(()))
 
 
-def lora_factors(model: AdapterClassifier) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(model: AdapterModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (A, B) parameters of every PEFT LoRA module of the model."""
     state = trainable_state(model)
     return [(state[a], state[b]) for a, b in lora_pairs(list(state)).values()]
@@ -88,7 +89,7 @@ class HetLoRAClient(LoRAClient):
         """Whether this node prunes at all: the regulariser is on and it has a tail to cut."""
         return self.config.hetlora.prune_weight > 0 and self.tail() < self.rank()
 
-    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
+    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterModel:
         """The LoRA model holding `arrays`; notes its factors and their tail norm as received."""
         model = super().build_model(arrays)
         self.factors = lora_factors(model)
@@ -96,7 +97,7 @@ class HetLoRAClient(LoRAClient):
             self.tail_received = float(pruning_penalty(self.factors, self.tail()))
         return model
 
-    def loss_terms(self, model: AdapterClassifier) -> torch.Tensor | float:
+    def loss_terms(self, model: AdapterModel) -> torch.Tensor | float:
         """The self-pruning regulariser lam * sum ||B_tail|| ||A_tail|| (0 once at min-rank)."""
         if not self.prunable():
             return 0.0

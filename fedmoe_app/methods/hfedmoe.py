@@ -23,8 +23,9 @@ import torch
 
 from fedmoe_app import messages as msg
 from fedmoe_app.methods.moe import MoEClient
-from fedmoe_app.model import AdapterClassifier
-from fedmoe_app.records import expert_of, flatten
+from fedmoe_app.model import AdapterModel
+from fedmoe_app.records import flatten
+from fedmoe_app.names import expert_of
 
 
 def expert_scores(probs: torch.Tensor, importance_mix: float, ib_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +60,7 @@ class HFedMoEClient(MoEClient):
         self.frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, kept rows, their values)
         self.trained: set[tuple[int, int]] = set()  # (layer, expert) selected in some batch
 
-    def after_backward(self, model: AdapterClassifier) -> None:
+    def after_backward(self, model: AdapterModel) -> None:
         """Score the batch's experts per layer, keep the gradients of the top C, record
         usage and importance."""
         hf = self.config.hfedmoe
@@ -82,7 +83,7 @@ class HFedMoEClient(MoEClient):
         self.batches += 1
         self.tokens += routes[0].probs.shape[0]
 
-    def after_step(self, model: AdapterClassifier) -> None:
+    def after_step(self, model: AdapterModel) -> None:
         """Put back the experts not selected (AdamW's momentum and decay moved them), then
         count the routing."""
         with torch.no_grad():

@@ -9,7 +9,8 @@ import numpy as np
 from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.model import AdapterClassifier, build_model, lora_rank_of
+from fedmoe_app.model import AdapterModel, build_model
+from fedmoe_app.names import lora_rank_of
 
 
 class LoRAClient(ClientMethod):
@@ -30,7 +31,7 @@ class LoRAClient(ClientMethod):
         return config.lora.alpha
 
     @classmethod
-    def global_model(cls, config: RunConfig, num_labels: int) -> AdapterClassifier:
+    def global_model(cls, config: RunConfig, num_labels: int) -> AdapterModel:
         """The server's model: LoRA at `global_rank`, with `lora_alpha` at that rank."""
         rank = cls.global_rank(config)
         return build_model(config, num_labels, cls.adapter, lora_rank=rank, lora_alpha=cls.lora_alpha(config, rank))

@@ -12,8 +12,10 @@ import torch
 
 from fedmoe_app import messages as msg
 from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.model import AdapterClassifier, expert_rank_of, num_layers
-from fedmoe_app.records import held_experts, unflatten
+from fedmoe_app.model import AdapterModel, num_layers
+from fedmoe_app.names import expert_rank_of
+from fedmoe_app.records import unflatten
+from fedmoe_app.names import held_experts
 from fedmoe_app.routing import RoutingStats
 
 
@@ -43,7 +45,7 @@ class MoEClient(ClientMethod):
             options["lora_rank"] = expert_rank_of(arrays)
         return options
 
-    def after_step(self, model: AdapterClassifier) -> None:
+    def after_step(self, model: AdapterModel) -> None:
         """Count the routing of the step's tokens."""
         if self.routing is None:
             moes = model.moe_layers

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from fedmoe_app import messages as msg
 from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.moe import MoEClient
-from fedmoe_app.model import AdapterClassifier
-from fedmoe_app.records import expert_of
+from fedmoe_app.model import AdapterModel
+from fedmoe_app.names import expert_of
 
 MODULATION_KEY = ".moe.router.modulation"  # the node's own copy of phi: trained, never sent
 
@@ -96,7 +96,7 @@ class UBSMoEClient(MoEClient):
         """rho_c = 1 - K_c / M: how much of the expert pool a token leaves idle."""
         return 1.0 - self.experts_per_token() / self.config.moe.num_experts
 
-    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterClassifier:
+    def build_model(self, arrays: Mapping[str, np.ndarray]) -> AdapterModel:
         """The node's model; with DMR on and a phi received, every router modulated by it."""
         model = super().build_model(arrays)
         if self.config.ub_smoe.dmr and self.phi is not None:
@@ -105,7 +105,7 @@ class UBSMoEClient(MoEClient):
                 moe.router.modulate(self.phi[layer], count)
         return model
 
-    def loss_terms(self, model: AdapterClassifier) -> torch.Tensor | float:
+    def loss_terms(self, model: AdapterModel) -> torch.Tensor | float:
         """The bound regulariser on each layer's phi (0 without DMR)."""
         ub = self.config.ub_smoe
         phis = [moe.router.modulation for moe in model.moe_layers if moe.router.modulation is not None]
@@ -113,7 +113,7 @@ class UBSMoEClient(MoEClient):
             return 0.0
         return ub.bound_weight * sum(bound_penalty(phi, ub.phi_min, ub.phi_max) for phi in phis)
 
-    def after_backward(self, model: AdapterClassifier) -> None:
+    def after_backward(self, model: AdapterModel) -> None:
         """Pseudo-gradients for the experts the batch left idle (with the switch on and K_c < M);
         notes which experts were trained."""
         pseudo = self.config.ub_smoe.pseudo_gradient and self.rho() > 0
