@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe_app.budgets import check_mix
 from fedmoe_app.checkpoint import Checkpoint, save_checkpoint
 from fedmoe_app.config import config_from_run_config, config_to_yaml
-from fedmoe_app.methods import method_class
+from fedmoe_app.methods import check_method_for_task, method_class
 from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import from_record, to_record
 from fedmoe_app.results import RunResults, this_process
@@ -36,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     if config.resume:
         config, checkpoint = resumed_run(config)
     check_mix(config)
+    check_method_for_task(config)
     task = task_of(config)
     splits = task.splits()
     log(INFO, "fedmoe: strategy %s | dataset: %s", config.strategy, splits.source)

@@ -399,7 +399,8 @@ def load_config(
     config_file: str = DEFAULT_CONFIG_FILE, overrides: str | dict = "", environ: Mapping[str, str] | None = None,
     local_copy: str = "",
 ) -> RunConfig:
-    """Load base.yaml, then `config_file`, then `overrides`; validate; return the RunConfig.
+    """Load base.yaml, then `config_file` (several comma-separated files: each over the one
+    before, e.g. a method's file then a task's), then `overrides`; validate; return the RunConfig.
 
     `local_copy` (a launcher's `--data-dir`), else FEDMOE_DATA_DIR in `environ` (the
     server's environment, read here and nowhere else), is the folder of the default dataset:
@@ -407,8 +408,8 @@ def load_config(
     `ag_news`, so a dataset named explicitly is never silently read from it.
     """
     merged = _base_values()
-    if config_file:
-        merged = _merge(merged, _read_yaml(resolve_path(config_file)))
+    for name in (part.strip() for part in config_file.split(",") if part.strip()):
+        merged = _merge(merged, _read_yaml(resolve_path(name)))
     extra = parse_overrides(overrides) if isinstance(overrides, str) else overrides
     merged = _merge(merged, extra)
     local_copy = local_copy or (environ or {}).get("FEDMOE_DATA_DIR", "")

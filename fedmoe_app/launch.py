@@ -38,6 +38,7 @@ def checked_config(run_config: dict[str, str]) -> RunConfig:
     """The run's configuration, with its tiers and data checked (a resumed run's own);
     ConfigError or DataError naming what is wrong."""
     from fedmoe_app.budgets import check_mix
+    from fedmoe_app.methods import check_method_for_task
     from fedmoe_app.server import resumed_run
     from fedmoe_app.tasks import task_of
 
@@ -45,6 +46,7 @@ def checked_config(run_config: dict[str, str]) -> RunConfig:
     if config.resume:
         config, _ = resumed_run(config)
     check_mix(config)
+    check_method_for_task(config)
     task_of(config).splits()
     return config
 

@@ -6,6 +6,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 AG_NEWS_DIR = REPO.parent / "shared" / "data" / "ag_news"
+COMMONSENSE_DIR = REPO.parent / "shared" / "data" / "commonsense"
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +15,14 @@ def ag_news_dir() -> Path:
     if not (AG_NEWS_DIR / "train.csv").is_file():
         pytest.skip(f"AG News not found at {AG_NEWS_DIR}")
     return AG_NEWS_DIR
+
+
+@pytest.fixture(scope="session")
+def commonsense_dir() -> Path:
+    """The local commonsense instruction data (train.jsonl, test/); tests that need it skip without it."""
+    if not (COMMONSENSE_DIR / "train.jsonl").is_file():
+        pytest.skip(f"commonsense data not found at {COMMONSENSE_DIR}")
+    return COMMONSENSE_DIR
 
 
 class InProcessGrid:

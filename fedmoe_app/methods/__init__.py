@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmoe_app.config import ConfigError
+from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.methods.fedavg_lora import FedAvgLoRAClient
 from fedmoe_app.methods.fft_moe import FFTMoEClient
@@ -21,3 +21,15 @@ def method_class(name: str) -> type[ClientMethod]:
     if name not in METHODS:
         raise ConfigError(f"config key 'strategy' is {name!r}; allowed: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_method_for_task(config: RunConfig) -> None:
+    """ConfigError if the run's method has no meaning under its task (a method that trains only
+    a classifier head, under a task whose model has none)."""
+    from fedmoe_app.tasks import task_of
+
+    method, task = method_class(config.strategy), task_of(config)
+    if method.adapter == "head" and task.causal_lm:
+        allowed = sorted(name for name, cls in METHODS.items() if cls.adapter != "head")
+        raise ConfigError(f"config key 'strategy' is {config.strategy!r}, which trains only a classifier head; task "
+                          f"'{config.task}' has no head (its LM head stays frozen); allowed: {', '.join(allowed)}")
