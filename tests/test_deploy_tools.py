@@ -82,3 +82,41 @@ def test_bad_deployment_input_names_the_field_and_the_allowed_values(tmp_path, c
         main(["--tiers", "rpi4", "--work-dir", str(tmp_path)])
     assert "--tiers starts 1 SuperNodes but federation.min-nodes is 2, so no round could start" in capsys.readouterr().err
     assert not (tmp_path / "devices").exists()
+
+
+def test_instruction_devices_hold_the_simulation_partitions_and_a_node_worker_trains_on_them(
+        tmp_path, commonsense_dir, monkeypatch):
+    """Device i's train.jsonl holds simulation client i's rows (same held-out slice); a device
+    node's train message served by the warm node worker gives the in-process reply."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedmoe_app import node_worker
+    from fedmoe_app.config import config_to_yaml
+    from fedmoe_app.methods import method_class
+    from fedmoe_app.model import state_to_numpy
+    from fedmoe_app.records import from_record, to_record
+    from fedmoe_app.tasks import task_of
+
+    monkeypatch.setenv("FEDMOE_CACHE_DIR", str(tmp_path / "cache"))
+    config = load_config("conf/ub_smoe.yaml,conf/instruction.yaml", f"model.backbone=tiny-olmoe data.data-dir="
+                         f"{commonsense_dir} data.max-train-rows=90 data.alpha=0.1 eval.max-length=64")
+    task = task_of(config)
+    folders = split_for_devices(config, 3, tmp_path / "devices")
+    for index, folder in enumerate(folders):
+        simulated = task.client_data({"partition-id": index, "num-partitions": 3}, index, 3)
+        deployed = task.client_data({"data-path": str(folder)}, 0, 1)
+        assert deployed.rows == simulated.rows and deployed.holdout_index == simulated.holdout_index
+        assert sorted(c for c in deployed.group_counts) == sorted(c for c in simulated.group_counts if c)
+    assert sum(task.device_train_rows(str(f)) for f in folders) == sum(
+        len(task.client_data({"partition-id": i, "num-partitions": 3}, i, 3).train_index) for i in range(3))
+    arrays = state_to_numpy(method_class("ub_smoe").global_model(config, 0))
+    content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord(
+        {"run-config": config_to_yaml(config), "server-round": 1})})
+    node = {"device-tier": "rpi4", "data-path": str(folders[0])}
+    try:
+        local = node_worker.handle("train", content, {**node, "warm-worker": False})
+        served = node_worker.handle("train", content, node)
+    finally:
+        node_worker.stop()
+    assert served["metrics"]["train-loss"] == pytest.approx(local["metrics"]["train-loss"], rel=1e-5)
+    assert from_record(served["arrays"]).keys() == from_record(local["arrays"]).keys()

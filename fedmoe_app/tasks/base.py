@@ -80,6 +80,11 @@ class Task:
         them), truncated to `max_length`."""
         raise NotImplementedError
 
+    def write_device_data(self, folder, partition, index: int, num_devices: int) -> None:
+        """Write a device's data folder (what `client_data` reads from a data-path) holding
+        `partition` (a datasets.Dataset of the train split): device `index` of `num_devices`."""
+        raise NotImplementedError
+
     def test_set(self, max_samples: int, tokenizer, max_length: int):
         """The encoded test rows server-side evaluation scores (`max_samples`: 0 = all)."""
         raise NotImplementedError

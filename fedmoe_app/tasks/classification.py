@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from fedmoe_app import messages as msg
 from fedmoe_app.batches import EncodedSet, encode
-from fedmoe_app.rows import ClientData, device_client_data, device_train_rows, label_counts
+from fedmoe_app.rows import ClientData, device_client_data, device_train_rows, label_counts, write_csv
 from fedmoe_app.task_loss import TaskLoss, local_task_loss
 from fedmoe_app.tasks.base import BatchLoss, Metric, Task
 from fedmoe_app.train import model_device, to_device
@@ -111,6 +112,14 @@ class ClassificationTask(Task):
         else:
             encoded = encode(data.rows, tokenizer, max_length)
         return encoded.select(data.train_index), encoded.select(data.holdout_index)
+
+    def write_device_data(self, folder, partition, index: int, num_devices: int) -> None:
+        """train.csv (the partition) and test.csv (an IID share of the test split, which also
+        tells the device every label exists)."""
+        test = self.splits().test.shuffle(seed=self.config.seed).shard(num_shards=num_devices, index=index,
+                                                                         contiguous=True)
+        for name, rows in (("train.csv", partition), ("test.csv", test)):
+            write_csv(Path(folder) / name, list(zip(rows["text"][:], rows["label"][:])))
 
     def test_set(self, max_samples: int, tokenizer, max_length: int) -> EncodedSet:
         """The test split (a seeded subsample of `max_samples` rows), encoded."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -31,7 +32,7 @@ from fedmoe_app.batches import IGNORE, EncodedSet
 from fedmoe_app.rows import ClientData, DataError, split_holdout
 from fedmoe_app.tasks.base import BatchLoss, Metric, Task
 from fedmoe_app.tasks.instruction_data import (InstructionRows, device_train_jsonl, load_instruction_splits,
-                                               option_output, options_of, prompt_of, read_jsonl)
+                                               option_output, options_of, prompt_of, read_jsonl, write_jsonl)
 from fedmoe_app.train import model_device, to_device
 
 ACCURACY = Metric(msg.ACCURACY, True, 0.0, 1.0, "acc")
@@ -156,8 +157,7 @@ class InstructionTask(Task):
             splits = self.splits()
             partition = partition_of_split(splits.train, self.config.data, self.config.seed, partition_id,
                                            num_partitions, self.partition_column())
-            rows = InstructionRows([dict(zip(partition.column_names, values))
-                                    for values in zip(*(partition[c][:] for c in partition.column_names))])
+            rows = _rows_of(partition)
             sources = sorted(set(splits.train["source"][:]))
         train_index, holdout_index = split_holdout(len(rows), self.config.data.holdout_fraction, self.config.seed)
         counts = tuple(rows["source"].count(source) for source in sources)
@@ -177,6 +177,10 @@ class InstructionTask(Task):
         template = self.config.instruction.prompt_template
         return (encode_rows(data.rows.select(data.train_index), tokenizer, max_length, template),
                 encode_choices(data.rows.select(data.holdout_index), tokenizer, max_length, template))
+
+    def write_device_data(self, folder, partition, index: int, num_devices: int) -> None:
+        """train.jsonl: the partition's rows, one JSON object a line."""
+        write_jsonl(Path(folder) / "train.jsonl", _rows_of(partition))
 
     def test_set(self, max_samples: int, tokenizer, max_length: int) -> ChoiceSet:
         """Every benchmark's test rows (a seeded subsample of `max_samples` of each), one ChoiceSet."""
@@ -295,6 +299,12 @@ def benchmark_accuracy(choices: ChoiceSet, picked: list[int]) -> dict[str, float
         if answer >= 0:
             right.setdefault(benchmark, []).append(pick == answer)
     return {b: float(np.mean(r)) for b, r in sorted(right.items())}
+
+
+def _rows_of(dataset) -> InstructionRows:
+    """The rows of a datasets.Dataset with the instruction columns."""
+    return InstructionRows([dict(zip(dataset.column_names, values))
+                            for values in zip(*(dataset[c][:] for c in dataset.column_names))])
 
 
 def _tokenizer(config):

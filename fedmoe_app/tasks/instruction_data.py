@@ -6,6 +6,7 @@ and the prompt templates. A device reads its own train.jsonl with the json modul
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -180,6 +181,13 @@ def load_instruction_splits(data: DataConfig, seed: int, benchmarks: tuple[str, 
     if 0 < data.max_train_rows < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(data.max_train_rows))
     return InstructionSplits(dataset, tests, source)
+
+
+def write_jsonl(path: Path, rows: InstructionRows) -> None:
+    """Write `rows` to a JSONL file, atomically (a concurrent reader never sees half a file)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows.rows), encoding="utf-8")
+    tmp.replace(path)
 
 
 def device_train_jsonl(data_path: str) -> Path:
