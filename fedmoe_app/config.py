@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -52,38 +52,6 @@ class MoEConfig:
     eval_top_k: int  # top-k of the global model in server-side evaluation
     usage_momentum: float  # fft_moe: share of the old global expert usage kept each round
     dispatch: str  # auto (fastest for the device and dtype) | loop (reference) | grouped_mm | segmented
-
-
-@dataclass(frozen=True)
-class HFedMoEConfig:
-    """HFedMoE's coefficients (DESIGN 5.2)."""
-
-    importance_mix: float  # lam in s_b(e) = lam * mean_i G_e(x_i) + (1 - lam) * max_i G_e(x_i)
-    ib_beta: float  # beta of the information-bottleneck penalty in I_b(e)
-    usage_threshold: float  # tau: a client's expert update counts if its usage u_c(e) >= tau
-    gate_weights: str  # normalised (alpha(c) summing to one) | raw (the paper's alpha(c))
-
-
-@dataclass(frozen=True)
-class UBSMoEConfig:
-    """UB-SMoE's switches and coefficients (DESIGN 5.3)."""
-
-    dmr: bool  # Dynamic Modulated Routing (false: plain top-K, the ablation)
-    pseudo_gradient: bool  # Universal Pseudo-Gradient for experts a batch left idle (false: the ablation)
-    candidates: float  # N_p = min(M, ceil(candidates * K)) experts per token whose logits are modulated
-    momentum: float  # zeta: share of the old modulation phi kept each round
-    phi_min: float  # the bounds the clients' regulariser keeps phi in
-    phi_max: float
-    bound_weight: float  # lam of the bound regulariser
-
-
-@dataclass(frozen=True)
-class HetLoRAConfig:
-    """HetLoRA's rank self-pruning (arXiv 2401.06432)."""
-
-    decay: float  # gamma: a node whose tail ranks shrank prunes its rank to floor(gamma * rank)
-    prune_weight: float  # lam of the self-pruning regulariser ||B_tail|| ||A_tail||
-    min_rank: int  # no node prunes below this rank
 
 
 @dataclass(frozen=True)
@@ -216,9 +184,6 @@ class RunConfig:
     resume: str  # run-name of a stopped run to continue from its checkpoint ('' = a new run)
     model: ModelConfig
     moe: MoEConfig
-    hfedmoe: HFedMoEConfig
-    ub_smoe: UBSMoEConfig
-    hetlora: HetLoRAConfig
     lora: LoRAConfig
     loss: LossConfig
     train: TrainConfig
@@ -229,6 +194,41 @@ class RunConfig:
     calibration: CalibrationConfig
     faults: FaultsConfig
     instruction: InstructionConfig
+    method: Any  # the strategy's own section (e.g. `hfedmoe:`, MethodSection), or None; also config.<its name>
+
+    def __getattr__(self, name: str) -> Any:
+        """The strategy's own section by its name (`config.hfedmoe`), as `method`."""
+        section = METHOD_SECTIONS.get(self.__dict__.get("strategy", ""))
+        if section is not None and name == section.attribute:
+            return self.method
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class MethodSection:
+    """A method's own config section: its YAML key, the dataclass its keys build, the check
+    of their values (raising ConfigError), and the file holding its defaults (the method's
+    conf file). Registered by the method's client half (`register_method_section`)."""
+
+    strategy: str
+    key: str  # e.g. 'ub-smoe'
+    cls: type
+    check: Callable[[Any], None]
+    defaults_file: str  # e.g. 'conf/ub_smoe.yaml'
+    choices: Mapping[str, tuple] = dataclasses.field(default_factory=dict)  # dotted key -> allowed values
+
+    @property
+    def attribute(self) -> str:
+        """The section's name on a RunConfig (`ub_smoe`)."""
+        return self.key.replace("-", "_")
+
+
+METHOD_SECTIONS: dict[str, MethodSection] = {}  # strategy name -> its section
+
+
+def register_method_section(section: MethodSection) -> None:
+    """Make `section` the strategy's own config section (a method's client half calls this)."""
+    METHOD_SECTIONS[section.strategy] = section
 
 
 FAULT_KINDS = ("raise", "hang", "garbage")
@@ -246,7 +246,6 @@ CHOICES = {
     "moe.dispatch": ("auto", "loop", "grouped_mm", "segmented"),
     "moe.experts": ("adapter", "backbone"),
     "moe.grouping": ("kmeans", "contiguous"),
-    "hfedmoe.gate-weights": ("normalised", "raw"),
     "federation.server-optimizer": ("avg", "avgm", "adam", "yogi"),
     "calibration.method": ("none", "ccvr"),
 }
@@ -304,18 +303,21 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, f in fields.items():
         path, annotation = prefix + key, hints[f.name]
+        if cls is RunConfig and f.name == "method":
+            kwargs[f.name] = None  # built by _validate, from the strategy's own section
+            continue
         if key not in values:
-            raise ConfigError(f"config key '{path}' is missing; conf/base.yaml lists every key with its default")
+            raise ConfigError(f"config key '{path}' is missing; conf/base.yaml lists every key with its default "
+                              "(a method's own section: the method's conf file)")
         if dataclasses.is_dataclass(annotation):
             if not isinstance(values[key], dict):
                 raise ConfigError(f"config key '{path}' must be a section (a mapping)")
             kwargs[f.name] = _build(annotation, values[key], path + ".")
         else:
             kwargs[f.name] = _check_type(path, values[key], annotation)
-        if path in CHOICES and kwargs[f.name] not in CHOICES[path]:
-            raise ConfigError(
-                f"config key '{path}' is {kwargs[f.name]!r}; allowed: {', '.join(CHOICES[path])}"
-            )
+        allowed = CHOICES.get(path) or next((c.choices[path] for c in METHOD_SECTIONS.values() if path in c.choices), None)
+        if allowed and kwargs[f.name] not in allowed:
+            raise ConfigError(f"config key '{path}' is {kwargs[f.name]!r}; allowed: {', '.join(allowed)}")
     return cls(**kwargs)
 
 
@@ -435,7 +437,24 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
 
 
 def _validate(values: dict[str, Any]) -> RunConfig:
-    config = _build(RunConfig, values)
+    import fedmoe_app.methods  # noqa: F401  (the methods register their own config sections)
+
+    strategy = values.get("strategy")
+    section = METHOD_SECTIONS.get(strategy) if isinstance(strategy, str) else None
+    values = dict(values)
+    for other in METHOD_SECTIONS.values():
+        if other is not section and other.key in values:
+            raise ConfigError(f"config section '{other.key}' belongs to strategy '{other.strategy}'; strategy is "
+                              f"{strategy!r}: remove it, or set strategy to '{other.strategy}'")
+    own = values.pop(section.key, None) if section else None
+    config = _build(RunConfig, {**values, "method": None})
+    if section is not None:
+        defaults_of = _read_yaml(resolve_path(section.defaults_file)).get(section.key) or {}
+        if own is not None and not isinstance(own, dict):
+            raise ConfigError(f"config key '{section.key}' must be a section (a mapping)")
+        built = _build(section.cls, _merge(defaults_of, own or {}), section.key + ".")
+        section.check(built)
+        config = dataclasses.replace(config, method=built)
     _check_ranges(config)
     return config
 
@@ -481,27 +500,6 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"config key 'eval.max-length' must be >= 0 (0: as in training), got {config.eval.max_length}")
     if not 0.0 <= config.moe.usage_momentum < 1.0:
         raise ConfigError(f"config key 'moe.usage-momentum' is {config.moe.usage_momentum}; allowed: [0, 1)")
-    if not 0.0 <= config.hfedmoe.importance_mix <= 1.0:
-        raise ConfigError(f"config key 'hfedmoe.importance-mix' is {config.hfedmoe.importance_mix}; allowed: [0, 1]")
-    for key in ("ib_beta", "usage_threshold"):
-        if getattr(config.hfedmoe, key) < 0:
-            raise ConfigError(f"config key 'hfedmoe.{_to_key(key)}' is {getattr(config.hfedmoe, key)}; allowed: >= 0")
-    ub = config.ub_smoe
-    if ub.candidates < 1:
-        raise ConfigError(f"config key 'ub-smoe.candidates' is {ub.candidates}; allowed: >= 1 (N_p is at least K)")
-    if not 0.0 <= ub.momentum < 1.0:
-        raise ConfigError(f"config key 'ub-smoe.momentum' is {ub.momentum}; allowed: [0, 1)")
-    if not ub.phi_min <= 0.0 <= ub.phi_max:
-        raise ConfigError(f"config keys 'ub-smoe.phi-min' and 'ub-smoe.phi-max' are {ub.phi_min}, {ub.phi_max}; "
-                          "allowed: phi-min <= 0 <= phi-max")
-    if ub.bound_weight < 0:
-        raise ConfigError(f"config key 'ub-smoe.bound-weight' is {ub.bound_weight}; allowed: >= 0")
-    if not 0.0 < config.hetlora.decay < 1.0:
-        raise ConfigError(f"config key 'hetlora.decay' is {config.hetlora.decay}; allowed: (0, 1)")
-    if config.hetlora.prune_weight < 0:
-        raise ConfigError(f"config key 'hetlora.prune-weight' is {config.hetlora.prune_weight}; allowed: >= 0")
-    if config.hetlora.min_rank < 1:
-        raise ConfigError(f"config key 'hetlora.min-rank' is {config.hetlora.min_rank}; allowed: >= 1")
     if not 0.0 <= config.faults.share <= 1.0:
         raise ConfigError(f"config key 'faults.share' is {config.faults.share}; allowed: [0, 1]")
     unknown = [k for k in config.faults.kinds if k not in FAULT_KINDS]
@@ -562,6 +560,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if isinstance(config, RunConfig) and f.name == "method":
+            if value is not None:
+                out[METHOD_SECTIONS[config.strategy].key] = config_to_dict(value)
+            continue
         if dataclasses.is_dataclass(value):
             value = config_to_dict(value)
         elif isinstance(value, tuple):

@@ -2,7 +2,8 @@
 
 A train or evaluate message holds ARRAYS (tensors) and CONFIG (RUN_CONFIG, SERVER_ROUND and
 whatever the method adds); a train reply holds ARRAYS (updates), METRICS and REQUEST (what the
-node asks of the server for the next round). A query reply holds NODE and BUDGET. A CALIBRATE
+node asks of the server for the next round). A method's own entries are spelled in its client
+half (fedmoe_app/methods/<name>.py), which its strategy imports. A query reply holds NODE and BUDGET. A CALIBRATE
 message holds the global ARRAYS and CONFIG; its reply holds ARRAYS (the FEATURE_* moments).
 """
 
@@ -40,8 +41,6 @@ ACCURACY = "accuracy"
 LOSS = "loss"
 RECALL = "recall"  # server-side evaluation: per-class recall, one per class of the head (NaN: no test row of it)
 
-# Routing statistics an MoE method reports (fedmoe_app.routing): routing slots per expert, flattened [L * M].
-ROUTED_TOKENS = "routed-tokens"
 
 # node_config keys (set per SuperNode, or per simulated node by Flower).
 PARTITION_ID = "partition-id"  # simulation: which partition of the dataset
@@ -50,22 +49,11 @@ DATA_PATH = "data-path"  # a device: its data folder
 DEVICE_TIER = "device-tier"  # a device: its tier in the devices file
 NODE_CLIENT_ID = "client-id"  # optional: the node's stable client id
 
-# FFT-MoE: the global expert usage sent down [L * M]; the experts a node asks to hold next round [L * held].
-GLOBAL_USAGE = "global-usage"
-NEXT_EXPERTS = "next-experts"
 
-# HFedMoE: per-expert usage u_c(e) (mean gate probability) and importance s_c(e) a node reports [L * M].
-EXPERT_USAGE = "expert-usage"
-EXPERT_IMPORTANCE = "expert-importance"
 
-# UB-SMoE: the server's routing modulation phi sent down [L * M].
-MODULATION = "modulation"
 
 # Head calibration reply ARRAYS: per class the training rows [C], the head-input feature mean
 # [C, D] and unbiased covariance [C, D, D] under the global model (fedmoe_app.calibration).
 FEATURE_COUNT = "feature-count"
 FEATURE_MEAN = "feature-mean"
 FEATURE_COV = "feature-cov"
-
-# HetLoRA: the LoRA rank a node asks to train at next round (after self-pruning).
-LORA_RANK = "lora-rank"

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app import messages as msg
+from fedmoe_app.methods.fft_moe import GLOBAL_USAGE
+from fedmoe_app.methods.moe import ROUTED_TOKENS
 from fedmoe_app.config import RunConfig
 from fedmoe_app.records import flatten, unflatten
 from fedmoe_app.names import expert_of, router_layer
@@ -39,12 +40,12 @@ class FFTMoE(ExpertSubsetStrategy):
 
     def config_for(self, node: Node, server_round: int) -> dict:
         """The global expert usage the heterogeneity-aware loss pulls routing toward."""
-        return {msg.GLOBAL_USAGE: flatten(self.global_usage)}
+        return {GLOBAL_USAGE: flatten(self.global_usage)}
 
     def weights_for(self, reply: Reply) -> dict[str, Weight]:
         """Experts by training rows x routing share, router rows likewise per row, the rest by rows."""
         rows = float(examples(reply))
-        share = expert_shares(unflatten(reply.metrics[msg.ROUTED_TOKENS], self.num_layers))
+        share = expert_shares(unflatten(reply.metrics[ROUTED_TOKENS], self.num_layers))
         weights: dict[str, Weight] = {}
         for key in reply.arrays:
             expert, layer = expert_of(key), router_layer(key)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app import messages as msg
+from fedmoe_app.methods.hetlora import LORA_RANK
 from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
 from fedmoe_app.names import lora_pairs
@@ -31,7 +31,7 @@ class HetLoRA(SparseStrategy):
     """Heterogeneous-rank LoRA: zero-padding, sparsity-weighted aggregation, truncation, self-pruning."""
 
     name = "hetlora"
-    method_requests = (msg.LORA_RANK,)
+    method_requests = (LORA_RANK,)
 
     def __init__(self, config: RunConfig, num_layers: int, **hooks) -> None:
         super().__init__(config, num_layers, **hooks)
@@ -51,11 +51,11 @@ class HetLoRA(SparseStrategy):
         unpaired = unpaired_lora(reply.arrays)
         if unpaired:
             raise MalformedReply(f"tensor '{unpaired[0]}' came without the other factor of its LoRA module")
-        rank = reply.request.get(msg.LORA_RANK)
+        rank = reply.request.get(LORA_RANK)
         trained = self.rank_for(reply.node)
         lowest = min(self.config.hetlora.min_rank, trained)
         if rank is not None and not (isinstance(rank, int) and not isinstance(rank, bool) and lowest <= rank <= trained):
-            raise MalformedReply(f"request '{msg.LORA_RANK}' is {rank!r}; allowed: an integer from {lowest} to {trained}")
+            raise MalformedReply(f"request '{LORA_RANK}' is {rank!r}; allowed: an integer from {lowest} to {trained}")
 
     def contribution(self, reply: Reply) -> Contribution:
         """The reply's LoRA modules zero-padded to r_max, each weighted by ||B_k A_k||_F; the
@@ -78,7 +78,7 @@ class HetLoRA(SparseStrategy):
     def update_state(self, replies: list[Reply]) -> None:
         """Each node's rank for the next round: what it asked for."""
         for reply in replies:
-            rank = reply.request.get(msg.LORA_RANK)
+            rank = reply.request.get(LORA_RANK)
             if rank is not None:
                 self.ranks[reply.node.client_id] = int(rank)
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app import messages as msg
+from fedmoe_app.methods.hfedmoe import EXPERT_IMPORTANCE, EXPERT_USAGE
+from fedmoe_app.methods.moe import ROUTED_TOKENS
 from fedmoe_app.records import unflatten
 from fedmoe_app.names import expert_of, held_experts, router_layer
 from strategies.core import Weight
@@ -31,13 +32,13 @@ class HFedMoE(ExpertSubsetStrategy):
     """Usage-filtered expert averaging and importance-weighted gate averaging."""
 
     name = "hfedmoe"
-    method_metrics = (msg.ROUTED_TOKENS, msg.EXPERT_USAGE, msg.EXPERT_IMPORTANCE)
+    method_metrics = (ROUTED_TOKENS, EXPERT_USAGE, EXPERT_IMPORTANCE)
 
     def check_reply(self, reply: Reply) -> None:
         """Besides routing counts and next experts: usage and importance, L x M numbers in [0, 1]."""
         super().check_reply(reply)
         size = self.num_layers * self.config.moe.num_experts
-        for key in (msg.EXPERT_USAGE, msg.EXPERT_IMPORTANCE):
+        for key in (EXPERT_USAGE, EXPERT_IMPORTANCE):
             values = reply.metrics.get(key)
             if not (isinstance(values, list) and len(values) == size and all(
                     isinstance(x, float) and 0.0 <= x <= 1.0 for x in values)):
@@ -47,8 +48,8 @@ class HFedMoE(ExpertSubsetStrategy):
     def gate_weights(self, reply: Reply) -> np.ndarray:
         """[L] alpha(c) of each layer's router: the sum over the experts it trained (S_c) of
         u_c(e) s_c(e), over M."""
-        usage = unflatten(reply.metrics[msg.EXPERT_USAGE], self.num_layers)
-        importance = unflatten(reply.metrics[msg.EXPERT_IMPORTANCE], self.num_layers)
+        usage = unflatten(reply.metrics[EXPERT_USAGE], self.num_layers)
+        importance = unflatten(reply.metrics[EXPERT_IMPORTANCE], self.num_layers)
         trained = held_experts(list(reply.arrays), self.num_layers)
         return np.array([(usage[i, rows] * importance[i, rows]).sum() / self.config.moe.num_experts
                          for i, rows in enumerate(trained)])
@@ -57,7 +58,7 @@ class HFedMoE(ExpertSubsetStrategy):
         """Experts by training rows where u_c(e) >= tau (else 0); router rows the node held
         by alpha(c); the rest by training rows."""
         rows = float(examples(reply))
-        usage = unflatten(reply.metrics[msg.EXPERT_USAGE], self.num_layers)
+        usage = unflatten(reply.metrics[EXPERT_USAGE], self.num_layers)
         tau = self.config.hfedmoe.usage_threshold
         alpha = self.gate_weights(reply)
         held = self.held_by(reply)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app import messages as msg
+from fedmoe_app.methods.moe import NEXT_EXPERTS, ROUTED_TOKENS
 from fedmoe_app.config import RunConfig
 from fedmoe_app.records import unflatten
 from fedmoe_app.names import held_experts, router_layer, select_keys
@@ -35,8 +35,8 @@ from strategies.replies import MalformedReply, Node, Reply
 class ExpertSubsetStrategy(SparseStrategy):
     """Sparse MoE layers with personalised, budget-sized expert subsets."""
 
-    method_metrics = (msg.ROUTED_TOKENS,)
-    method_requests = (msg.NEXT_EXPERTS,)
+    method_metrics = (ROUTED_TOKENS,)
+    method_requests = (NEXT_EXPERTS,)
 
     def __init__(self, config: RunConfig, num_layers: int, **hooks) -> None:
         super().__init__(config, num_layers, **hooks)
@@ -65,11 +65,11 @@ class ExpertSubsetStrategy(SparseStrategy):
         """Routed tokens: L x M counts >= 0; the experts asked for next round, if any:
         per layer as many as the node holds, distinct, each in [0, M)."""
         num_experts = self.config.moe.num_experts
-        routed = reply.metrics.get(msg.ROUTED_TOKENS)
+        routed = reply.metrics.get(ROUTED_TOKENS)
         if not (isinstance(routed, list) and len(routed) == self.num_layers * num_experts
                 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in routed)):
-            raise MalformedReply(f"metric '{msg.ROUTED_TOKENS}' is not {self.num_layers} x {num_experts} counts >= 0")
-        requested = reply.request.get(msg.NEXT_EXPERTS)
+            raise MalformedReply(f"metric '{ROUTED_TOKENS}' is not {self.num_layers} x {num_experts} counts >= 0")
+        requested = reply.request.get(NEXT_EXPERTS)
         if requested is None:
             return
         held = min(reply.node.budget.experts_held, num_experts)
@@ -77,7 +77,7 @@ class ExpertSubsetStrategy(SparseStrategy):
         if not (isinstance(requested, list) and len(requested) == self.num_layers * held
                 and all(len(set(layer)) == held and all(isinstance(e, int) and 0 <= e < num_experts for e in layer)
                         for layer in layers)):
-            raise MalformedReply(f"request '{msg.NEXT_EXPERTS}' is not {held} distinct experts in [0, {num_experts}) "
+            raise MalformedReply(f"request '{NEXT_EXPERTS}' is not {held} distinct experts in [0, {num_experts}) "
                                  f"for each of {self.num_layers} layers")
 
     def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
@@ -92,7 +92,7 @@ class ExpertSubsetStrategy(SparseStrategy):
 
     def utilisation(self, replies: list[Reply]) -> np.ndarray | None:
         """[L, M] share of routed tokens per expert over the replies, or None without replies."""
-        return utilisation([unflatten(r.metrics[msg.ROUTED_TOKENS], self.num_layers) for r in replies])
+        return utilisation([unflatten(r.metrics[ROUTED_TOKENS], self.num_layers) for r in replies])
 
     def held_by(self, reply: Reply) -> list[list[int]]:
         """The experts per layer the replying node held: those it was sent (its reply holds
@@ -132,7 +132,7 @@ class ExpertSubsetStrategy(SparseStrategy):
     def update_state(self, replies: list[Reply]) -> None:
         """Each node's next subset: what it asked for."""
         for reply in replies:
-            requested = reply.request.get(msg.NEXT_EXPERTS)
+            requested = reply.request.get(NEXT_EXPERTS)
             if requested:
                 subset = np.asarray(requested, dtype=int).reshape(self.num_layers, -1)
                 self.subsets[reply.node.client_id] = [sorted(row.tolist()) for row in subset]

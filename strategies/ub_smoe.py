@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app import messages as msg
+from fedmoe_app.methods.moe import ROUTED_TOKENS
+from fedmoe_app.methods.ub_smoe import MODULATION
 from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.ub_smoe import active_experts, max_active_experts
@@ -74,7 +75,7 @@ class UBSMoE(ExpertSubsetStrategy):
 
     def config_for(self, node: Node, server_round: int) -> dict:
         """The modulation phi (with DMR on)."""
-        return {msg.MODULATION: flatten(self.phi)} if self.config.ub_smoe.dmr else {}
+        return {MODULATION: flatten(self.phi)} if self.config.ub_smoe.dmr else {}
 
     def utilisation_of(self, replies: list[Reply]) -> tuple[np.ndarray, np.ndarray] | None:
         """(u, u*) of the replies' routing, or None without replies holding training rows."""
@@ -82,7 +83,7 @@ class UBSMoE(ExpertSubsetStrategy):
             return None
         k_max = max_active_experts(self.config)
         return utilisation_and_target(
-            [unflatten(r.metrics[msg.ROUTED_TOKENS], self.num_layers) for r in replies],
+            [unflatten(r.metrics[ROUTED_TOKENS], self.num_layers) for r in replies],
             [active_experts(r.node.budget.compute_share, k_max) for r in replies],
             [float(examples(r)) for r in replies])
 

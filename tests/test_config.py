@@ -56,7 +56,7 @@ def test_a_named_dataset_is_not_read_from_the_default_datasets_copy():
 
 def test_defaults_live_only_in_base_yaml():
     sections = [RunConfig] + [t for t in typing.get_type_hints(RunConfig).values() if dataclasses.is_dataclass(t)]
-    assert len(sections) == 16
+    assert len(sections) == 13
     for cls in sections:
         for f in dataclasses.fields(cls):
             no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -191,3 +191,20 @@ def test_fault_injection_is_off_by_default_and_checked():
         load_config("conf/fft_moe.yaml", "faults.kinds=[explode]")
     with pytest.raises(ConfigError, match=r"'faults.share' is 1.5; allowed: \[0, 1\]"):
         load_config("conf/fft_moe.yaml", "faults.share=1.5")
+
+
+def test_a_methods_own_section_lives_with_the_method_and_its_conf_file():
+    # defaults come from the method's conf file, also when only `strategy` names the method
+    from fedmoe_app.methods.ub_smoe import UBSMoEConfig
+
+    named = load_config("conf/fft_moe.yaml", "strategy=ub_smoe ub-smoe.momentum=0.5")
+    assert isinstance(named.method, UBSMoEConfig) and named.ub_smoe is named.method
+    assert (named.ub_smoe.momentum, named.ub_smoe.candidates) == (0.5, 2.0)  # 2.0: conf/ub_smoe.yaml's default
+    assert config_from_yaml(config_to_yaml(named)) == named and "ub-smoe:" in config_to_yaml(named)
+    assert load_config("conf/fedavg_lora.yaml").method is None
+    with pytest.raises(AttributeError):
+        load_config("conf/fft_moe.yaml").ub_smoe  # another method's section is not there
+    with pytest.raises(ConfigError, match="config section 'hetlora' belongs to strategy 'hetlora'; strategy is 'fft_moe'"):
+        load_config("conf/fft_moe.yaml", "hetlora.decay=0.5")
+    with pytest.raises(ConfigError, match=r"config key 'ub-smoe.momentum' is 1.0; allowed: \[0, 1\)"):
+        load_config("conf/ub_smoe.yaml", "ub-smoe.momentum=1.0")

@@ -152,7 +152,7 @@ def test_hetlora_prunes_when_the_regulariser_shrank_the_tail_and_keeps_its_rank_
         for a, b in method.factors:
             b[:, 4:] *= 2  # the task grew the tail
     assert method.next_rank() == 8
-    config = dataclasses.replace(tiny_config, hetlora=dataclasses.replace(tiny_config.hetlora, min_rank=6))
+    config = dataclasses.replace(tiny_config, method=dataclasses.replace(tiny_config.hetlora, min_rank=6))
     method, model = hetlora_client(config, rank=8)
     with torch.no_grad():
         for a, b in method.factors:

@@ -184,7 +184,7 @@ def test_idle_experts_get_the_pseudo_gradient_and_move_and_are_sent(backbone):
 
 
 def test_without_pseudo_gradients_idle_experts_stay_and_are_not_sent(tiny_config):
-    config = dataclasses.replace(tiny_config, ub_smoe=dataclasses.replace(tiny_config.ub_smoe, pseudo_gradient=False))
+    config = dataclasses.replace(tiny_config, method=dataclasses.replace(tiny_config.ub_smoe, pseudo_gradient=False))
     method, seen, before, after = one_step(config, "rpi4")
     routed = {(l, e) for l, route in enumerate(seen["routes"]) for e in range(8) if route.tokens_per_expert[e] > 0}
     for layer, grad in enumerate(seen["grads"]):

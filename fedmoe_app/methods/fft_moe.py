@@ -15,12 +15,14 @@ from typing import Any, Sequence
 
 import torch
 
-from fedmoe_app import messages as msg
 from fedmoe_app.config import LossConfig
 from fedmoe_app.losses import heterogeneity_loss, heterogeneity_weight, load_balancing_loss, router_z_loss
 from fedmoe_app.methods.moe import MoEClient
 from fedmoe_app.model import AdapterModel
 from fedmoe_app.moe import RouterOutput
+
+
+GLOBAL_USAGE = "global-usage"  # train message config: the global expert usage, flattened [L * M]
 
 
 class FFTMoEClient(MoEClient):
@@ -30,7 +32,7 @@ class FFTMoEClient(MoEClient):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.global_usage = self.layer_matrix(msg.GLOBAL_USAGE)
+        self.global_usage = self.layer_matrix(GLOBAL_USAGE)
         self.het_weight = heterogeneity_weight(self.group_counts, self.budget.experts_held, self.config.moe.num_experts)
 
     def loss_terms(self, model: AdapterModel) -> torch.Tensor:

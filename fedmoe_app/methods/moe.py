@@ -10,13 +10,18 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fedmoe_app import messages as msg
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import AdapterModel, num_layers
 from fedmoe_app.names import expert_rank_of
 from fedmoe_app.records import unflatten
 from fedmoe_app.names import held_experts
 from fedmoe_app.routing import RoutingStats
+
+
+# Train reply: the routing slots each expert received, flattened [L * M] (metric); the experts a
+# node asks to hold next round, [L * experts-held] (request).
+ROUTED_TOKENS = "routed-tokens"
+NEXT_EXPERTS = "next-experts"
 
 
 class MoEClient(ClientMethod):
@@ -64,5 +69,5 @@ class MoEClient(ClientMethod):
             return {}, {}
         held = self.budget.experts_held
         preferred = [sorted(np.argsort(-row, kind="stable")[:held].tolist()) for row in self.preference()]
-        return ({msg.ROUTED_TOKENS: [int(x) for x in self.routing.routed_tokens.reshape(-1)]},
-                {msg.NEXT_EXPERTS: [e for layer in preferred for e in layer]})
+        return ({ROUTED_TOKENS: [int(x) for x in self.routing.routed_tokens.reshape(-1)]},
+                {NEXT_EXPERTS: [e for layer in preferred for e in layer]})
