@@ -24,13 +24,14 @@ from pathlib import Path
 
 import yaml
 
+from bench.archive import runs_folder
 from bench.headline import is_moe, lowest_recall
 from bench.paired import finished_runs, paired, spread
 from fedmoe_app.calibration import calibrated_head
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import ConfigError, config_from_dict, resolve_path
 from fedmoe_app.methods import method_class
-from fedmoe_app.model import num_labels_of
+from fedmoe_app.names import num_labels_of
 from fedmoe_app.records import to_record
 from fedmoe_app.results import ADAPTER_FILE, CONFIG_FILE, SUMMARY_FILE, load_adapter, to_json_safe
 from fedmoe_app.server import GlobalEvaluator
@@ -82,7 +83,8 @@ def table(measured: dict[str, dict[int, dict]]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True, help="a folder of finished runs named <strategy>-<partition>-<mix>-s<seed>")
+    parser.add_argument("--runs", required=True, help="a folder of finished runs named <strategy>-<partition>-<mix>-s<seed>, "
+                        "or a .tar.gz of one (docs/runs keeps no adapter.safetensors, which this needs)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--partition", default="dir0.1")
     parser.add_argument("--mix", default="mixed")
@@ -93,9 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise ConfigError(f"--strategies names {unknown}; allowed: {', '.join(sorted(STRATEGIES))}")
-    runs, out = resolve_path(args.runs), resolve_path(args.out)
-    if not runs.is_dir():
-        raise ConfigError(f"--runs is {str(runs)!r}, which is not a folder of runs")
+    out = resolve_path(args.out)
+    try:
+        runs = runs_folder(resolve_path(args.runs))
+    except FileNotFoundError as error:
+        raise ConfigError(f"--runs: {error}") from None
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "calibration.json"
     done = {r["run"]: r for r in json.loads(saved.read_text())["runs"]} if saved.is_file() else {}

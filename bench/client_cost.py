@@ -31,6 +31,7 @@ from fedmoe_app.model import num_layers, state_to_numpy
 from fedmoe_app.records import record_nbytes, to_record, updates_from
 from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.train import model_device, to_device, train_local
+from fedmoe_app.tasks.classification import classifier_loss
 from strategies import make_strategy
 from strategies.base import Node
 
@@ -75,8 +76,8 @@ def reference_shape_cost(task: ClientTask, down, server, config) -> dict:
                                    group_by_length=config.train.group_by_length))
     method = task.method(server)
     model = task.model(method, down)
-    train_local(model, batches[:1], 1, config.train.lr, 0.0, method)  # warm-up: kernels for this shape
-    timed = train_local(model, batches[1:], REFERENCE_STEPS, config.train.lr, 0.0, task.method(server))
+    train_local(model, batches[:1], 1, config.train.lr, 0.0, method, classifier_loss())  # warm-up: kernels for this shape
+    timed = train_local(model, batches[1:], REFERENCE_STEPS, config.train.lr, 0.0, task.method(server), classifier_loss())
     flops, ffn_share = step_flops(task.model(method, down), batches[:FLOP_BATCHES], method)
     return {"reference_batch": REFERENCE_BATCH, "reference_step_seconds": timed.step_seconds,
             "reference_step_gflops": flops / 1e9, "reference_ffn_share": ffn_share}

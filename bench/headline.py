@@ -2,7 +2,8 @@
 per-seed differences of every MoE method against every baseline (95% t-intervals), the
 final global model's recall per class, and each seed's label mix per client.
 
-`make bench` writes it into its report; on its own, from a folder of finished runs:
+`make bench` writes it into its report; on its own, from a folder of finished runs (or a
+.tar.gz of one, such as docs/runs/issue15/full-runs.tar.gz):
 Usage: python -m bench.headline --runs results/bench/full-runs --data-dir ../shared/data/ag_news
        [--strategies fft_moe,head_only]
 Prints Markdown.
@@ -15,6 +16,7 @@ import math
 from pathlib import Path
 from statistics import mean
 
+from bench.archive import runs_folder
 from bench.learning import cell_metrics, strategy_file
 from bench.paired import finished_runs, paired, spread
 from bench.suites import HEADLINE, PARTITIONS
@@ -68,7 +70,7 @@ def label_mix(seeds: list[int], num_clients: int, data_dir: str, overrides: str 
     for seed in seeds:
         config = load_config(strategy_file("head_only"), " ".join(filter(None, [
             f"seed={seed}", PARTITIONS[HEADLINE[0]], f"data.data-dir={data_dir}" if data_dir else "", overrides])))
-        mix[seed] = [list(load_client_data(config.data, seed, client, num_clients).label_counts)
+        mix[seed] = [list(load_client_data(config.data, seed, client, num_clients).group_counts)
                      for client in range(num_clients)]
     return mix
 
@@ -102,17 +104,19 @@ def main(argv: list[str] | None = None) -> None:
     from strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True)
+    parser.add_argument("--runs", required=True, help="a folder of finished runs, or a .tar.gz of one")
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--num-clients", type=int, default=10)
     args = parser.parse_args(argv)
     strategies = args.strategies.split(",")
     unknown = [s for s in strategies if s not in STRATEGIES]
-    runs = resolve_path(args.runs)
-    if unknown or not runs.is_dir():
-        raise ConfigError(f"--strategies names {unknown}; allowed: {', '.join(sorted(STRATEGIES))}" if unknown else
-                          f"--runs is {str(runs)!r}, which is not a folder of runs")
+    if unknown:
+        raise ConfigError(f"--strategies names {unknown}; allowed: {', '.join(sorted(STRATEGIES))}")
+    try:
+        runs = runs_folder(resolve_path(args.runs))
+    except FileNotFoundError as error:
+        raise ConfigError(f"--runs: {error}") from None
     cells = finished_cells(runs, strategies)
     strategies = [s for s in strategies if any(c["strategy"] == s for c in cells)]
     rows = []

@@ -16,11 +16,13 @@ from fedmoe_app.config import RunConfig, load_config
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits
 from fedmoe_app.methods import method_class
-from fedmoe_app.model import load_tokenizer, state_to_numpy
+from fedmoe_app.model import state_to_numpy
+from fedmoe_app.backbones import load_tokenizer
 from fedmoe_app.records import to_record
 from fedmoe_app.results import SUMMARY_FILE, read_rounds
 from fedmoe_app.server import GlobalEvaluator
 from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss
 
 CEILING_BATCH_SIZE = 32
 
@@ -164,7 +166,7 @@ def train_centralised(config: RunConfig, steps: int, batch_size: int = CEILING_B
     batches = iterate_batches(train_set, batch_size, tokenizer.pad_token_id, shuffle=True, seed=config.seed,
                               num_batches=steps, group_by_length=config.train.group_by_length)
     started = time.perf_counter()
-    result = train_local(model, batches, steps, config.train.lr, config.train.weight_decay, method)
+    result = train_local(model, batches, steps, config.train.lr, config.train.weight_decay, method, classifier_loss())
     seconds = time.perf_counter() - started
     evaluation = GlobalEvaluator(config, model)(config.rounds, to_record(state_to_numpy(model)))
     return {"accuracy": evaluation["accuracy"], "steps": result.steps, "batch_size": batch_size,

@@ -25,7 +25,8 @@ from bench.run import machine
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.config import load_config
 from fedmoe_app.data import load_splits
-from fedmoe_app.model import AdapterClassifier, build_model, load_tokenizer
+from fedmoe_app.model import AdapterClassifier, build_model
+from fedmoe_app.backbones import load_tokenizer
 
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 PROBE_L2 = 1e-3

@@ -6,7 +6,8 @@ strategies with 95% t-intervals.
 Usage: python -m bench.paired --runs results/bench/skew-runs --strategies hfedmoe,fft_moe,fedavg_lora,head_only
        [--partitions dir0.1,dir0.5,iid] [--mix mixed]
 Prints Markdown (run directories are named <strategy>-<partition>-<mix>-s<seed>, as the
-benchmark suites write them).
+benchmark suites write them). --runs is such a folder or an archive of it
+(docs/runs/issue15/full-runs.tar.gz; bench/archive.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import json
 import re
 from pathlib import Path
 from statistics import mean, stdev
+
+from bench.archive import runs_folder
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1-10).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -29,9 +32,10 @@ def final_record(run_dir: Path) -> dict:
 
 def finished_runs(runs: Path) -> list[tuple[dict[str, str], Path]]:
     """(name fields: strategy, partition, mix, seed; folder) of every finished run in `runs`
-    named as the benchmark suites name them, in name order."""
+    (a folder of runs or an archive of one, `bench.archive.runs_folder`) named as the
+    benchmark suites name them, in name order."""
     found = []
-    for run_dir in sorted(runs.iterdir()):
+    for run_dir in sorted(runs_folder(runs).iterdir()):
         match = RUN_NAME.match(run_dir.name)
         if match and (run_dir / "summary.json").is_file():
             found.append((match.groupdict(), run_dir))
@@ -104,7 +108,7 @@ def report(runs: Path, strategies: list[str], partitions: list[str], mix: str) -
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True)
+    parser.add_argument("--runs", required=True, help="a folder of finished runs, or a .tar.gz of one")
     parser.add_argument("--strategies", required=True)
     parser.add_argument("--partitions", default="dir0.1,dir0.5,iid")
     parser.add_argument("--mix", default="mixed")

@@ -12,9 +12,11 @@ from fedmoe_app.config import RunConfig
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.data import load_splits, load_test_set
 from fedmoe_app.methods import method_class
-from fedmoe_app.model import build_model, load_tokenizer, num_layers
+from fedmoe_app.model import build_model, num_layers
+from fedmoe_app.backbones import load_tokenizer
 from fedmoe_app.server import eval_max_length
-from fedmoe_app.train import evaluate, train_local
+from fedmoe_app.train import train_local
+from fedmoe_app.tasks.classification import classifier_loss, evaluate_classifier
 
 
 def _real_token_share(batches: list[dict]) -> float:
@@ -35,7 +37,7 @@ def evaluation_speedup(config: RunConfig, repeats: int = 2) -> dict:
         times, result = [], None
         for _ in range(repeats):
             start = time.perf_counter()
-            result = evaluate(model, batches)
+            result = evaluate_classifier(model, batches)
             times.append(time.perf_counter() - start)
         out[label] = {"seconds": min(times), "accuracy": result.accuracy, "real_token_share": _real_token_share(batches)}
     out["speedup"] = out["before"]["seconds"] / out["after"]["seconds"]
@@ -57,8 +59,8 @@ def training_step_speedup(config: RunConfig, tier: str, steps: int = 12) -> dict
         batches = list(iterate_batches(train, budget.batch_size, tokenizer.pad_token_id, shuffle=True,
                                        seed=config.seed, num_batches=steps + 1, group_by_length=grouped))
         method = method_class("fft_moe")(config, budget, [], {})
-        train_local(model, batches[:1], 1, config.train.lr, 0.0, method)  # warm-up
-        result = train_local(model, batches[1:], steps, config.train.lr, 0.0, method)
+        train_local(model, batches[:1], 1, config.train.lr, 0.0, method, classifier_loss())  # warm-up
+        result = train_local(model, batches[1:], steps, config.train.lr, 0.0, method, classifier_loss())
         out[label] = {"step_seconds": result.step_seconds, "real_token_share": _real_token_share(batches[1:])}
     out["speedup"] = out["before"]["step_seconds"] / out["after"]["step_seconds"]
     return out

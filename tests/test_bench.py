@@ -238,3 +238,73 @@ def test_cost_sections_are_kept_and_reused_until_the_strategies_change_or_fresh(
     assert costs(["head_only"], "train.threads=2")["measured"] == "call 4"
     assert measured == [(["fft_moe", "head_only"], ""), (["head_only"], ""), (["head_only"], ""),
                         (["head_only"], "train.threads=2")]
+
+
+def fake_run(runs, name, records):
+    """A finished run folder as the suites write it: metrics.jsonl, summary.json, config.yaml."""
+    run_dir = runs / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "summary.json").write_text(json.dumps({"final_global_accuracy": records[-1]["global_accuracy"]}))
+    (run_dir / "config.yaml").write_text(f"run-name: {name}\n")
+    return run_dir
+
+
+def test_an_archive_of_runs_reads_as_the_folder_it_was_packed_from(tmp_path, capsys):
+    """docs/runs keeps each benchmark's runs as one .tar.gz; bench.paired (and through it
+    bench.headline and bench.calibration) read it as they read the folder."""
+    import tarfile
+
+    from bench import paired
+    from bench.archive import runs_folder
+
+    folder = tmp_path / "full-runs"
+    last = lambda acc, mean: {"round": 2, "global_accuracy": acc, "client_accuracy_mean": mean,  # noqa: E731
+                              "client_accuracy_worst": mean - 0.1, "client_accuracy": {"rpi4": mean}}
+    fake_run(folder, "fft_moe-dir0.1-mixed-s0", [{"round": 1, "global_accuracy": 0.5}, last(0.8, 0.9)])
+    fake_run(folder, "head_only-dir0.1-mixed-s0", [{"round": 1, "global_accuracy": 0.4}, last(0.7, 0.75)])
+    (folder / "head_only-dir0.1-mixed-s1").mkdir()  # unfinished (no summary.json): skipped by both
+    (folder / "costs.json").write_text("{}")  # not a run: skipped by both
+    archive = tmp_path / "full-runs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+
+    assert runs_folder(folder) == folder
+    unpacked = runs_folder(archive)
+    assert unpacked != folder and runs_folder(archive) == unpacked  # extracted once per process
+    from_folder, from_archive = paired.finished_runs(folder), paired.finished_runs(archive)
+    assert [name for name, _ in from_archive] == [name for name, _ in from_folder] == [
+        {"strategy": "fft_moe", "partition": "dir0.1", "mix": "mixed", "seed": "0"},
+        {"strategy": "head_only", "partition": "dir0.1", "mix": "mixed", "seed": "0"}]
+    for (_, mine), (_, theirs) in zip(from_archive, from_folder):
+        assert mine.name == theirs.name and mine.parent == unpacked
+        assert (mine / "metrics.jsonl").read_bytes() == (theirs / "metrics.jsonl").read_bytes()
+    found = paired.collect(archive, "mixed")
+    assert found == paired.collect(folder, "mixed")
+    assert found[("fft_moe", "dir0.1")][0]["global_accuracy"] == 0.8  # the last round's record
+    assert found[("head_only", "dir0.1")][0]["client_accuracy_mean"] == 0.75
+
+    paired.main(["--runs", str(archive), "--strategies", "fft_moe,head_only", "--partitions", "dir0.1"])
+    printed = capsys.readouterr().out
+    assert printed == paired.report(folder, ["fft_moe", "head_only"], ["dir0.1"], "mixed") + "\n"
+    assert "| fft_moe | 1 | 80.0 | 90.0 | 80.0 | 90.0 |" in printed
+    assert "- fft_moe - head_only: global +10.0 (1 seed); personalised +15.0 (1 seed)" in printed
+    with pytest.raises(FileNotFoundError, match="neither a folder of runs nor an archive"):
+        runs_folder(tmp_path / "missing.tar.gz")
+
+
+def test_the_run_records_kept_in_docs_are_small_archives_the_reports_read():
+    """docs/runs keeps one archive per benchmark (issue 27); each stays far below 2 MB and
+    reads as a folder of finished runs: the headline cell's 35 runs among the full suite's."""
+    from bench.paired import finished_runs
+    from fedmoe_app.config import APP_DIR
+
+    archives = sorted((APP_DIR / "docs" / "runs").rglob("*.tar.gz"))
+    assert [a.relative_to(APP_DIR / "docs" / "runs").as_posix() for a in archives] == [
+        "issue14/budgets-runs.tar.gz", "issue15/full-runs.tar.gz", "issue15/remedies-runs-500-rows.tar.gz"]
+    assert all(a.stat().st_size < 2_000_000 for a in archives)
+    runs = {a.name: finished_runs(a) for a in archives}
+    assert len(runs["budgets-runs.tar.gz"]) == 42 and len(runs["remedies-runs-500-rows.tar.gz"]) == 9
+    headline = [name for name, _ in runs["full-runs.tar.gz"] if (name["partition"], name["mix"]) == HEADLINE]
+    assert len(headline) == 35 and {n["seed"] for n in headline} == {"0", "1", "2", "3", "4"}

@@ -137,3 +137,25 @@ def test_fuzz_hostile_replies_are_rejected_and_change_nothing(strategy_name):
         for key in reference:
             np.testing.assert_array_equal(new[key], reference[key], err_msg=f"{kind} moved {key}")
     assert len(kinds) >= 15  # (nearly) every kind of hostility was drawn
+
+
+def test_fuzz_hostile_causal_lm_evaluate_replies_are_failures_and_change_nothing():
+    """Personalised evaluations of the instruction task: accuracy in [0, 1], loss >= 0, rows a
+    count; a hostile one is its node's failure and the aggregate is the good ones' alone."""
+    strategy = make_strategy(load_config("conf/ub_smoe.yaml,conf/instruction.yaml", "moe.num-experts=2"), num_layers=1)
+    budget = load_tiers("conf/devices-llm.yaml")["rpi4"]
+    strategy.nodes = {n: Node(n, f"client-{n}", budget, 100) for n in (1, 2, HOSTILE)}
+    good = [message(1, RecordDict({"metrics": MetricRecord({"num-examples": 10, "accuracy": 0.5, "loss": 2.0})})),
+            message(2, RecordDict({"metrics": MetricRecord({"num-examples": 30, "accuracy": 0.3, "loss": 3.0})}))]
+    rng = random.Random("fuzz-causal-lm-eval")
+    for _ in range(60):
+        metrics = {"num-examples": 10, "accuracy": 0.9, "loss": 1.0}
+        key = rng.choice(["accuracy", "loss", "num-examples"])
+        metrics[key] = rng.choice([float("nan"), float("inf"), -1.0, 1.5 if key == "accuracy" else -0.5, [0.5],
+                                   *([10**15 + 0.5, 2.0] if key == "num-examples" else [])])
+        if rng.random() < 0.2:
+            del metrics[rng.choice(sorted(metrics))]
+        strategy.round.eval_messages, strategy.round.failures = [], []
+        record = strategy.aggregate_evaluate(1, good + [message(HOSTILE, RecordDict({"metrics": MetricRecord(metrics)}))])
+        assert [f["node_id"] for f in strategy.round.failures] == [str(HOSTILE)], metrics
+        assert record["accuracy-mean"] == pytest.approx((10 * 0.5 + 30 * 0.3) / 40) and record["accuracy-worst"] == 0.3

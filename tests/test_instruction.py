@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedmoe_app.backbones import DENSE_DECODERS, MOE_DECODERS, load_backbone, load_tokenizer
@@ -25,7 +24,7 @@ from fedmoe_app.tasks.instruction import (causal_lm_loss, encode_choices, encode
 from fedmoe_app.tasks.instruction_data import InstructionRows, prompt_of, read_jsonl
 from strategies import make_strategy
 
-from conftest import COMMONSENSE_DIR, InProcessGrid
+from conftest import InProcessGrid
 
 ROW = {"instruction": "Is the sky blue?\n\nAnswer format: answer1/answer2", "input": "",
        "output": "the correct answer is answer2", "answer": "answer2", "source": "toy"}

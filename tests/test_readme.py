@@ -1,8 +1,9 @@
-"""Every command the README shows is run here, in a short version: a tiny random backbone
-(MiniLM for `make run` itself), one round, 3 simulated nodes, the benchmarks as `--smoke`,
-in a private Flower home on free ports, with results, caches and deployments in temporary
-folders. The commands are read from README.md, so a command added there fails
-test_every_readme_command_is_run_here until a short version of it runs here.
+"""Every command the README and its reference page (docs/USAGE.md) show is run here, in a
+short version: a tiny random backbone (MiniLM for `make run` itself), one round, 3 simulated
+nodes, the benchmarks as `--smoke`, in a private Flower home on free ports, with results,
+caches and deployments in temporary folders. The commands are read from README.md and
+docs/USAGE.md, so a command added to either fails test_every_readme_command_is_run_here
+until a short version of it runs here.
 
 The tests run in file order and share one local SuperLink; `make stop` (last) stops it.
 """
@@ -29,6 +30,8 @@ from fedmoe_app.results import RunResults
 from fedmoe_app import messages as msg
 
 README = APP_DIR / "README.md"
+USAGE = APP_DIR / "docs" / "USAGE.md"  # the reference the README points to; its commands are run here too
+README_MAX_LINES = 200  # the README is a front door (issue 27); the reference lives in docs/
 TINY = "model.backbone=tiny-bert data.max-train-rows=300 eval.test-samples=100 moe.num-experts=4 moe.expert-hidden=8 rounds=1"
 MINILM = "rounds=1 data.max-train-rows=300 eval.test-samples=200 moe.num-experts=4"
 NODES = 3
@@ -137,11 +140,14 @@ def own_data(folder: Path, ag_news_dir: Path, names: tuple[str, ...] | None) -> 
 
 
 # ------------------------------------------------------------------------------ coverage
-# README command -> the test below that runs its short version.
+# README / docs/USAGE.md command -> the test below that runs its short version.
 RUN_BY = {
     "make run": "test_make_run",
     "flwr run": "test_make_run",  # `make run` runs `flwr run . local-simulation`
     "make test": "test_make_test",
+    "make run CONFIG=conf/ub_smoe.yaml,conf/instruction.yaml": "test_make_run_instruction_tuning",  # README, "### Tasks"
+    'make run CONFIG=conf/fft_moe.yaml,conf/instruction.yaml OVERRIDES="model.backbone=tiny-olmoe"':
+        "test_make_run_instruction_tuning",
     "make run CONFIG=conf/fedavg_lora.yaml": "test_make_run_with_another_strategy",
     "make run CONFIG=conf/hfedmoe.yaml": "test_make_run_with_another_strategy",
     "make run CONFIG=conf/ub_smoe.yaml": "test_make_run_with_another_strategy",
@@ -175,6 +181,8 @@ RUN_BY = {
     "flwr ls": "test_flwr_ls_and_log",
     "flwr log": "test_flwr_ls_and_log",
     "make stop": "test_make_stop",
+    ".venv/bin/python -m bench.paired --runs docs/runs/issue15/full-runs.tar.gz --partitions dir0.1 --mix mixed "
+    "--strategies ub_smoe,fft_moe,flexlora,head_only": "test_reading_the_run_records",
 }
 
 
@@ -190,12 +198,26 @@ def test_readme_commands_are_read_from_blocks_and_spans():
 
 
 def test_every_readme_command_is_run_here():
-    commands = readme_commands(README.read_text())
+    commands = list(dict.fromkeys(readme_commands(README.read_text()) + readme_commands(USAGE.read_text())))
     missing = [c for c in commands if c not in RUN_BY]
-    assert not missing, f"README commands without a short version in tests/test_readme.py: {missing}"
+    assert not missing, f"README / docs/USAGE.md commands without a short version in tests/test_readme.py: {missing}"
     stale = [c for c in RUN_BY if c not in commands]
-    assert not stale, f"no longer in the README: {stale}"
+    assert not stale, f"no longer in the README or docs/USAGE.md: {stale}"
     assert all(callable(globals().get(name)) for name in RUN_BY.values())
+
+
+def test_the_readme_is_a_short_front_door_with_its_reference_in_docs():
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES
+    assert "### Tasks" in text and "(docs/USAGE.md)" in text and "(docs/RESULTS.md)" in text
+    assert "(docs/DEPLOY.md)" in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images and all((APP_DIR / image).is_file() for image in images), images
+    # every README section moved out is in the reference, key by key
+    usage = USAGE.read_text()
+    for key in ("train.device", "train.precision", "moe.dispatch", "federation.wire-dtype", "federation.server-optimizer",
+                "train.logit-adjustment", "calibration.method", "eval.final-test-samples", "## Reliability", "## Layout"):
+        assert key in usage, key
 
 
 # ------------------------------------------------------------------------------ the commands
@@ -214,6 +236,23 @@ def test_make_run(shell):
     assert records(run_dir)[1]["num_replies"] == NODES and records(run_dir)[1]["failures"] == 0
     own = [line for line in output.splitlines() if line.strip() and not line.startswith("make[")]  # not make's own
     assert str(run_dir) in own[-1]  # the last line says where the results are
+
+
+LM_TINY = ("rounds=1 data.max-train-rows=60 eval.test-samples=3 eval.final-test-samples=3 eval.max-length=64 "
+           "instruction.benchmarks=[ARC-Easy,boolq]")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in RUN_BY if RUN_BY[c] == "test_make_run_instruction_tuning"])
+def test_make_run_instruction_tuning(shell, command):
+    name = f"readme-lm-{len(command)}"
+    output = ok(shell.run(shortened(command, f"{LM_TINY} run-name={name}")))
+    config = completed(shell.results / name)
+    assert config["task"] == "instruction" and config["data"]["data-dir"].endswith("shared/data/commonsense")
+    assert "tiny-olmoe" in command or config["model"]["backbone"] == "tiny-llama"
+    last = records(shell.results / name)[-1]
+    assert last["num_replies"] == NODES and set(last["global_accuracy_by_benchmark"]) == {"ARC-Easy", "boolq"}
+    assert "ppl" in output
 
 
 @pytest.mark.slow
@@ -417,6 +456,17 @@ def test_benchmarks(shell):
     ok(shell.run(f'make bench-calibration BENCH_ARGS="--runs {smoke_runs} --strategies head_only"'))
     calibrated = json.loads((shell.results / "calibration" / "calibration.json").read_text())["runs"]
     assert [r["run"] for r in calibrated] == ["head_only-dir0.1-mixed-s0"] and 0 <= calibrated[0]["calibrated_accuracy"] <= 1
+
+
+def test_reading_the_run_records():
+    """The README's command reads the run records docs/runs keeps as an archive, as they are:
+    the headline cell's 5 seeds of each strategy, docs/RESULTS.md's figures of 2026-12-06."""
+    command = next(c for c in RUN_BY if RUN_BY[c] == "test_reading_the_run_records")
+    output = ok(subprocess.run(["bash", "-c", command], cwd=APP_DIR, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, timeout=TIMEOUT_S))
+    assert "| ub_smoe | 5 | 74.9 ± 8.6 | 88.0 ± 6.5 | 56.0 ± 29.1 |" in output, output
+    assert "| fft_moe | 5 | 63.5 ± 13.1 |" in output and "| flexlora | 5 | 82.1 ± 5.4 |" in output
+    assert "- ub_smoe - flexlora: global -7.2 (-15.4 .. +1.0;" in output
 
 
 @pytest.mark.slow

@@ -137,3 +137,19 @@ def test_status_writers_in_two_processes_never_lose_a_stop(tmp_path):
     results.set_status("stopped", reason="Ctrl-C", last_round=0)
     writer.join()
     assert writer.exitcode == 0 and results.status()["status"] == "stopped"
+
+
+@pytest.mark.parametrize("strategy", ["ub_smoe", "hetlora"])
+def test_resume_of_an_instruction_run_ends_as_the_uninterrupted_run(strategy, commonsense_dir, tmp_path,
+                                                                     server_identity):
+    """The same for the causal-LM task (a tiny OLMoE: backbone experts; PEFT LoRA on its attention)."""
+    config = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml", (
+        f"model.backbone=tiny-olmoe data.data-dir={commonsense_dir} data.max-train-rows=60 rounds={ROUNDS} "
+        "eval.client=false federation.min-nodes=3 federation.server-optimizer=adam federation.server-lr=0.01"))
+    uninterrupted = run(config, tmp_path / "full")
+    with pytest.raises(ServerDied):
+        run(config, tmp_path / "killed", die_after=1)
+    resumed = run(config, tmp_path / "killed", resume=load_checkpoint(tmp_path / "killed"))
+    assert set(resumed) == set(uninterrupted) and not any(k.startswith("head.") for k in resumed)
+    for key in uninterrupted:
+        np.testing.assert_array_equal(resumed[key], uninterrupted[key], err_msg=key)
