@@ -15,14 +15,19 @@ The round record (one line of metrics.jsonl):
     wall_time_s: float                  seconds since the run started
     phase_seconds: dict[str, float]     wall seconds of this round's phases: train (send, wait,
                                         aggregate), calibration, client_eval, server_eval (those that ran)
-    global_accuracy: float | None       server-side accuracy of the global model on the test split
+    (built as strategies/rounds.py's RoundRecord; the evaluation fields are named by the run's task)
+    global_accuracy: float | None       server-side accuracy of the global model on the test split (classification),
+                                        or multiple-choice accuracy, the mean over benchmarks (instruction)
                                         (None if not evaluated this round)
-    global_loss: float | None
-    global_recall: list[float] | None   per class (label id order): share of its test rows predicted right
+    global_loss: float | None           the test rows' mean cross-entropy (instruction: per output token)
+    global_recall: list[float] | None   (classification) per class (label id order): share of its test rows predicted right
+    global_perplexity: float | None     (instruction) exp(global_loss)
+    global_accuracy_by_benchmark: dict[str, float] | None
+                                        (instruction) benchmark -> its multiple-choice accuracy
     global_test_rows: int | None        test rows scored (eval.test-samples; after the last round
-                                        eval.final-test-samples)
-    client_accuracy: dict[str, float]   tier name -> mean personalised accuracy of that tier's clients
-                                        on their held-out slices ({} if none)
+                                        eval.final-test-samples; instruction: per benchmark)
+    client_accuracy: dict[str, float]   tier name -> mean personalised accuracy (the task's primary metric)
+                                        of that tier's clients on their held-out slices ({} if none)
     client_accuracy_mean: float | None  example-weighted over all clients
     client_accuracy_worst: float | None
     train_loss: float | None

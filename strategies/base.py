@@ -433,7 +433,7 @@ class SparseStrategy(Strategy):
     def _round_record(self, t_start: float, server_eval: MetricRecord | None, client_eval: MetricRecord | None) -> dict:
         tiers = sorted({node.tier for node in self.nodes.values()})
         return round_record(self.round, time.time() - t_start, server_eval, client_eval, tiers,
-                            self.round_metrics(self.round.replies), self.task)
+                            self.round_metrics(self.round.replies), self.task).as_dict()
 
 
 def _with_round_timeout(config: RunConfig, timeout: float) -> RunConfig:

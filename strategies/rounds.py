@@ -61,36 +61,80 @@ def client_record(reply: Reply) -> dict:
     return record
 
 
+@dataclass
+class RoundRecord:
+    """One round's record (a line of metrics.jsonl, `as_dict`; schema in fedmoe_app/results.py).
+    The evaluation's fields are named by the task: `global_<metric>` for each metric of its
+    server evaluation (classification: accuracy, loss, recall; instruction: accuracy, loss,
+    perplexity, accuracy_by_benchmark), `client_<primary>` (per tier), `_mean`, `_worst` for
+    its personalised evaluation; `method_fields` are the strategy's own (expert utilisation, ...)."""
+
+    round: int
+    wall_time_s: float
+    phase_seconds: dict[str, float]
+    global_metrics: dict[str, Any]  # `global_<name>` -> value (None: not evaluated this round)
+    global_test_rows: int | None
+    client_metric: str  # the task's primary metric, which personalised evaluation reports
+    client_by_tier: dict[str, float]
+    client_mean: float | None
+    client_worst: float | None
+    train_loss: float | None
+    bytes_down: dict[str, int]  # client id -> bytes
+    bytes_up: dict[str, int]
+    step_seconds: dict[str, float]  # tier -> mean seconds per local step
+    peak_rss_mb: dict[str, float]  # tier -> largest peak RSS a client process reported
+    server_peak_rss_mb: float
+    clients: dict[str, dict]  # client id -> `client_record`
+    calibration: dict | None
+    num_replies: int
+    failed_nodes: list[dict]
+    method_fields: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The metrics.jsonl line: flat, the task's and the method's fields by their names."""
+        metric = self.client_metric
+        return {
+            "round": self.round, "wall_time_s": self.wall_time_s, "phase_seconds": self.phase_seconds,
+            **self.global_metrics, "global_test_rows": self.global_test_rows,
+            f"client_{metric}": self.client_by_tier, f"client_{metric}_mean": self.client_mean,
+            f"client_{metric}_worst": self.client_worst, "train_loss": self.train_loss,
+            "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, "step_seconds": self.step_seconds,
+            "peak_rss_mb": self.peak_rss_mb, "server_peak_rss_mb": self.server_peak_rss_mb, "clients": self.clients,
+            "calibration": self.calibration, "num_replies": self.num_replies, "failures": len(self.failed_nodes),
+            "failed_nodes": self.failed_nodes, **self.method_fields,
+        }
+
+
 def round_record(state: RoundState, wall_time_s: float, server_eval: MetricRecord | None,
-                 client_eval: MetricRecord | None, tiers: list[str], extra: dict[str, Any], task: Task) -> dict:
-    """The metrics.jsonl line of a finished round; per-client fields keyed by client id.
-    `tiers`: the tiers client evaluation may report; `extra`: the strategy's own fields;
-    `task`: names the evaluation's fields (`global_<metric>`, `client_<primary metric>...`)."""
+                 client_eval: MetricRecord | None, tiers: list[str], extra: dict[str, Any], task: Task) -> RoundRecord:
+    """The record of a finished round; per-client fields keyed by client id. `tiers`: the
+    tiers client evaluation may report; `extra`: the strategy's own fields; `task`: names
+    the evaluation's fields."""
     client_eval = client_eval or {}
     replies = state.replies
     by_tier = sorted({r.node.tier for r in replies})
     primary = task.primary.name
     per_tier = {t: METRIC_OF_TIER.format(metric=primary, tier=t) for t in tiers}
-    return {
-        "round": state.server_round,
-        "wall_time_s": wall_time_s,
-        "phase_seconds": dict(state.phases),
-        **task.record_fields(server_eval),
-        "global_test_rows": int(server_eval[msg.NUM_EXAMPLES]) if server_eval and msg.NUM_EXAMPLES in server_eval else None,
-        f"client_{primary}": {t: client_eval[key] for t, key in per_tier.items() if key in client_eval},
-        f"client_{primary}_mean": client_eval.get(METRIC_MEAN.format(metric=primary)),
-        f"client_{primary}_worst": client_eval.get(METRIC_WORST.format(metric=primary)),
-        "train_loss": train_loss(replies) if replies else None,
-        "bytes_down": {r.node.client_id: int(r.metrics[msg.BYTES_DOWN]) for r in replies},
-        "bytes_up": {r.node.client_id: int(r.metrics[msg.BYTES_UP]) for r in replies},
-        "step_seconds": {t: float(np.mean([float(r.metrics[msg.STEP_SECONDS]) for r in replies if r.node.tier == t]))
-                         for t in by_tier},
-        "peak_rss_mb": {t: max(float(r.metrics[msg.PEAK_RSS_MB]) for r in replies if r.node.tier == t) for t in by_tier},
-        "server_peak_rss_mb": peak_rss_mb(),
-        "clients": {r.node.client_id: client_record(r) for r in replies},
-        "calibration": state.calibration,
-        "num_replies": len(replies),
-        "failures": len(state.failures),
-        "failed_nodes": list(state.failures),
-        **extra,
-    }
+    return RoundRecord(
+        round=state.server_round,
+        wall_time_s=wall_time_s,
+        phase_seconds=dict(state.phases),
+        global_metrics=task.record_fields(server_eval),
+        global_test_rows=int(server_eval[msg.NUM_EXAMPLES]) if server_eval and msg.NUM_EXAMPLES in server_eval else None,
+        client_metric=primary,
+        client_by_tier={t: client_eval[key] for t, key in per_tier.items() if key in client_eval},
+        client_mean=client_eval.get(METRIC_MEAN.format(metric=primary)),
+        client_worst=client_eval.get(METRIC_WORST.format(metric=primary)),
+        train_loss=train_loss(replies) if replies else None,
+        bytes_down={r.node.client_id: int(r.metrics[msg.BYTES_DOWN]) for r in replies},
+        bytes_up={r.node.client_id: int(r.metrics[msg.BYTES_UP]) for r in replies},
+        step_seconds={t: float(np.mean([float(r.metrics[msg.STEP_SECONDS]) for r in replies if r.node.tier == t]))
+                      for t in by_tier},
+        peak_rss_mb={t: max(float(r.metrics[msg.PEAK_RSS_MB]) for r in replies if r.node.tier == t) for t in by_tier},
+        server_peak_rss_mb=peak_rss_mb(),
+        clients={r.node.client_id: client_record(r) for r in replies},
+        calibration=state.calibration,
+        num_replies=len(replies),
+        failed_nodes=list(state.failures),
+        method_fields=extra,
+    )
