@@ -49,8 +49,10 @@ run: install flwr-config
 	$(BIN)/python -m fedmoe_app.launch --config "$(CONFIG)" --overrides "$(OVERRIDES)" \
 	  --results-dir "$(RESULTS_DIR)" --data-dir "$(DATA_DIR)"
 
+# Both cores (TEST_WORKERS), a test file per worker at a time: a file's tests share its fixtures and order.
+TEST_WORKERS ?= 2
 test: install flwr-config
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Benchmarks (docs/RESULTS.md): results/bench/<suite>.json, .md and plots. Finished runs
 # under results/bench/<suite>-runs/ are reused; BENCH_ARGS="--fresh" reruns them.

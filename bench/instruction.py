@@ -3,11 +3,16 @@ family, federated in this process (the ClientApp's own handlers answer, as in th
 on the commonsense data. Per run: global held-out loss per round, option accuracy per
 benchmark after the last round, step seconds and peak RSS per tier, bytes per round.
 
+With `--costs`: one local round of a client of each tier, each in a process of its own, per
+family and method: seconds per local step and the process's peak resident memory (in the
+federated runs every client shares one process, so their RSS is not a tier's).
+
 The backbones are random: accuracy sits near chance (1/4 for ARC, 1/2 for BoolQ) and says
 nothing of what a pretrained model would reach; the loss falling says adapters and
 aggregation learn the output format, which is what these runs can show.
 
     python -m bench.instruction --data-dir ../shared/data/commonsense --out results/instruction
+    python -m bench.instruction --costs --strategies fedavg_lora,ub_smoe --out results/instruction
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +62,50 @@ def run_one(strategy: str, backbone: str, data_dir: str, rounds: int, nodes: int
     }
 
 
+def client_cost(strategy: str, backbone: str, tier: str, data_dir: str, overrides: str) -> dict:
+    """One local round of a `tier` client (partition 0 of 3) in this process: its step seconds and peak RSS."""
+    from fedmoe_app.client import ClientTask
+    from fedmoe_app.system import peak_rss_mb
+
+    config = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",
+                         f"model.backbone={backbone} data.data-dir={data_dir} {overrides}")
+    task = ClientTask(config, {"partition-id": 0, "num-partitions": 3, "device-tier": tier})
+    from strategies.replies import Node
+
+    server = make_strategy(config, num_layers(config))  # what the server sends a node of this tier in round 1
+    server.global_arrays = state_to_numpy(method_class(strategy).global_model(config, 0))
+    node = Node(1, "client-1", task.budget, len(task.data.train_index))
+    server.nodes = {1: node}
+    _, metrics, _ = task.train(server.arrays_for(node, 1), {"server-round": 1, **server.config_for(node, 1)})
+    return {"strategy": strategy, "backbone": backbone, "tier": tier, "step_seconds": metrics["step-seconds"],
+            "steps": metrics["steps"], "batch_size": task.budget.batch_size, "max_length": task.budget.max_length,
+            "experts_per_token": getattr(task.method({}), "experts_per_token", lambda: None)(),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def costs(args) -> list[dict]:
+    """`client_cost` of every family, method and tier, each in a fresh process."""
+    rows = []
+    for backbone in args.backbones.split(","):
+        for strategy in args.strategies.split(","):
+            for tier in ("rpi4", "jetson-nano", "jetson-orin"):
+                done = subprocess.run([sys.executable, "-m", "bench.instruction", "--one-cost", strategy, backbone, tier,
+                                       "--data-dir", args.data_dir, "--overrides", args.overrides],
+                                      capture_output=True, text=True, check=True)
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def cost_table(rows: list[dict]) -> str:
+    """A markdown table of the per-tier client costs."""
+    lines = ["| backbone | method | tier | batch x length | experts per token | s / local step | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['tier']} | {r['batch_size']} x {r['max_length']} | "
+                     f"{r['experts_per_token'] or '-'} | {r['step_seconds']:.3f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """A markdown table of the runs."""
     lines = ["| backbone | method | loss by round | accuracy (mean; per benchmark) | step s by tier | peak RSS MB by tier | MB per round |",
@@ -79,15 +130,27 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--overrides", default="data.max-train-rows=600 eval.test-samples=20 "
                         "eval.final-test-samples=20")
+    parser.add_argument("--costs", action="store_true", help="per-tier client costs instead of federated runs")
+    parser.add_argument("--one-cost", nargs=3, metavar=("STRATEGY", "BACKBONE", "TIER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    data_dir = str(Path(args.data_dir).resolve())
+    if args.one_cost:
+        print(json.dumps(client_cost(*args.one_cost, data_dir, args.overrides)))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.costs:
+        args.data_dir = data_dir
+        rows = costs(args)
+        (out / "costs.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "costs.md").write_text(cost_table(rows) + "\n")
+        print(cost_table(rows))
+        return
     rows = []
     for backbone in args.backbones.split(","):
         for strategy in args.strategies.split(","):
-            rows.append(run_one(strategy, backbone, str(Path(args.data_dir).resolve()), args.rounds, args.nodes,
-                                args.overrides))
+            rows.append(run_one(strategy, backbone, data_dir, args.rounds, args.nodes, args.overrides))
             print(json.dumps(rows[-1]), flush=True)
             (out / "instruction.json").write_text(json.dumps(rows, indent=1) + "\n")
     (out / "instruction.md").write_text(table(rows) + "\n")

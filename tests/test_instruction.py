@@ -209,3 +209,29 @@ def test_partitions_by_source_give_clients_different_benchmark_mixes(commonsense
     skewed, _ = mixes("dirichlet")
     assert np.abs(iid - overall).max() < 0.1  # every client about the overall mix of benchmarks
     assert np.abs(skewed - overall).max() > 0.3  # Dirichlet(0.1) over `source`: mixes far from it
+
+
+def test_gradient_checkpointing_gives_the_same_step_and_routes_each_layer_once(commonsense_dir):
+    """With model.gradient-checkpointing the blocks recompute in backward: the same loss and
+    gradients as without, and the routing trace holds each layer's routes once."""
+    tokenizer = load_tokenizer("tiny-llama")
+    encoded = encode_rows(InstructionRows([ROW, {**ROW, "output": "the correct answer is answer1"}]), tokenizer, 96,
+                          "alpaca")
+    batch = next(iterate_batches(encoded, 2, tokenizer.pad_token_id, shuffle=False))
+    grads = {}
+    for checkpointing in (False, True):
+        config = load_config("conf/fft_moe.yaml,conf/instruction.yaml",
+                             f"train.precision=fp32 model.gradient-checkpointing={str(checkpointing).lower()}")
+        model = build_model(config, 0, "moe", top_k=2).train()
+        calls, route = [], model.trace.route
+        model.trace.route = lambda moe, x: calls.append(1) or route(moe, x)
+        loss = causal_lm_loss(model, batch)
+        model.trace.stop()
+        loss.backward()
+        assert len(model.trace.routes) == num_layers(config) == 2
+        assert len(calls) == (4 if checkpointing else 2)  # checkpointed blocks ran again in backward
+        grads[checkpointing] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    assert grads[True][1].keys() == grads[False][1].keys() and grads[True][1]
+    for name, grad in grads[False][1].items():
+        assert torch.allclose(grads[True][1][name], grad, atol=1e-6), name
