@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedmoe_app.config import RunConfig, load_config
 from fedmoe_app.data import partition_of_split
+from fedmoe_app.rows import device_train_rows
 from fedmoe_app.tasks import task_of
 
 
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     environ = {**os.environ, "FEDMOE_DATA_DIR": args.data_dir} if args.data_dir else dict(os.environ)
     config = load_config(args.config, args.overrides, environ)
-    task = task_of(config)
     for folder in split_for_devices(config, args.devices, args.out):
-        print(f"{folder}: {task.device_train_rows(str(folder))} train rows (less the held-out slice)")
+        rows = device_train_rows(str(folder), config.data.holdout_fraction)
+        print(f"{folder}: {rows} train rows (and its held-out slice)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import re
 import types
 import typing
@@ -436,13 +438,29 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return _validate(_merge(_base_values(), values))
 
 
-def _validate(values: dict[str, Any]) -> RunConfig:
-    import fedmoe_app.methods  # noqa: F401  (the methods register their own config sections)
+def _all_method_sections() -> list[MethodSection]:
+    """Every method's own section (each methods/<name>_config.py imported)."""
+    folder = Path(__file__).resolve().parent / "methods"
+    for path in sorted(folder.glob("*_config.py")):
+        _method_section(path.stem[: -len("_config")])
+    return list(METHOD_SECTIONS.values())
 
+
+def _method_section(strategy: str) -> MethodSection | None:
+    """The strategy's own config section: the one fedmoe_app/methods/<strategy>_config.py
+    registers, if the method has that file (imported here, without torch)."""
+    if strategy not in METHOD_SECTIONS and strategy.isidentifier():
+        module = f"fedmoe_app.methods.{strategy}_config"
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+    return METHOD_SECTIONS.get(strategy)
+
+
+def _validate(values: dict[str, Any]) -> RunConfig:
     strategy = values.get("strategy")
-    section = METHOD_SECTIONS.get(strategy) if isinstance(strategy, str) else None
+    section = _method_section(strategy) if isinstance(strategy, str) else None
     values = dict(values)
-    for other in METHOD_SECTIONS.values():
+    for other in _all_method_sections():
         if other is not section and other.key in values:
             raise ConfigError(f"config section '{other.key}' belongs to strategy '{other.strategy}'; strategy is "
                               f"{strategy!r}: remove it, or set strategy to '{other.strategy}'")

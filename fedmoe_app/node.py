@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from fedmoe_app import messages as msg
 from fedmoe_app.budgets import DeviceBudget, resolve_budget
 from fedmoe_app.config import RunConfig
-from fedmoe_app.rows import holdout_size
+from fedmoe_app.rows import device_train_rows, holdout_size
 
 CLIENT_ID_FILE = ".fedmoe-client-id"
 
@@ -63,15 +63,14 @@ def describe(node_config: Mapping[str, Any], budget: DeviceBudget, num_examples:
 def query_answer(config: RunConfig, node_config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """`describe` of this node: a device (`data-path`) counts its train.csv; a simulated
     node (`partition-id`, `num-partitions`) sizes its partition."""
-    from fedmoe_app.tasks import task_of  # a query reply needs neither torch's models nor the data's tokens
-
     budget = resolve_budget(node_config, config)
-    task = task_of(config)
     data_path = str(node_config.get(msg.DATA_PATH, ""))
-    if data_path:
-        return describe(node_config, budget, task.device_train_rows(data_path))
+    if data_path:  # a device's query process imports no torch: its rows are counted, not read
+        return describe(node_config, budget, device_train_rows(data_path, config.data.holdout_fraction))
     from fedmoe_app.data import partition_of_split  # simulation: partitioning needs `datasets`
+    from fedmoe_app.tasks import task_of
 
+    task = task_of(config)
     num_rows = len(partition_of_split(task.splits().train, config.data, config.seed, *partition_of(node_config),
                                       task.partition_column()))
     return describe(node_config, budget, num_rows - holdout_size(num_rows, config.data.holdout_fraction))

@@ -205,10 +205,17 @@ def device_client_data(data_path: str, fraction: float, seed: int, label_names: 
 
 
 def device_train_rows(data_path: str, fraction: float) -> int:
-    """How many rows a device trains on (its train.csv less the held-out slice), without
-    reading the texts."""
-    path = device_train_csv(data_path)
-    num_rows = count_rows(path)
+    """How many rows a device trains on (its training file less the held-out slice), without
+    reading the rows, or importing a task: train.csv's records (classification), else
+    train.jsonl's non-empty lines (instruction data). A query answers with it."""
+    folder = Path(data_path).expanduser()
+    if not (folder / "train.csv").is_file() and (folder / "train.jsonl").is_file():
+        path = folder / "train.jsonl"
+        with path.open(encoding="utf-8") as f:
+            num_rows = sum(1 for line in f if line.strip())
+    else:
+        path = device_train_csv(data_path)
+        num_rows = count_rows(path)
     if num_rows == 0:
-        raise DataError(f"node_config 'data-path' is '{data_path}', whose train.csv has no rows")
+        raise DataError(f"node_config 'data-path' is '{data_path}', whose {path.name} has no rows")
     return num_rows - holdout_size(num_rows, fraction)

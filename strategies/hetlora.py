@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app.methods.hetlora import LORA_RANK
+from fedmoe_app.methods.hetlora_config import LORA_RANK
 from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
 from fedmoe_app.names import lora_pairs

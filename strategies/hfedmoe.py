@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmoe_app.methods.hfedmoe import EXPERT_IMPORTANCE, EXPERT_USAGE
+from fedmoe_app.methods.hfedmoe_config import EXPERT_IMPORTANCE, EXPERT_USAGE
 from fedmoe_app.methods.moe import ROUTED_TOKENS
 from fedmoe_app.records import unflatten
 from fedmoe_app.names import expert_of, held_experts, router_layer

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedmoe_app.methods.moe import ROUTED_TOKENS
-from fedmoe_app.methods.ub_smoe import MODULATION
+from fedmoe_app.methods.ub_smoe_config import MODULATION
 from fedmoe_app.budgets import max_lora_rank
 from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.ub_smoe import active_experts, max_active_experts

@@ -195,7 +195,7 @@ def test_fault_injection_is_off_by_default_and_checked():
 
 def test_a_methods_own_section_lives_with_the_method_and_its_conf_file():
     # defaults come from the method's conf file, also when only `strategy` names the method
-    from fedmoe_app.methods.ub_smoe import UBSMoEConfig
+    from fedmoe_app.methods.ub_smoe_config import UBSMoEConfig
 
     named = load_config("conf/fft_moe.yaml", "strategy=ub_smoe ub-smoe.momentum=0.5")
     assert isinstance(named.method, UBSMoEConfig) and named.ub_smoe is named.method

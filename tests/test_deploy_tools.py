@@ -14,7 +14,7 @@ from deploy.local_federation import LocalFederation, NodeSpec, main
 from fedmoe_app.client import ClientTask
 from fedmoe_app.config import load_config
 from fedmoe_app.data import load_client_data
-from fedmoe_app.rows import device_client_data, read_csv
+from fedmoe_app.rows import device_client_data, device_train_rows, read_csv
 
 
 def test_device_folders_hold_the_simulation_partitions(tmp_path, ag_news_dir):
@@ -107,7 +107,7 @@ def test_instruction_devices_hold_the_simulation_partitions_and_a_node_worker_tr
         deployed = task.client_data({"data-path": str(folder)}, 0, 1)
         assert deployed.rows == simulated.rows and deployed.holdout_index == simulated.holdout_index
         assert sorted(c for c in deployed.group_counts) == sorted(c for c in simulated.group_counts if c)
-    assert sum(task.device_train_rows(str(f)) for f in folders) == sum(
+    assert sum(device_train_rows(str(f), config.data.holdout_fraction) for f in folders) == sum(
         len(task.client_data({"partition-id": i, "num-partitions": 3}, i, 3).train_index) for i in range(3))
     arrays = state_to_numpy(method_class("ub_smoe").global_model(config, 0))
     content = RecordDict({"arrays": to_record(arrays), "config": ConfigRecord(

@@ -1,35 +1,19 @@
-"""The client halves of the methods, by name (the `strategy` config key names both halves)."""
+"""Each method's client half (fedmoe_app/methods/<name>.py) and, where it has one, its own
+config section and message keys (fedmoe_app/methods/<name>_config.py, which imports no
+torch: a device's query process reads the run's config without it). The registry of client
+halves (`METHODS`, `method_class`, `check_method_for_task`: registry.py) loads on first use.
+"""
 
 from __future__ import annotations
 
-from fedmoe_app.config import ConfigError, RunConfig
-from fedmoe_app.methods.base import ClientMethod
-from fedmoe_app.methods.fedavg_lora import FedAvgLoRAClient
-from fedmoe_app.methods.fft_moe import FFTMoEClient
-from fedmoe_app.methods.flexlora import FlexLoRAClient
-from fedmoe_app.methods.head_only import HeadOnlyClient
-from fedmoe_app.methods.hetlora import HetLoRAClient
-from fedmoe_app.methods.hfedmoe import HFedMoEClient
-from fedmoe_app.methods.ub_smoe import UBSMoEClient
+from typing import Any
 
-METHODS: dict[str, type[ClientMethod]] = {cls.name: cls for cls in (
-    FFTMoEClient, HFedMoEClient, UBSMoEClient, FedAvgLoRAClient, HetLoRAClient, FlexLoRAClient, HeadOnlyClient)}
+REGISTRY_NAMES = ("METHODS", "method_class", "check_method_for_task")
 
 
-def method_class(name: str) -> type[ClientMethod]:
-    """The client half of method `name`."""
-    if name not in METHODS:
-        raise ConfigError(f"config key 'strategy' is {name!r}; allowed: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+def __getattr__(name: str) -> Any:
+    if name in REGISTRY_NAMES:
+        from fedmoe_app.methods import registry  # the client halves import torch and the model
 
-
-def check_method_for_task(config: RunConfig) -> None:
-    """ConfigError if the run's method has no meaning under its task (a method that trains only
-    a classifier head, under a task whose model has none)."""
-    from fedmoe_app.tasks import task_of
-
-    method, task = method_class(config.strategy), task_of(config)
-    if method.adapter == "head" and task.causal_lm:
-        allowed = sorted(name for name, cls in METHODS.items() if cls.adapter != "head")
-        raise ConfigError(f"config key 'strategy' is {config.strategy!r}, which trains only a classifier head; task "
-                          f"'{config.task}' has no head (its LM head stays frozen); allowed: {', '.join(allowed)}")
+        return getattr(registry, name)
+    raise AttributeError(f"module 'fedmoe_app.methods' has no attribute {name!r}")

@@ -27,51 +27,19 @@ gradient, and the routed-token counts the server computes utilisation from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmoe_app.config import ConfigError, MethodSection, RunConfig, register_method_section
+from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.moe import MoEClient
+from fedmoe_app.methods.ub_smoe_config import MODULATION
 from fedmoe_app.model import AdapterModel
 from fedmoe_app.names import expert_of
 
 MODULATION_KEY = ".moe.router.modulation"  # the node's own copy of phi: trained, never sent
-MODULATION = "modulation"  # train message config: the server's routing modulation phi, flattened [L * M]
-
-
-@dataclass(frozen=True)
-class UBSMoEConfig:
-    """UB-SMoE's switches and coefficients (DESIGN 5.3; section `ub-smoe:`, defaults in conf/ub_smoe.yaml)."""
-
-    dmr: bool  # Dynamic Modulated Routing (false: plain top-K, the ablation)
-    pseudo_gradient: bool  # Universal Pseudo-Gradient for experts a batch left idle (false: the ablation)
-    candidates: float  # N_p = min(M, ceil(candidates * K)) experts per token whose logits are modulated
-    momentum: float  # zeta: share of the old modulation phi kept each round
-    phi_min: float  # the bounds the clients' regulariser keeps phi in
-    phi_max: float
-    bound_weight: float  # lam of the bound regulariser
-
-
-def check_config(ub: UBSMoEConfig) -> None:
-    """ConfigError naming the first key of the section out of its range."""
-    if not ub.candidates >= 1:
-        raise ConfigError(f"config key 'ub-smoe.candidates' is {ub.candidates}; allowed: >= 1 (N_p is at least K)")
-    if not 0.0 <= ub.momentum < 1.0:
-        raise ConfigError(f"config key 'ub-smoe.momentum' is {ub.momentum}; allowed: [0, 1)")
-    if not ub.phi_min <= 0.0 <= ub.phi_max:
-        raise ConfigError(f"config keys 'ub-smoe.phi-min' and 'ub-smoe.phi-max' are {ub.phi_min}, {ub.phi_max}; "
-                          "allowed: phi-min <= 0 <= phi-max")
-    if not ub.bound_weight >= 0:
-        raise ConfigError(f"config key 'ub-smoe.bound-weight' is {ub.bound_weight}; allowed: >= 0")
-
-
-register_method_section(MethodSection("ub_smoe", "ub-smoe", UBSMoEConfig, check_config, "conf/ub_smoe.yaml"))
-
-
 def active_experts(compute_share: float, k_max: int) -> int:
     """K_c = max(1, floor(K_max * beta_c)) experts per token for compute share beta_c."""
     return max(1, math.floor(k_max * compute_share + 1e-9))

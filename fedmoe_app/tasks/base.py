@@ -1,7 +1,7 @@
 """Task: what a row is and everything that depends on it, so that the training loop, the
 client, server evaluation, reply checks, round records, results and plots name no task.
 
-A task owns: reading its splits (`splits`, `client_data`, `device_train_rows`), the column
+A task owns: reading its splits (`splits`, `client_data`, `write_device_data`), the column
 partitions are drawn by (`partition_key`), encoding and collation (`encode`, `batches`),
 the model's output (`causal_lm`: a classifier head or the causal LM's own frozen LM head),
 the loss (`batch_loss`), the metrics it reports with the primary one first (`metrics`,
@@ -69,10 +69,6 @@ class Task:
 
     def client_data(self, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> ClientData:
         """A node's rows: a device's own data-path folder, else its simulated partition."""
-        raise NotImplementedError
-
-    def device_train_rows(self, data_path: str) -> int:
-        """How many rows a device trains on, from its data-path folder."""
         raise NotImplementedError
 
     def encode(self, data: ClientData, tokenizer, max_length: int) -> tuple[EncodedSet, Any]:

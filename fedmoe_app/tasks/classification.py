@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fedmoe_app import messages as msg
 from fedmoe_app.batches import EncodedSet, encode
-from fedmoe_app.rows import ClientData, device_client_data, device_train_rows, label_counts, write_csv
+from fedmoe_app.rows import ClientData, device_client_data, label_counts, write_csv
 from fedmoe_app.task_loss import TaskLoss, local_task_loss
 from fedmoe_app.tasks.base import BatchLoss, Metric, Task
 from fedmoe_app.train import model_device, to_device
@@ -97,10 +97,6 @@ class ClassificationTask(Task):
 
         return load_client_data(self.config.data, self.config.seed, partition_id, num_partitions,
                                 self.partition_column())
-
-    def device_train_rows(self, data_path: str) -> int:
-        """A device's train.csv rows less its held-out slice."""
-        return device_train_rows(data_path, self.config.data.holdout_fraction)
 
     def encode(self, data: ClientData, tokenizer, max_length: int) -> tuple[EncodedSet, EncodedSet]:
         """Token ids and labels of the training rows and of the held-out rows (a device's

@@ -163,15 +163,6 @@ class InstructionTask(Task):
         counts = tuple(rows["source"].count(source) for source in sources)
         return ClientData(rows, train_index, holdout_index, 0, counts)
 
-    def device_train_rows(self, data_path: str) -> int:
-        """A device's train.jsonl rows less its held-out slice."""
-        from fedmoe_app.rows import holdout_size
-
-        rows = sum(1 for line in device_train_jsonl(data_path).read_text(encoding="utf-8").splitlines() if line.strip())
-        if rows == 0:
-            raise DataError(f"node_config 'data-path' is '{data_path}', whose train.jsonl has no rows")
-        return rows - holdout_size(rows, self.config.data.holdout_fraction)
-
     def encode(self, data: ClientData, tokenizer, max_length: int) -> tuple[EncodedSet, ChoiceSet]:
         """The training rows' token ids and targets; the held-out rows as a ChoiceSet."""
         template = self.config.instruction.prompt_template
