@@ -1,6 +1,5 @@
 """fedmoe ServerApp: config -> model -> strategy -> rounds -> results directory."""
 
-import dataclasses
 import os
 from logging import INFO
 
@@ -39,10 +38,9 @@ def main(grid: Grid, context: Context) -> None:
     check_method_for_task(config)
     task = task_of(config)
     splits = task.splits()
-    log(INFO, "fedmoe: strategy %s | dataset: %s", config.strategy, splits.source)
-    if splits.label_names and not config.data.label_names:  # clients (devices too) map names alike
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, label_names=splits.label_names))
-        task = task_of(config)
+    log(INFO, "fedmoe: strategy %s | task %s | dataset: %s", config.strategy, config.task, splits.source)
+    config = task.completed_config(splits)  # e.g. label names: clients, devices too, read their rows alike
+    task = task_of(config)
     if splits.label_names:
         log(INFO, "fedmoe: labels are names: %s", ", ".join(f"{i} = {n}" for i, n in enumerate(splits.label_names)))
 

@@ -38,8 +38,9 @@ METHODS_FOR_LM = [name for name, cls in METHODS.items() if cls.adapter != "head"
 
 def run_one(strategy: str, backbone: str, data_dir: str, rounds: int, nodes: int, overrides: str) -> dict:
     """One in-process federated run; its round records condensed."""
-    from tests.conftest import InProcessGrid  # the same in-process grid the tests use
     from flwr.supercore.task_identity import TaskIdentity
+
+    from bench.in_process import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
     config = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",

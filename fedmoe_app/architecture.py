@@ -76,6 +76,7 @@ class DenseFFN:
     w2: torch.Tensor
     b2: torch.Tensor | None
     act: Callable[[torch.Tensor], torch.Tensor]
+    owner: torch.Tensor  # the module's own output weight (w2 may be a transposed view of it): a cache key
 
 
 def dense_ffn(block: nn.Module) -> DenseFFN:
@@ -84,14 +85,15 @@ def dense_ffn(block: nn.Module) -> DenseFFN:
     if kind == BERT:
         dense = block.intermediate.dense
         return DenseFFN(dense.weight, None, dense.bias, block.output.dense.weight, block.output.dense.bias,
-                        block.intermediate.intermediate_act_fn)
+                        block.intermediate.intermediate_act_fn, block.output.dense.weight)
     if kind == GATED_MLP:
         mlp = block.mlp
         return DenseFFN(mlp.gate_proj.weight, mlp.up_proj.weight, None, mlp.down_proj.weight, mlp.down_proj.bias,
-                        mlp.act_fn)
+                        mlp.act_fn, mlp.down_proj.weight)
     if kind == GPT2_MLP:  # Conv1D keeps its weight as [in, out]
         mlp = block.mlp
-        return DenseFFN(mlp.c_fc.weight.t(), None, mlp.c_fc.bias, mlp.c_proj.weight.t(), mlp.c_proj.bias, mlp.act)
+        return DenseFFN(mlp.c_fc.weight.t(), None, mlp.c_fc.bias, mlp.c_proj.weight.t(), mlp.c_proj.bias, mlp.act,
+                        mlp.c_proj.weight)
     raise ValueError(f"{type(block).__name__} has no dense FFN of a known kind (found {kind})")
 
 

@@ -18,6 +18,7 @@ fedmoe_app/architecture.py's table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
@@ -100,10 +101,6 @@ class NativeMoEBlock(nn.Module):
         return out
 
 
-
-
-
-
 def expert_lora_scale(config: RunConfig, global_rank: int) -> float:
     """The backbone experts' LoRA scale: lora.alpha / the global rank, at every client's rank."""
     return config.lora.alpha / global_rank
@@ -111,15 +108,17 @@ def expert_lora_scale(config: RunConfig, global_rank: int) -> float:
 
 def add_backbone_experts(model: nn.Module, config: RunConfig, held: Sequence[Sequence[int]], top_k: int,
                          rank: int, global_rank: int) -> None:
-    """Turn `model.backbone`'s FFNs into backbone experts (a dense BERT-family encoder or a
-    native MoE model), each layer holding `held[i]`, routing each token to `top_k`, with
+    """Turn `model.backbone`'s FFNs into backbone experts (a dense model's FFNs MoE-fied: a
+    BERT-family encoder, a Llama / Qwen / GPT-2 style decoder; or a native MoE model's
+    sparse blocks), each layer holding `held[i]`, routing each token to `top_k`, with
     LoRAs of `rank`; the MoE layers are appended to `model.layers` (AdapterSlots)."""
     blocks = transformer_blocks(model.backbone)
     kinds = [ffn_kind(block) for block in blocks]
     if NATIVE_MOE in kinds:  # a native MoE model: its sparse blocks (dense ones, e.g. Qwen's mlp_only_layers, stay)
         slots = [(block, _native(block.mlp, config)) for block, kind in zip(blocks, kinds) if kind == NATIVE_MOE]
     elif None not in kinds:
-        slots = [(block, _moefied(block, config, i)) for i, block in enumerate(blocks)]
+        causal_lm = model.backbone.get_output_embeddings() is not None  # a causal LM's weights load as one
+        slots = [(block, _moefied(block, config, i, causal_lm)) for i, block in enumerate(blocks)]
     else:
         raise ConfigError(f"model.backbone '{config.model.backbone}': moe.experts 'backbone' needs blocks with a "
                           "dense FFN (BERT-family, Llama / Qwen / GPT-2 style) or native MoE blocks (Mixtral, "
@@ -143,12 +142,12 @@ def add_backbone_experts(model: nn.Module, config: RunConfig, held: Sequence[Seq
             layer.mlp = MoEfiedMLP(moe, model.trace, ffn.b_out, getattr(layer.mlp, "dropout", None))
 
 
-def _moefied(layer: nn.Module, config: RunConfig, index: int) -> FFNExperts:
+def _moefied(layer: nn.Module, config: RunConfig, index: int, causal_lm: bool) -> FFNExperts:
     """The experts of a dense block's FFN (slices, router start, activation); the slices are
     gated by 1 (straight-through), so all M chosen are the dense FFN. A gated MLP's neurons
     are grouped by their gate rows and each slice holds its gate rows, then its up rows."""
     ffn = dense_ffn(layer)
-    groups = _groups(config.model.backbone, index, ffn.w1, config.moe.num_experts, config.moe.grouping)
+    groups = _groups(config.model.backbone, index, ffn.w1, config.moe.num_experts, config.moe.grouping, causal_lm)
     w_in, b_in, w_out = _slices(ffn, groups)
     activation = gated(ffn.act) if ffn.up is not None else ffn.act
     return FFNExperts(w_in, b_in, w_out, router_from_groups(ffn.w1, groups), activation, renormalize=True,
@@ -171,23 +170,29 @@ _GROUPS: dict[tuple, torch.Tensor] = {}
 _SLICES: dict[int, tuple] = {}
 
 
-def _groups(backbone: str, index: int, w1: torch.Tensor, num_experts: int, grouping: str) -> torch.Tensor:
+def _groups(backbone: str, index: int, w1: torch.Tensor, num_experts: int, grouping: str, causal_lm: bool) -> torch.Tensor:
     """Layer `index`'s neuron groups, computed once per process from the float32 weights (a
     backbone held in bf16 would group borderline neurons differently on different nodes)."""
     key = (backbone, index, num_experts, grouping)
     if key not in _GROUPS:
         if w1.dtype != torch.float32:
-            from fedmoe_app.backbones import load_backbone
-
-            w1 = dense_ffn(transformer_blocks(load_backbone(backbone))[index]).w1
+            w1 = _float32_ffn_rows(backbone, causal_lm)[index]
         _GROUPS[key] = group_neurons(w1, num_experts, grouping, GROUPING_SEED)
     return _GROUPS[key]
+
+
+@lru_cache(maxsize=1)
+def _float32_ffn_rows(backbone: str, causal_lm: bool) -> list[torch.Tensor]:
+    """Every block's FFN input rows (`DenseFFN.w1`) of the backbone loaded in float32, once."""
+    from fedmoe_app.backbones import load_backbone
+
+    return [dense_ffn(block).w1.detach().clone() for block in transformer_blocks(load_backbone(backbone, causal_lm))]
 
 
 def _slices(ffn, groups: torch.Tensor) -> tuple:
     """The stacked slices (w_in, b_in, w_out) of one dense FFN, gathered once per process for
     all the models that share its frozen weights."""
-    cached = _SLICES.get(id(ffn.w2))
-    if cached is None or cached[0] is not ffn.w2 or not torch.equal(cached[1], groups):
-        cached = _SLICES[id(ffn.w2)] = (ffn.w2, groups, dense_ffn_experts(ffn.w1, ffn.b1, ffn.w2, groups, ffn.up))
+    cached = _SLICES.get(id(ffn.owner))
+    if cached is None or cached[0] is not ffn.owner or not torch.equal(cached[1], groups):
+        cached = _SLICES[id(ffn.owner)] = (ffn.owner, groups, dense_ffn_experts(ffn.w1, ffn.b1, ffn.w2, groups, ffn.up))
     return cached[2]

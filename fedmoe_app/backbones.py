@@ -90,14 +90,15 @@ def hf_config(name: str):
     return AutoConfig.from_pretrained(_source(name))
 
 
-def load_backbone(name: str, causal_lm: bool = False) -> nn.Module:
-    """A freshly loaded backbone, float32, in eval mode: the bare model (an encoder task), or
+def load_backbone(name: str, causal_lm: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A freshly loaded backbone in eval mode, its weights in `dtype` (read in it: a large
+    model is never held in float32 on its way to bf16): the bare model (an encoder task), or
     with `causal_lm` the causal LM with its LM head. 'minilm', a tiny family (`TINY_CONFIGS`),
     or any Hugging Face model id or local path (a dense model or a native MoE model)."""
     auto = AutoModelForCausalLM if causal_lm else AutoModel
     if name in TINY_CONFIGS:
-        return _tiny(name, auto)
-    return auto.from_pretrained(_source(name), dtype=torch.float32).eval()
+        return _tiny(name, auto).to(dtype)
+    return auto.from_pretrained(_source(name), dtype=dtype).eval()
 
 
 def _tiny(name: str, auto) -> nn.Module:
@@ -122,7 +123,7 @@ def _tiny(name: str, auto) -> nn.Module:
 def frozen_backbone(name: str, device: torch.device, dtype: torch.dtype, causal_lm: bool = False) -> nn.Module:
     """The backbone on `device`, held in `dtype` (no float32 copy is kept beside it).
     Cached per process: models built from it share its frozen tensors."""
-    backbone = load_backbone(name, causal_lm).to(device=device, dtype=dtype)
+    backbone = load_backbone(name, causal_lm, dtype).to(device=device)
     # On a CPU, torch's fused attention back-propagates slowly (in bf16 3.4x slower than
     # plain matmul + softmax attention for a MiniLM batch); on a GPU the fused kernel wins.
     backbone.set_attn_implementation("eager" if device.type == "cpu" else "sdpa")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedmoe_app.model import AdapterModel
+from fedmoe_app.model import AdapterClassifier
 from fedmoe_app.train import model_device, to_device
 
 
@@ -67,7 +67,7 @@ def pooled(parts: Iterable[ClassStatistics]) -> ClassStatistics:
 
 
 @torch.no_grad()
-def feature_statistics(model: AdapterModel, batches: Iterable[dict[str, torch.Tensor]],
+def feature_statistics(model: AdapterClassifier, batches: Iterable[dict[str, torch.Tensor]],
                        num_classes: int) -> ClassStatistics:
     """The per-class moments of the head's input features of `model` over `batches`."""
     model.eval()

@@ -17,7 +17,6 @@ import torch
 from fedmoe_app import messages as msg
 from fedmoe_app import startup
 from fedmoe_app.backbones import load_tokenizer
-from fedmoe_app.batches import iterate_batches
 from fedmoe_app.budgets import resolve_budget
 from fedmoe_app.calibration import ClassStatistics, feature_statistics
 from fedmoe_app.config import RunConfig, config_from_yaml
@@ -112,8 +111,8 @@ class ClientTask:
         num_labels = num_labels_of(arrays)
         model = method_class(self.config.strategy).global_model(self.config, num_labels)
         load_state(model, arrays)
-        batches = iterate_batches(self.train_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
-                                  shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
+        batches = self.task.batches(self.train_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
+                                    shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         return feature_statistics(model, batches, num_labels)
 
 

@@ -115,6 +115,8 @@ class InstructionConfig:
     scoring: str  # multiple-choice accuracy by: likelihood (of each allowed answer) | generate (greedy, answer extracted)
     max_new_tokens: int  # generate: tokens generated per row
     benchmarks: tuple[str, ...]  # test benchmarks (files test/<name>.jsonl) scored; () = every one
+    groups: tuple[str, ...]  # values of the partition column clients count their rows by (); () = the training
+    # rows' (the server fills them in and sends them to devices, whose own rows may lack some)
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,6 @@ DEVICE_TIER = "device-tier"  # a device: its tier in the devices file
 NODE_CLIENT_ID = "client-id"  # optional: the node's stable client id
 
 
-
-
 # Head calibration reply ARRAYS: per class the training rows [C], the head-input feature mean
 # [C, D] and unbiased covariance [C, D, D] under the global model (fedmoe_app.calibration).
 FEATURE_COUNT = "feature-count"

@@ -21,7 +21,7 @@ from fedmoe_app.architecture import base_model, count_moe_layers
 from fedmoe_app.backbone_moe import add_backbone_experts
 from fedmoe_app.backbones import frozen_backbone, hf_config, share_weights_copy
 from fedmoe_app.budgets import max_lora_rank
-from fedmoe_app.config import RunConfig
+from fedmoe_app.config import ConfigError, RunConfig
 from fedmoe_app.moe import BottleneckExperts, SparseMoE
 from fedmoe_app.moefy import BackboneExperts
 from fedmoe_app.precision import Precision, resolve_precision
@@ -141,8 +141,12 @@ def build_model(
         raise ValueError(f"adapter is {adapter!r}; allowed: {', '.join(ADAPTERS)}")
     device = torch_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
-    causal_lm = config.task == "instruction"
+    from fedmoe_app.tasks import task_of  # tasks build on this module
+
+    causal_lm = task_of(config).causal_lm
     backbone = share_weights_copy(frozen_backbone(config.model.backbone, device, precision.dtype, causal_lm))
+    if causal_lm:
+        _check_plain_lm_head(config.model.backbone, backbone.config)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         if causal_lm:
@@ -163,6 +167,20 @@ def build_model(
     if config.model.gradient_checkpointing:
         model.enable_checkpointing()
     return model.to(device).train(False)
+
+
+# Config fields of families whose LM head output is post-processed (Gemma2's softcapping,
+# Cohere's and Granite's logit scaling): AdapterCausalLM applies the LM head alone.
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _check_plain_lm_head(name: str, hf_config) -> None:
+    """ConfigError if the model post-processes its LM head's logits, which AdapterCausalLM does not."""
+    for field in SCALED_LOGITS:
+        if getattr(hf_config, field, None) not in (None, 1.0):
+            raise ConfigError(f"model.backbone '{name}' scales its logits ({field}={getattr(hf_config, field)}), "
+                              "which the instruction task does not apply; use a Llama, Qwen, SmolLM, GPT-2, OLMoE, "
+                              "Qwen-MoE or Mixtral model")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,9 +19,7 @@ import numpy as np
 EXPERT_KEY = re.compile(r"^layers\.(\d+)\.moe\.experts\.(\d+)\.")
 ROUTER_KEY = re.compile(r"^layers\.(\d+)\.moe\.router\.weight$")
 PEFT_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>A|B)\.[^.]+\.weight$")  # A [r, in], B [out, r]
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
-EXPERT_LORA_A = ("lora_in_a", "lora_out_a")  # a backbone expert's LoRA factors [r, in]
-EXPERT_LORA_B = ("lora_in_b", "lora_out_b")  # and [out, r]
+HEAD_WEIGHT = "head.weight"
 
 
 def expert_of(key: str) -> tuple[int, int] | None:
@@ -36,9 +34,6 @@ def router_layer(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def is_expert_lora(key: str) -> bool:
-    """Whether `key` names a backbone expert's LoRA factor."""
-    return expert_of(key) is not None and key.rsplit(".", 1)[-1] in (*EXPERT_LORA_A, *EXPERT_LORA_B)
 
 
 def held_experts(keys: Sequence[str], num_layers: int) -> list[list[int]]:

@@ -49,7 +49,7 @@ class TextRows:
 class ClientData:
     """One client's rows (TextRows, or another task's rows with `select`): what it trains on and its held-out slice."""
 
-    rows: TextRows  # all of them: the device's train.csv in file order, or the partition
+    rows: TextRows  # all of them (another task's rows, e.g. InstructionRows): the device's file in order, or the partition
     train_index: list[int]  # positions in `rows` it trains on
     holdout_index: list[int]  # positions in `rows` held out for personalised evaluation; may be empty
     num_labels: int  # classes of the data (0: rows without labels, e.g. instruction data)

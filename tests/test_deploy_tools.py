@@ -101,12 +101,15 @@ def test_instruction_devices_hold_the_simulation_partitions_and_a_node_worker_tr
     config = load_config("conf/ub_smoe.yaml,conf/instruction.yaml", f"model.backbone=tiny-olmoe data.data-dir="
                          f"{commonsense_dir} data.max-train-rows=90 data.alpha=0.1 eval.max-length=64")
     task = task_of(config)
+    config = task.completed_config(task.splits())  # as the server sends it: the groups every client counts
+    task = task_of(config)
+    assert config.instruction.groups == ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")
     folders = split_for_devices(config, 3, tmp_path / "devices")
     for index, folder in enumerate(folders):
         simulated = task.client_data({"partition-id": index, "num-partitions": 3}, index, 3)
         deployed = task.client_data({"data-path": str(folder)}, 0, 1)
         assert deployed.rows == simulated.rows and deployed.holdout_index == simulated.holdout_index
-        assert sorted(c for c in deployed.group_counts) == sorted(c for c in simulated.group_counts if c)
+        assert deployed.group_counts == simulated.group_counts and sum(deployed.group_counts) == len(deployed.rows)
     assert sum(device_train_rows(str(f), config.data.holdout_fraction) for f in folders) == sum(
         len(task.client_data({"partition-id": i, "num-partitions": 3}, i, 3).train_index) for i in range(3))
     arrays = state_to_numpy(method_class("ub_smoe").global_model(config, 0))

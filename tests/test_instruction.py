@@ -194,7 +194,7 @@ def test_partitions_by_source_give_clients_different_benchmark_mixes(commonsense
     def mixes(partitioner: str):
         config = load_config("conf/instruction.yaml", f"data.data-dir={commonsense_dir} data.max-train-rows=800 "
                              f"data.partitioner={partitioner} data.alpha=0.1 data.holdout-fraction=0.25")
-        task = task_of(config)
+        task = task_of(task_of(config).completed_config(task_of(config).splits()))  # as the server sends it
         clients = [task.client_data({"partition-id": i, "num-partitions": 4}, i, 4) for i in range(4)]
         assert sum(len(c.rows) for c in clients) == 800
         assert all(len(c.group_counts) == 4 and sum(c.group_counts) == len(c.rows) for c in clients)
@@ -260,3 +260,25 @@ def test_causal_lm_updates_travel_in_each_wire_dtype(commonsense_dir, server_ide
     assert np.linalg.norm(moves["fp32"]) > 0
     for wire in ("fp16", "bf16"):
         assert np.linalg.norm(moves[wire] - moves["fp32"]) < 0.05 * np.linalg.norm(moves["fp32"]), wire
+
+
+def test_rows_without_an_answer_score_no_accuracy_and_the_tokenizer_decides_the_start():
+    tokenizer = load_tokenizer("tiny-llama")
+    assert task_of(instruction_config()).name == "instruction"
+    from fedmoe_app.config import TASKS
+    from fedmoe_app.tasks import TASKS as REGISTERED
+    from fedmoe_app.tasks.instruction import start_ids
+    from fedmoe_app.tasks.instruction_data import option_output
+
+    assert tuple(REGISTERED) == TASKS  # the config's choices are the registered tasks
+    assert start_ids(tokenizer) == [tokenizer.cls_token_id]  # what BERT's tokenizer puts first
+    assert option_output({"output": "answer1 is wrong: the answer is answer1", "answer": "answer1"}, "answer2") == (
+        "answer1 is wrong: the answer is answer2")
+    model = BigramLM(tokenizer, "##2")
+    unanswered = encode_choices(InstructionRows([{**ROW, "instruction": "Say hello.", "answer": ""}]), tokenizer, 96,
+                                "alpaca")
+    task = task_of(instruction_config())
+    metrics = task.evaluate(model, unanswered, 4)
+    assert metrics["num-examples"] == 0 and math.isnan(metrics["accuracy"]) and metrics["loss"] > 0
+    answered = task.evaluate(model, encode_choices(InstructionRows([ROW, ROW]), tokenizer, 96, "alpaca"), 4)
+    assert answered["num-examples"] == 2 and answered["accuracy"] == 1.0  # the bigram prefers answer2

@@ -29,8 +29,7 @@ from fedmoe_app.config import RunConfig
 from fedmoe_app.methods.hetlora_config import LORA_RANK
 from fedmoe_app.methods.lora import LoRAClient
 from fedmoe_app.model import AdapterModel, trainable_state
-from fedmoe_app.names import lora_rank_of
-from fedmoe_app.names import lora_pairs
+from fedmoe_app.names import lora_pairs, lora_rank_of
 
 
 def tail_start(rank: int, decay: float, min_rank: int = 1) -> int:

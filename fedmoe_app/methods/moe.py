@@ -12,9 +12,8 @@ import torch
 
 from fedmoe_app.methods.base import ClientMethod
 from fedmoe_app.model import AdapterModel, num_layers
-from fedmoe_app.names import expert_rank_of
+from fedmoe_app.names import expert_rank_of, held_experts
 from fedmoe_app.records import unflatten
-from fedmoe_app.names import held_experts
 from fedmoe_app.routing import RoutingStats
 
 

@@ -40,6 +40,8 @@ from fedmoe_app.model import AdapterModel
 from fedmoe_app.names import expert_of
 
 MODULATION_KEY = ".moe.router.modulation"  # the node's own copy of phi: trained, never sent
+
+
 def active_experts(compute_share: float, k_max: int) -> int:
     """K_c = max(1, floor(K_max * beta_c)) experts per token for compute share beta_c."""
     return max(1, math.floor(k_max * compute_share + 1e-9))

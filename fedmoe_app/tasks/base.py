@@ -40,6 +40,10 @@ class Metric:
                 and self.low <= value <= self.high)
 
 
+ACCURACY = Metric("accuracy", True, 0.0, 1.0, "acc")
+LOSS = Metric("loss", False, 0.0, math.inf, "loss")
+
+
 class Task:
     """Base of the tasks (fedmoe_app/tasks/<name>.py); a subclass fills in every hook."""
 
@@ -56,6 +60,12 @@ class Task:
     def primary(self) -> Metric:
         """The metric a run is judged by (best round, summary, plots)."""
         return self.metrics[0]
+
+    def pad_token_id(self) -> int:
+        """The backbone tokenizer's padding token."""
+        from fedmoe_app.backbones import load_tokenizer
+
+        return load_tokenizer(self.config.model.backbone).pad_token_id
 
     def partition_column(self) -> str:
         """The column partitions are drawn by: data.partition-by, else the task's."""
@@ -88,6 +98,12 @@ class Task:
     def batches(self, encoded: EncodedSet, batch_size: int, pad_token_id: int, **options) -> Iterator[dict]:
         """Padded batches of `encoded` (fedmoe_app.batches.iterate_batches's options)."""
         return iterate_batches(encoded, batch_size, pad_token_id, **options)
+
+    def completed_config(self, splits) -> RunConfig:
+        """The run's config completed from its data on the server, before any client is asked
+        (e.g. the label names a CSV file uses), so that every client, a device too, reads its
+        rows alike (default: as it is)."""
+        return self.config
 
     # ---- learning ----------------------------------------------------------------------
     def batch_loss(self, data: ClientData, num_labels: int) -> BatchLoss:

@@ -10,6 +10,7 @@ belong here too: they are errors under another task (fedmoe_app/config.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,9 @@ from fedmoe_app import messages as msg
 from fedmoe_app.batches import EncodedSet, encode
 from fedmoe_app.rows import ClientData, device_client_data, label_counts, write_csv
 from fedmoe_app.task_loss import TaskLoss, local_task_loss
-from fedmoe_app.tasks.base import BatchLoss, Metric, Task
+from fedmoe_app.tasks.base import ACCURACY, LOSS, BatchLoss, Task
 from fedmoe_app.train import model_device, to_device
 
-ACCURACY = Metric(msg.ACCURACY, True, 0.0, 1.0, "acc")
-LOSS = Metric(msg.LOSS, False, 0.0, math.inf, "loss")
 
 
 def classifier_loss(task_loss: TaskLoss = F.cross_entropy) -> BatchLoss:
@@ -87,6 +86,19 @@ class ClassificationTask(Task):
 
         return load_splits(self.config.data, self.config.seed)
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._counted: ClientData | None = None
+        self._train_label_counts: tuple[int, ...] = ()
+
+    def completed_config(self, splits):
+        """The run's config with the label names of the data (when its files name labels and
+        data.label-names is empty): a device maps names to ids alike."""
+        if not splits.label_names or self.config.data.label_names:
+            return self.config
+        return dataclasses.replace(self.config, data=dataclasses.replace(self.config.data,
+                                                                         label_names=splits.label_names))
+
     def client_data(self, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> ClientData:
         """A device's own train.csv (read without `datasets`), else its simulated partition."""
         data_path = str(node_config.get(msg.DATA_PATH, ""))
@@ -125,12 +137,13 @@ class ClassificationTask(Task):
 
     def batch_loss(self, data: ClientData, num_labels: int) -> BatchLoss:
         """Cross-entropy, with the label-skew remedies train.* switches on for this node's labels."""
-        counts = label_counts(data.train, data.num_labels)
-        return classifier_loss(local_task_loss(self.config.train, counts, num_labels))
+        if self._counted is not data:  # a node's labels are counted once, not every round
+            self._counted, self._train_label_counts = data, label_counts(data.train, data.num_labels)
+        return classifier_loss(local_task_loss(self.config.train, self._train_label_counts, num_labels))
 
     def evaluate(self, model: torch.nn.Module, encoded: EncodedSet, batch_size: int) -> dict[str, Any]:
         """Accuracy, loss, per-class recall and the rows scored."""
-        batches = self.batches(encoded, batch_size, _pad_id(self.config), shuffle=False, group_by_length=True,
+        batches = self.batches(encoded, batch_size, self.pad_token_id(), shuffle=False, group_by_length=True,
                                length_multiple=model.precision.length_multiple)
         result = evaluate_classifier(model, batches)
         return {msg.ACCURACY: result.accuracy, msg.LOSS: result.loss, msg.NUM_EXAMPLES: result.num_examples,
@@ -141,9 +154,3 @@ class ClassificationTask(Task):
         fields = super().record_fields(metrics)
         fields["global_recall"] = list(metrics[msg.RECALL]) if metrics and msg.RECALL in metrics else None
         return fields
-
-
-def _pad_id(config) -> int:
-    from fedmoe_app.backbones import load_tokenizer
-
-    return load_tokenizer(config.model.backbone).pad_token_id

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -30,13 +31,11 @@ from fedmoe_app import messages as msg
 from fedmoe_app.backbones import end_of_sequence_id
 from fedmoe_app.batches import IGNORE, EncodedSet
 from fedmoe_app.rows import ClientData, DataError, split_holdout
-from fedmoe_app.tasks.base import BatchLoss, Metric, Task
+from fedmoe_app.tasks.base import ACCURACY, LOSS, BatchLoss, Metric, Task
 from fedmoe_app.tasks.instruction_data import (InstructionRows, device_train_jsonl, load_instruction_splits,
                                                option_output, options_of, prompt_of, read_jsonl, write_jsonl)
 from fedmoe_app.train import model_device, to_device
 
-ACCURACY = Metric(msg.ACCURACY, True, 0.0, 1.0, "acc")
-LOSS = Metric(msg.LOSS, False, 0.0, math.inf, "loss")
 PERPLEXITY = Metric("perplexity", False, 1.0, math.inf, "ppl")
 BENCHMARK_ACCURACY = "accuracy.{benchmark}"  # MetricRecord key of one benchmark's accuracy
 
@@ -60,9 +59,11 @@ class ChoiceSet:
 
 
 def start_ids(tokenizer) -> list[int]:
-    """The token a sequence starts with: the tokenizer's bos, else its cls (BERT), else none."""
-    first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    return [first] if first is not None else []
+    """The special tokens the tokenizer itself puts before a text (Llama's bos, BERT's [CLS];
+    none for GPT-2 or Qwen)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("x")["input_ids"]
+    return marked[:marked.index(plain[0])] if plain and plain[0] in marked else []
 
 
 def encode_pair(prompt: str, output: str, tokenizer, max_length: int, eos: bool = True) -> tuple[list[int], list[int]]:
@@ -103,8 +104,8 @@ def encode_choices(rows: InstructionRows, tokenizer, max_length: int, template: 
     for row in rows.rows:
         prompt = prompt_of(row, template)
         allowed = options_of(row)
-        ids = start_ids(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prompts.append(ids[:1] + ids[1:][-(max_length - 1):] if len(ids) > max_length else ids)
+        start, prompt_ids = start_ids(tokenizer), tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompts.append(start + prompt_ids[-(max_length - len(start)):])
         options.append([encode_pair(prompt, option_output(row, option), tokenizer, max_length, eos=False)
                         for option in allowed])
         words.append(allowed)
@@ -146,22 +147,27 @@ class InstructionTask(Task):
     def client_data(self, node_config: Mapping[str, Any], partition_id: int, num_partitions: int) -> ClientData:
         """A device's own train.jsonl, else its simulated partition (by data.partition-by)."""
         data_path = str(node_config.get(msg.DATA_PATH, ""))
+        column = self.partition_column()
         if data_path:
             rows = read_jsonl(device_train_jsonl(data_path), "train")
             if len(rows) == 0:
                 raise DataError(f"node_config 'data-path' is '{data_path}', whose train.jsonl has no rows")
-            sources = sorted(set(rows["source"]))
         else:
             from fedmoe_app.data import partition_of_split
 
-            splits = self.splits()
-            partition = partition_of_split(splits.train, self.config.data, self.config.seed, partition_id,
-                                           num_partitions, self.partition_column())
-            rows = _rows_of(partition)
-            sources = sorted(set(splits.train["source"][:]))
+            rows = _rows_of(partition_of_split(self.splits().train, self.config.data, self.config.seed, partition_id,
+                                               num_partitions, column))
+        groups = self.config.instruction.groups or sorted(set(rows[column]))
         train_index, holdout_index = split_holdout(len(rows), self.config.data.holdout_fraction, self.config.seed)
-        counts = tuple(rows["source"].count(source) for source in sources)
-        return ClientData(rows, train_index, holdout_index, 0, counts)
+        return ClientData(rows, train_index, holdout_index, 0, tuple(rows[column].count(g) for g in groups))
+
+    def completed_config(self, splits):
+        """The run's config with `instruction.groups` set from the training rows (when empty),
+        so every client, a device too, counts its rows over the same groups."""
+        if self.config.instruction.groups:
+            return self.config
+        groups = tuple(sorted(set(splits.train[self.partition_column()][:])))
+        return dataclasses.replace(self.config, instruction=dataclasses.replace(self.config.instruction, groups=groups))
 
     def encode(self, data: ClientData, tokenizer, max_length: int) -> tuple[EncodedSet, ChoiceSet]:
         """The training rows' token ids and targets; the held-out rows as a ChoiceSet."""
@@ -189,10 +195,11 @@ class InstructionTask(Task):
 
     def evaluate(self, model: torch.nn.Module, choices: ChoiceSet, batch_size: int) -> dict[str, Any]:
         """Accuracy (macro mean over benchmarks, and per benchmark), loss and perplexity of
-        the gold outputs, and the rows scored."""
+        the gold outputs, and the rows accuracy is scored on (those with an answer among their
+        options: a node whose rows have none reports 0 rows, and its evaluation is left out)."""
         if len(choices) == 0:
             return {msg.NUM_EXAMPLES: 0, msg.ACCURACY: math.nan, msg.LOSS: math.nan, PERPLEXITY.name: math.nan}
-        pad = _pad_id(self.config)
+        pad = self.pad_token_id()
         loss = mean_target_loss(model, self.batches(choices.targets, batch_size, pad, shuffle=False,
                                                     length_multiple=model.precision.length_multiple))
         if self.config.instruction.scoring == "generate":
@@ -200,7 +207,8 @@ class InstructionTask(Task):
         else:
             picked = likelihood_choices(model, choices, batch_size, pad)
         by_benchmark = benchmark_accuracy(choices, picked)
-        metrics = {msg.NUM_EXAMPLES: len(choices), msg.LOSS: loss, PERPLEXITY.name: math.exp(min(loss, 700.0)),
+        answered = sum(1 for answer in choices.answers if answer >= 0)  # rows accuracy is scored on
+        metrics = {msg.NUM_EXAMPLES: answered, msg.LOSS: loss, PERPLEXITY.name: math.exp(min(loss, 700.0)),
                    msg.ACCURACY: float(np.mean(list(by_benchmark.values()))) if by_benchmark else math.nan}
         metrics.update({BENCHMARK_ACCURACY.format(benchmark=b): a for b, a in by_benchmark.items()})
         return metrics
@@ -302,7 +310,3 @@ def _tokenizer(config):
     from fedmoe_app.backbones import load_tokenizer
 
     return load_tokenizer(config.model.backbone)
-
-
-def _pad_id(config) -> int:
-    return _tokenizer(config).pad_token_id

@@ -48,8 +48,11 @@ def options_of(row: dict) -> list[str]:
 
 def option_output(row: dict, option: str) -> str:
     """The output text `row` would have with `option` as its answer."""
-    answer = row.get("answer") or ""
-    return row["output"].replace(answer, option) if answer and answer in row["output"] else option
+    answer, output = row.get("answer") or "", row["output"]
+    if not answer or answer not in output:
+        return option
+    cut = output.rindex(answer)  # the answer word is the output's last mention of it
+    return output[:cut] + option + output[cut + len(answer):]
 
 
 @dataclass(frozen=True)
