@@ -36,6 +36,14 @@ from strategies import make_strategy
 METHODS_FOR_LM = [name for name, cls in METHODS.items() if cls.adapter != "head"]
 
 
+def completed(config):
+    """`config` as the ServerApp completes it from the data before any client is asked."""
+    from fedmoe_app.tasks import task_of
+
+    task = task_of(config)
+    return task.completed_config(task.splits())
+
+
 def run_one(strategy: str, backbone: str, data_dir: str, rounds: int, nodes: int, overrides: str) -> dict:
     """One in-process federated run; its round records condensed."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -43,8 +51,8 @@ def run_one(strategy: str, backbone: str, data_dir: str, rounds: int, nodes: int
     from bench.in_process import InProcessGrid
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 7, 1, 1
-    config = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",
-                         f"model.backbone={backbone} rounds={rounds} data.data-dir={data_dir} {overrides}")
+    config = completed(load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",
+                                   f"model.backbone={backbone} rounds={rounds} data.data-dir={data_dir} {overrides}"))
     model = method_class(strategy).global_model(config, 0)
     records: list[dict] = []
     start = time.perf_counter()
@@ -68,8 +76,8 @@ def client_cost(strategy: str, backbone: str, tier: str, data_dir: str, override
     from fedmoe_app.client import ClientTask
     from fedmoe_app.system import peak_rss_mb
 
-    config = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",
-                         f"model.backbone={backbone} data.data-dir={data_dir} {overrides}")
+    config = completed(load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",
+                                   f"model.backbone={backbone} data.data-dir={data_dir} {overrides}"))
     task = ClientTask(config, {"partition-id": 0, "num-partitions": 3, "device-tier": tier})
     from strategies.replies import Node
 
