@@ -189,12 +189,10 @@ def outliers(rms: Mapping[int, float], ratio: float) -> dict[int, str]:
     return found
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_number(key: str, value: Any) -> None:
-    if not (_is_number(value) and value >= 0):
+    if not Metric(key, higher_is_better=False).check(value):  # a finite number >= 0
         raise MalformedReply(f"metric '{key}' is {value!r}; allowed: a finite number >= 0")
 
 

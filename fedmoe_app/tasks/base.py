@@ -61,11 +61,15 @@ class Task:
         """The metric a run is judged by (best round, summary, plots)."""
         return self.metrics[0]
 
-    def pad_token_id(self) -> int:
-        """The backbone tokenizer's padding token."""
+    def tokenizer(self):
+        """The backbone's tokenizer (cached per process)."""
         from fedmoe_app.backbones import load_tokenizer
 
-        return load_tokenizer(self.config.model.backbone).pad_token_id
+        return load_tokenizer(self.config.model.backbone)
+
+    def pad_token_id(self) -> int:
+        """The backbone tokenizer's padding token."""
+        return self.tokenizer().pad_token_id
 
     def partition_column(self) -> str:
         """The column partitions are drawn by: data.partition-by, else the task's."""

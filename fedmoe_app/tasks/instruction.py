@@ -203,7 +203,7 @@ class InstructionTask(Task):
         loss = mean_target_loss(model, self.batches(choices.targets, batch_size, pad, shuffle=False,
                                                     length_multiple=model.precision.length_multiple))
         if self.config.instruction.scoring == "generate":
-            picked = generated_choices(model, choices, self.config.instruction.max_new_tokens, _tokenizer(self.config))
+            picked = generated_choices(model, choices, self.config.instruction.max_new_tokens, self.tokenizer())
         else:
             picked = likelihood_choices(model, choices, batch_size, pad)
         by_benchmark = benchmark_accuracy(choices, picked)
@@ -304,9 +304,3 @@ def _rows_of(dataset) -> InstructionRows:
     """The rows of a datasets.Dataset with the instruction columns."""
     return InstructionRows([dict(zip(dataset.column_names, values))
                             for values in zip(*(dataset[c][:] for c in dataset.column_names))])
-
-
-def _tokenizer(config):
-    from fedmoe_app.backbones import load_tokenizer
-
-    return load_tokenizer(config.model.backbone)
