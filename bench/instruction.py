@@ -7,12 +7,17 @@ With `--costs`: one local round of a client of each tier, each in a process of i
 family and method: seconds per local step and the process's peak resident memory (in the
 federated runs every client shares one process, so their RSS is not a tier's).
 
+With `--generation`: seconds to answer test prompts by greedy generation (eval.scoring:
+generate) with the key / value cache against recomputing the whole sequence every token,
+one thread, per family; both must pick the same answers.
+
 The backbones are random: accuracy sits near chance (1/4 for ARC, 1/2 for BoolQ) and says
 nothing of what a pretrained model would reach; the loss falling says adapters and
 aggregation learn the output format, which is what these runs can show.
 
     python -m bench.instruction --data-dir ../shared/data/commonsense --out results/instruction
     python -m bench.instruction --costs --strategies fedavg_lora,ub_smoe --out results/instruction
+    python -m bench.instruction --generation --backbones tiny-llama,tiny-olmoe --out results/instruction
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ import sys
 import time
 from pathlib import Path
 
-from fedmoe_app.backbones import DENSE_DECODERS, MOE_DECODERS
+import torch
+
+from fedmoe_app.backbones import DENSE_DECODERS, MOE_DECODERS, end_of_sequence_id, load_tokenizer
 from fedmoe_app.config import load_config
 from fedmoe_app.methods import METHODS, method_class
-from fedmoe_app.model import num_layers, state_to_numpy
+from fedmoe_app.model import build_model, num_layers, state_to_numpy
 from fedmoe_app.records import to_record
 from fedmoe_app.server import GlobalEvaluator
+from fedmoe_app.tasks.instruction import encode_choices, extract_answer, generated_choices
+from fedmoe_app.tasks.instruction_data import read_jsonl
 from strategies import make_strategy
 
 METHODS_FOR_LM = [name for name, cls in METHODS.items() if cls.adapter != "head"]
@@ -115,6 +124,58 @@ def cost_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def greedy_by_recomputing(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
+    """Greedy continuation of `prompt`, recomputing the whole sequence for every new token:
+    the reference the cached decoding is timed against."""
+    ids = torch.tensor([prompt])
+    for _ in range(max_new_tokens):
+        token = int(model(ids, torch.ones_like(ids), positions=torch.tensor([ids.shape[1] - 1])).argmax())
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        if token == eos:
+            break
+    return ids[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def generation_cost(backbone: str, data_dir: str, prompts: int = 30, max_new_tokens: int = 32) -> dict:
+    """Seconds to generate for `prompts` BoolQ test prompts with the cache and by recomputing
+    (best of two), fft_moe adapters (backbone experts on a native MoE family), fp32, one thread."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    strategy = "hfedmoe" if backbone in MOE_DECODERS else "fft_moe"
+    config = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml",
+                         f"model.backbone={backbone} train.precision=fp32 instruction.max-new-tokens={max_new_tokens}")
+    model = build_model(config, 0, "moe")
+    model.train(False)
+    tokenizer = load_tokenizer(backbone)
+    rows = read_jsonl(Path(data_dir) / "test" / "boolq.jsonl")
+    choices = encode_choices(rows.select(range(prompts)), tokenizer, 256, "alpaca")
+    eos = end_of_sequence_id(tokenizer)
+    seconds = {"cached": [], "recomputed": []}
+    for _ in range(2):
+        start = time.perf_counter()
+        cached = generated_choices(model, choices, max_new_tokens, tokenizer)
+        seconds["cached"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        recomputed = [extract_answer(tokenizer.decode(greedy_by_recomputing(model, prompt, max_new_tokens, eos),
+                                                      skip_special_tokens=True), words)
+                      for prompt, words in zip(choices.prompts, choices.option_words)]
+        seconds["recomputed"].append(time.perf_counter() - start)
+    if cached != recomputed:
+        raise RuntimeError(f"{backbone}: cached decoding picked {cached}, recomputing {recomputed}")
+    return {"backbone": backbone, "strategy": strategy, "prompts": prompts, "max_new_tokens": max_new_tokens,
+            "cached_s": min(seconds["cached"]), "recomputed_s": min(seconds["recomputed"])}
+
+
+def generation_table(rows: list[dict]) -> str:
+    """A markdown table of `generation_cost` rows."""
+    lines = ["| backbone | adapters | prompts x new tokens | cached s | recomputed s | speed-up |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['prompts']} x {r['max_new_tokens']} | {r['cached_s']:.2f} | "
+                     f"{r['recomputed_s']:.2f} | {r['recomputed_s'] / r['cached_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     """A markdown table of the federated runs (step times and memory: `--costs`, each client
     alone in its process; here every client shares one process)."""
@@ -139,6 +200,7 @@ def main() -> None:
     parser.add_argument("--overrides", default="data.max-train-rows=600 eval.test-samples=20 "
                         "eval.final-test-samples=20")
     parser.add_argument("--costs", action="store_true", help="per-tier client costs instead of federated runs")
+    parser.add_argument("--generation", action="store_true", help="greedy generation: cached against recomputed")
     parser.add_argument("--report", action="store_true", help="only print the tables of the JSON files in --out")
     parser.add_argument("--one-cost", nargs=3, metavar=("STRATEGY", "BACKBONE", "TIER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -150,9 +212,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        for name, render in (("instruction", table), ("costs", cost_table)):
+        for name, render in (("instruction", table), ("costs", cost_table), ("generation", generation_table)):
             if (out / f"{name}.json").is_file():
                 print(render(json.loads((out / f"{name}.json").read_text())) + "\n")
+        return
+    if args.generation:
+        rows = [generation_cost(backbone, data_dir) for backbone in args.backbones.split(",")]
+        (out / "generation.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (out / "generation.md").write_text(generation_table(rows) + "\n")
+        print(generation_table(rows))
         return
     if args.costs:
         args.data_dir = data_dir

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -11,28 +10,78 @@ from typing import Any, Mapping
 import yaml
 
 from fedmoe_app import messages as msg
-from fedmoe_app.config import ConfigError, RunConfig, resolve_path
+from fedmoe_app.config import ConfigError, RunConfig, all_method_sections, resolve_path
+
+
+@dataclass(frozen=True)
+class TierField:
+    """One field of a device tier (conf/devices.yaml): its kebab-case key, its type (int or
+    float), an inclusive upper bound if it has one (every field is > 0), whether it is capped
+    at the experts the node holds, and who registered it."""
+
+    key: str
+    kind: type
+    maximum: float | None = None
+    capped_by_held: bool = False
+    owner: str = "core"
+
+    @property
+    def name(self) -> str:
+        """The field's attribute name on a DeviceBudget (`experts_held`)."""
+        return self.key.replace("-", "_")
+
+
+TIER_FIELDS: dict[str, TierField] = {}  # attribute name -> field, core first, then the methods' in registration order
+
+
+def register_tier_field(field: TierField) -> None:
+    """Make `field` a field of every device tier (a method's `<name>_config.py` calls this for
+    the budget only it reads, such as HFedMoE's experts-trained)."""
+    TIER_FIELDS[field.name] = field
+
+
+for _field in (
+        TierField("experts-held", int),  # experts per layer the node holds: receives, routes to and may train
+        TierField("top-k", int, capped_by_held=True),  # adapter experts per token
+        TierField("active-experts", int, capped_by_held=True),  # backbone experts per token (K of moe.num-experts)
+        TierField("batch-size", int),
+        TierField("max-length", int),
+        TierField("local-steps", int),
+        TierField("lora-rank", int),  # LoRA rank of rank-heterogeneous LoRA clients and backbone-expert LoRAs
+        TierField("ram-gb", float)):
+    register_tier_field(_field)
+
+
+def _tier_fields() -> dict[str, TierField]:
+    """Every registered tier field, the methods' included (their config modules imported)."""
+    all_method_sections()
+    return TIER_FIELDS
 
 
 @dataclass(frozen=True)
 class DeviceBudget:
-    """What one client may spend per round."""
+    """What one client may spend per round: its tier and a value per tier field, read as
+    attributes (`budget.batch_size`, `budget.experts_trained`)."""
 
     tier: str
-    experts_held: int  # experts per layer the node holds: receives, routes to and may train
-    top_k: int  # adapter experts per token
-    active_experts: int  # backbone experts per token (K of moe.num-experts)
-    experts_trained: int  # backbone experts trained per batch (HFedMoE's C)
-    compute_share: float  # share of the full model's compute the device affords (UB-SMoE's beta)
-    batch_size: int
-    max_length: int
-    local_steps: int
-    lora_rank: int
-    ram_gb: float
+    values: Mapping[str, int | float]  # attribute name -> value, for every TierField
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values")
+        if values is None or name not in values:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return values[name]
+
+    def replace(self, **changes: int | float) -> "DeviceBudget":
+        """A copy with some fields changed (attribute names)."""
+        unknown = sorted(set(changes) - set(self.values))
+        if unknown:
+            raise AttributeError(f"DeviceBudget has no fields {unknown}")
+        return DeviceBudget(self.tier, {**self.values, **changes})
 
     def to_record(self) -> dict[str, Any]:
         """The budget as a message carries it: kebab-case keys, `tier` included."""
-        return {"tier": self.tier, **{_key(f): getattr(self, f) for f in BUDGET_FIELDS}}
+        return {"tier": self.tier, **{_key(name): value for name, value in self.values.items()}}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "DeviceBudget":
@@ -41,11 +90,7 @@ class DeviceBudget:
         tier = record.get("tier")
         if not isinstance(tier, str) or not tier:
             raise ConfigError(f"budget field 'tier' is {tier!r}; allowed: a tier name")
-        return cls(tier=tier, **_checked_fields(f"device tier '{tier}'", {k: v for k, v in record.items() if k != "tier"}))
-
-
-BUDGET_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceBudget) if f.name != "tier")
-FLOAT_FIELDS = ("compute_share", "ram_gb")
+        return cls(tier, _checked_fields(f"device tier '{tier}'", {k: v for k, v in record.items() if k != "tier"}))
 
 
 def _key(field_name: str) -> str:
@@ -53,24 +98,27 @@ def _key(field_name: str) -> str:
 
 
 def _checked_fields(where: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The budget fields of a kebab-case mapping, each of its field's type and >= 1 (ram-gb > 0,
-    compute-share in (0, 1])."""
+    """The tier fields of a kebab-case mapping, each of its field's type, > 0 and within its
+    maximum."""
+    fields = _tier_fields()
     given = {k.replace("-", "_"): v for k, v in values.items()}
-    missing = [_key(f) for f in BUDGET_FIELDS if f not in given]
-    unknown = [_key(f) for f in given if f not in BUDGET_FIELDS]
+    missing = [f"{f.key} ({f.owner})" if f.owner != "core" else f.key for f in fields.values() if f.name not in given]
+    unknown = [_key(f) for f in given if f not in fields]
     if missing or unknown:
-        raise ConfigError(f"{where}: missing {missing}, unknown {unknown}; fields: {', '.join(map(_key, BUDGET_FIELDS))}")
+        raise ConfigError(f"{where}: missing {missing}, unknown {unknown}; "
+                          f"fields: {', '.join(f.key for f in fields.values())}")
     checked = {}
-    for name in BUDGET_FIELDS:
-        value, kind = given[name], float if name in FLOAT_FIELDS else int
+    for name, field in fields.items():
+        value = given[name]
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or (kind is int and value != int(value))):
-            raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: {'a number' if kind is float else 'an integer'}")
+                or (field.kind is int and value != int(value))):
+            raise ConfigError(f"{where}: field '{field.key}' is {value!r}; "
+                              f"allowed: {'a number' if field.kind is float else 'an integer'}")
         if value <= 0:
-            raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: > 0")
-        if name == "compute_share" and value > 1:
-            raise ConfigError(f"{where}: field '{_key(name)}' is {value!r}; allowed: (0, 1]")
-        checked[name] = kind(value)
+            raise ConfigError(f"{where}: field '{field.key}' is {value!r}; allowed: > 0")
+        if field.maximum is not None and value > field.maximum:
+            raise ConfigError(f"{where}: field '{field.key}' is {value!r}; allowed: (0, {field.maximum:g}]")
+        checked[name] = field.kind(value)
     return checked
 
 
@@ -80,7 +128,7 @@ def load_tiers(path: str) -> dict[str, DeviceBudget]:
     data = yaml.safe_load(resolve_path(path).read_text()) or {}
     tiers = {}
     for name, values in (data.get("tiers") or {}).items():
-        tiers[name] = DeviceBudget(tier=name, **_checked_fields(f"device tier '{name}' in {path}", values or {}))
+        tiers[name] = DeviceBudget(name, _checked_fields(f"device tier '{name}' in {path}", values or {}))
     if not tiers:
         raise ConfigError(f"devices file {path} defines no tiers")
     return tiers
@@ -142,10 +190,9 @@ def resolve_budget(node_config: Mapping[str, Any], config: RunConfig) -> DeviceB
         tier = population[int(node_config[msg.PARTITION_ID])]
     if tier not in tiers:
         raise ConfigError(f"node_config '{msg.DEVICE_TIER}' is '{tier}'; allowed: {', '.join(tiers)}")
-    overrides = {_key(f): _number(node_config[_key(f)]) for f in BUDGET_FIELDS if _key(f) in node_config}
-    budget = DeviceBudget(tier=tier, **_checked_fields(f"node_config of tier '{tier}'", {
-        **{_key(f): getattr(tiers[tier], f) for f in BUDGET_FIELDS}, **overrides}))
-    held = min(budget.experts_held, config.moe.num_experts)
-    return dataclasses.replace(budget, experts_held=held, top_k=min(budget.top_k, held),
-                               active_experts=min(budget.active_experts, held),
-                               experts_trained=min(budget.experts_trained, held))
+    overrides = {f.key: _number(node_config[f.key]) for f in _tier_fields().values() if f.key in node_config}
+    values = _checked_fields(f"node_config of tier '{tier}'", {
+        **{_key(name): value for name, value in tiers[tier].values.items()}, **overrides})
+    held = min(values["experts_held"], config.moe.num_experts)
+    capped = {name: min(values[name], held) for name, f in _tier_fields().items() if f.capped_by_held}
+    return DeviceBudget(tier, {**values, "experts_held": held, **capped})

@@ -7,6 +7,7 @@ comes from differs (node_config `partition-id` / `num-partitions` in simulation,
 
 from __future__ import annotations
 
+import math
 import time
 from functools import lru_cache
 from typing import Any, Iterable, Iterator, Mapping
@@ -78,9 +79,10 @@ class ClientTask:
             num_batches=self.budget.local_steps, group_by_length=self.config.train.group_by_length,
             length_multiple=model.precision.length_multiple,
         )
-        result = train_local(model, _marking_first_step(batches), self.budget.local_steps, self.config.train.lr,
+        lr, mu = train_settings(server, self.config)
+        result = train_local(model, _marking_first_step(batches), self.budget.local_steps, lr,
                              self.config.train.weight_decay, method,
-                             self.task.batch_loss(self.data, num_labels_of(arrays)))
+                             self.task.batch_loss(self.data, num_labels_of(arrays)), proximal_mu=mu)
         method_metrics, request = method.report()
         metrics: dict[str, Any] = {
             msg.NUM_EXAMPLES: len(self.data.train_index),  # Flower's convention: local training rows
@@ -89,6 +91,7 @@ class ClientTask:
             msg.TRAIN_LOSS: result.loss,
             msg.STEP_SECONDS: result.step_seconds,
             msg.PEAK_RSS_MB: peak_rss_mb(),
+            **({msg.PROXIMAL_TERM: result.proximal_term} if mu > 0 else {}),
             **method_metrics,
         }
         trained = method.trained_arrays(state_to_numpy(model))
@@ -114,6 +117,18 @@ class ClientTask:
         batches = self.task.batches(self.train_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
                                     shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         return feature_statistics(model, batches, num_labels)
+
+
+def train_settings(server: Mapping[str, Any], config: RunConfig) -> tuple[float, float]:
+    """(learning rate, FedProx mu) of a train message, as the server sent them for its round
+    (the run config's train.lr and train.proximal-mu for a message without them); ValueError
+    naming the entry if one is not a number in its range."""
+    lr, mu = server.get(msg.LR, config.train.lr), server.get(msg.PROXIMAL_MU, config.train.proximal_mu)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train message entry '{msg.LR}' is {lr!r}; allowed: a number > 0")
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"train message entry '{msg.PROXIMAL_MU}' is {mu!r}; allowed: a number >= 0")
+    return float(lr), float(mu)
 
 
 def _marking_first_step(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import math
 import re
 import types
 import typing
@@ -79,7 +80,11 @@ class LossConfig:
 class TrainConfig:
     """Local optimisation."""
 
-    lr: float
+    lr: float  # the local learning rate (the peak, under a schedule)
+    lr_schedule: str  # constant | cosine | linear: the rate over rounds (fedmoe_app/schedule.py)
+    lr_min: float  # the floor a decaying schedule approaches (reached one round after the last)
+    warmup_rounds: int  # rounds whose rate rises linearly to lr before the schedule starts
+    proximal_mu: float  # FedProx's mu: (mu / 2) ||w - w_global||^2 on the tensors a client trains; 0 = off
     weight_decay: float
     threads: int  # torch threads per client process
     device: str  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
@@ -247,6 +252,7 @@ CHOICES = {
     "data.partitioner": ("iid", "dirichlet", "pathological"),
     "federation.wire-dtype": ("fp32", "fp16", "bf16"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.lr-schedule": ("constant", "cosine", "linear"),
     "moe.dispatch": ("auto", "loop", "grouped_mm", "segmented"),
     "moe.experts": ("adapter", "backbone"),
     "moe.grouping": ("kmeans", "contiguous"),
@@ -440,7 +446,7 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     return _validate(_merge(_base_values(), values))
 
 
-def _all_method_sections() -> list[MethodSection]:
+def all_method_sections() -> list[MethodSection]:
     """Every method's own section (each methods/<name>_config.py imported)."""
     folder = Path(__file__).resolve().parent / "methods"
     for path in sorted(folder.glob("*_config.py")):
@@ -462,7 +468,7 @@ def _validate(values: dict[str, Any]) -> RunConfig:
     strategy = values.get("strategy")
     section = _method_section(strategy) if isinstance(strategy, str) else None
     values = dict(values)
-    for other in _all_method_sections():
+    for other in all_method_sections():
         if other is not section and other.key in values:
             raise ConfigError(f"config section '{other.key}' belongs to strategy '{other.strategy}'; strategy is "
                               f"{strategy!r}: remove it, or set strategy to '{other.strategy}'")
@@ -538,6 +544,7 @@ def _check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"config key 'federation.{_to_key(key)}' is {getattr(fed, key)}; allowed: [0, 1)")
     if fed.server_tau <= 0:
         raise ConfigError(f"config key 'federation.server-tau' is {fed.server_tau}; allowed: > 0")
+    _check_schedule(config)
     if config.train.logit_adjustment < 0:
         raise ConfigError(f"config key 'train.logit-adjustment' is {config.train.logit_adjustment}; allowed: >= 0 (0 = off)")
     if not 0.0 <= config.train.restricted_softmax <= 1.0:
@@ -565,6 +572,21 @@ TASK_ONLY_KEYS = (
     ("calibration.method", lambda c: c.calibration.method == "none", "classification"),
     ("data.label-names", lambda c: not c.data.label_names, "classification"),
 )
+
+
+def _check_schedule(config: RunConfig) -> None:
+    """ConfigError naming the first key of the learning-rate schedule or the proximal term
+    out of its range (NaN included)."""
+    train = config.train
+    if not (math.isfinite(train.lr) and train.lr > 0):
+        raise ConfigError(f"config key 'train.lr' is {train.lr}; allowed: a number > 0")
+    if not 0 <= train.lr_min <= train.lr:
+        raise ConfigError(f"config key 'train.lr-min' is {train.lr_min}; allowed: [0, train.lr = {train.lr}]")
+    if not 0 <= train.warmup_rounds < config.rounds:
+        raise ConfigError(f"config key 'train.warmup-rounds' is {train.warmup_rounds}; "
+                          f"allowed: 0 .. rounds - 1 = {config.rounds - 1}")
+    if not (math.isfinite(train.proximal_mu) and train.proximal_mu >= 0):
+        raise ConfigError(f"config key 'train.proximal-mu' is {train.proximal_mu}; allowed: a number >= 0 (0 = off)")
 
 
 def _check_task_keys(config: RunConfig) -> None:

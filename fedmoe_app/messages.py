@@ -21,6 +21,8 @@ BUDGET = "budget"
 # Entries of CONFIG sent down.
 RUN_CONFIG = "run-config"  # the resolved run configuration, YAML text
 SERVER_ROUND = "server-round"
+LR = "lr"  # train: this round's local learning rate (train.lr-schedule)
+PROXIMAL_MU = "proximal-mu"  # train: FedProx's mu (Flower's FedProx sends the same key)
 
 # Entries of NODE in a query reply.
 CLIENT_ID = "client-id"  # stable across restarts of the node, unlike Flower's node id
@@ -35,6 +37,7 @@ TRAIN_SECONDS = "train-seconds"
 PEAK_RSS_MB = "peak-rss-mb"
 BYTES_DOWN = "bytes-down"
 BYTES_UP = "bytes-up"
+PROXIMAL_TERM = "proximal-term"  # with proximal-mu > 0: mean over the steps of (mu / 2) ||w - w_global||^2
 
 # Evaluate reply METRICS.
 ACCURACY = "accuracy"

@@ -10,7 +10,7 @@ carries are fedmoe_app/names.py.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +107,16 @@ class AdapterCausalLM(AdapterModel):
             if positions is not None:
                 hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
             return self.backbone.get_output_embeddings()(hidden).float()
+
+    def decode_step(self, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """One step of decoding an unpadded row: the next-token logits [V] (float32) after
+        `input_ids` [1, T] (the whole prompt on the first step, then the one new token), and
+        the attention keys and values of everything so far (Hugging Face's cache) for the next step."""
+        self.trace.start(None)
+        with self.precision.autocast(input_ids.device):
+            out = base_model(self.backbone)(input_ids=input_ids, cache=cache, use_cache=True)
+            logits = self.backbone.get_output_embeddings()(out.last_hidden_state[0, -1])
+        return logits.float(), out.cache
 
 
 def num_layers(config: RunConfig) -> int:

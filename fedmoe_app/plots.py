@@ -58,9 +58,35 @@ def _annotate(ax, values: np.ndarray, vmax: float) -> None:
         ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=8, color=colour)
 
 
+def _round_axis(ax, rounds: list[dict]) -> None:
+    """Integer round ticks spanning every record."""
+    all_rounds = [r["round"] for r in rounds] or [0]
+    ax.set_xlim(min(all_rounds) - 0.5, max(all_rounds) + 0.5)
+    if len(set(all_rounds)) <= MAX_ROUND_LABELS:
+        ax.set_xticks(sorted(set(all_rounds)))  # MaxNLocator finds no integer inside [r-0.5, r+0.5]
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def best_round(rounds: list[dict]) -> tuple[int, float] | None:
+    """(round, value) of the highest global accuracy after training began (round >= 1; the
+    first such round on ties), or None if no trained round was evaluated."""
+    xs, ys = _series([r for r in rounds if r["round"] >= 1], lambda r: r.get("global_accuracy"))
+    if not xs:
+        return None
+    i = int(np.argmax(ys))
+    return xs[i], ys[i]
+
+
 def plot_accuracy(rounds: list[dict], path: Path, title: str = "") -> Path:
-    """Global and personalised (per tier, mean) accuracy per round, as a PNG at `path`."""
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    """Global and personalised (per tier, mean) accuracy per round with the best round marked,
+    and beneath it the global test loss and the clients' training loss, as a PNG at `path`."""
+    has_loss = any(r.get("global_loss") is not None or r.get("train_loss") is not None for r in rounds)
+    if has_loss:
+        fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(7.5, 4))
     xs, ys = _series(rounds, lambda r: r.get("global_accuracy"))
     ax.plot(xs, ys, "-o", color="black", linewidth=2.5, markersize=5, label="global (test split)", zorder=3)
     colours = plt.get_cmap("tab10")
@@ -70,21 +96,29 @@ def plot_accuracy(rounds: list[dict], path: Path, title: str = "") -> Path:
     xs, ys = _series(rounds, lambda r: r.get("client_accuracy_mean"))
     if xs:
         ax.plot(xs, ys, "-.s", color="tab:gray", linewidth=1.8, markersize=4, label="clients: mean")
-
-    all_rounds = [r["round"] for r in rounds] or [0]
-    ax.set_xlim(min(all_rounds) - 0.5, max(all_rounds) + 0.5)
-    if len(set(all_rounds)) <= MAX_ROUND_LABELS:
-        ax.set_xticks(sorted(set(all_rounds)))  # MaxNLocator finds no integer inside [r-0.5, r+0.5]
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    best = best_round(rounds)
+    if best is not None:
+        ax.plot(*best, "*", color="gold", markeredgecolor="black", markersize=15, zorder=4,
+                label=f"best global: round {best[0]}, {best[1]:.1%}")
+    _round_axis(ax, rounds)
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
-    ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
     # outside the axes, so it never covers a line
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    if has_loss:
+        for key, style, colour, label in (("global_loss", "-o", "black", "global (test split)"),
+                                          ("train_loss", "--o", "tab:gray", "clients' training")):
+            xs, ys = _series(rounds, lambda r: r.get(key))
+            ax_loss.plot(xs, ys, style, color=colour, linewidth=1.8, markersize=3.5, label=label)
+        if best is not None:
+            ax_loss.axvline(best[0], color="gold", linewidth=1.5, zorder=0)
+        _round_axis(ax_loss, rounds)
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax = ax_loss
+    ax.set_xlabel("round")
     return _save(fig, path)
 
 

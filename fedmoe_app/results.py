@@ -3,12 +3,14 @@
 Files:
     config.yaml           the resolved run config, as given
     metrics.jsonl         one JSON object per round (the record below), appended as the run goes
-    summary.json          the run's headline numbers
+    summary.json          the run's headline numbers: the primary metric's final, best (and best_round,
+                          among trained rounds) and initial values, costs, memory
     adapter.safetensors   the final global adapter weights (+ string metadata)
     checkpoint.safetensors  the state after the last complete round (fedmoe_app/checkpoint.py)
     status.json           running (last round, the ServerApp's host and pid) | complete | failed (error) | stopped (reason)
     labels.json           label id -> name, when the data names its labels
-    accuracy.png, expert_utilisation.png   plots of metrics.jsonl (see plots.py)
+    accuracy.png          global and per-tier accuracy by round (best round marked), test and training loss
+    expert_utilisation.png  routed-token shares per expert (MoE methods); see plots.py
 
 The round record (one line of metrics.jsonl):
     round: int                          1..R (round 0 = before training, only global eval fields)
@@ -31,23 +33,20 @@ The round record (one line of metrics.jsonl):
     client_accuracy_mean: float | None  example-weighted over all clients
     client_accuracy_worst: float | None
     train_loss: float | None
-    expert_utilisation: list[list[float]] | None
-                                        (MoE methods) [layer][expert]: share of routed tokens per expert
-                                        in that layer this round (rows sum to 1)
-    expert_utilisation_by_tier: dict[str, list[list[float]]]
-                                        (MoE methods) tier -> the same over that tier's clients
-    utilisation, modulation: list[list[float]]
-                                        (ub_smoe) [layer][expert]: utilisation u of the round's routing
-                                        and the modulation phi sent next round
-    lora_ranks: dict[str, int]          (hetlora) client id -> the rank it trains at next round
+    lr: float | None                    the local learning rate the server sent this round (train.lr-schedule)
+    proximal_term: float | None         (train.proximal-mu > 0) example-weighted mean over the clients of their
+                                        FedProx term (mu / 2) ||w - w_global||^2, averaged over local steps
+    <the strategy's own fields>         its `round_metrics` (strategies/<name>.py documents them), e.g. the
+                                        MoE strategies' expert_utilisation ([layer][expert] share of routed
+                                        tokens, rows sum to 1) and expert_utilisation_by_tier
     bytes_down: dict[str, int]          client id -> bytes sent to it this round
     bytes_up: dict[str, int]            client id -> bytes received from it
     step_seconds: dict[str, float]      tier -> mean seconds per local step
     peak_rss_mb: dict[str, float]       tier -> largest peak resident memory of a client process
     server_peak_rss_mb: float           peak resident memory of the ServerApp process so far
     clients: dict[str, dict]            client id (stable across restarts) -> node_id, tier, the
-                                        budget (experts_held, top_k, batch_size, max_length,
-                                        local_steps, lora_rank, ram_gb), num_examples (local
+                                        budget (its device-tier fields: budgets.TIER_FIELDS,
+                                        the methods' included), num_examples (local
                                         training rows), samples_processed (batch x steps), steps, step_seconds,
                                         train_seconds (whole local round), peak_rss_mb,
                                         bytes_down, bytes_up, startup_seconds, import_seconds,

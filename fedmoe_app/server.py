@@ -112,6 +112,10 @@ def round_line(record: dict, num_rounds: int, task: Task) -> str:
                      f"(worst {record[f'client_{primary.name}_worst']:.3f})")
     if record.get("train_loss") is not None:
         parts.append(f"train loss {record['train_loss']:.3f}")
+    if record.get("lr") is not None:
+        parts.append(f"lr {record['lr']:.2e}")
+    if record.get("proximal_term") is not None:
+        parts.append(f"prox {record['proximal_term']:.2e}")
     if record["num_replies"]:
         parts.append(f"down {_mb(sum(record['bytes_down'].values()))} up {_mb(sum(record['bytes_up'].values()))}")
         steps = " ".join(f"{t} {s:.2f}s" for t, s in record["step_seconds"].items())
@@ -143,8 +147,10 @@ def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
     task = task_of(config)
     primary = task.primary.name
     trained = [r for r in rounds if r["round"] > 0]
-    evaluated = [r[f"global_{primary}"] for r in rounds if r.get(f"global_{primary}") is not None]
-    best = max if task.primary.higher_is_better else min
+    evaluated = [(r[f"global_{primary}"], r["round"]) for r in trained if r.get(f"global_{primary}") is not None]
+    # the best trained round; the first of equals
+    best = (max(evaluated, key=lambda e: (e[0], -e[1])) if task.primary.higher_is_better
+            else min(evaluated, key=lambda e: (e[0], e[1]))) if evaluated else (None, None)
     last = rounds[-1]
     finals = {f"final_global_{m.name}": last.get(f"global_{m.name}") for m in task.metrics}
     finals.update({f"final_{k}": last.get(k) for k in task.record_fields(None) if f"final_{k}" not in finals})
@@ -159,7 +165,8 @@ def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
         "seed": config.seed,
         **finals,
         "final_test_rows": last.get("global_test_rows"),
-        f"best_global_{primary}": best(evaluated, default=None),
+        f"best_global_{primary}": best[0],
+        "best_round": best[1],
         f"initial_global_{primary}": rounds[0].get(f"global_{primary}"),
         f"final_client_{primary}_mean": last.get(f"client_{primary}_mean"),
         f"final_client_{primary}_worst": last.get(f"client_{primary}_worst"),

@@ -29,6 +29,22 @@ class TrainResult:
     steps: int
     loss: float
     step_seconds: float
+    proximal_term: float  # mean over the steps of the proximal term's value (0 when mu is 0)
+
+
+class ProximalTerm:
+    """FedProx's (mu / 2) ||w - w_global||^2 over `params` (the tensors a client trains; a
+    sparse method's model holds only its experts), w_global being their values when the
+    round's training began."""
+
+    def __init__(self, params: list[torch.nn.Parameter], mu: float) -> None:
+        self.params, self.mu = params, mu
+        self.anchor = [p.detach().clone() for p in params]
+
+    def __call__(self) -> torch.Tensor:
+        """The term's value, differentiable in the parameters (gradient mu (w - w_global))."""
+        squared = sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor))
+        return (self.mu / 2) * squared
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -49,14 +65,19 @@ def train_local(
     weight_decay: float,
     method: ClientMethod,
     batch_loss: BatchLoss,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train the model's trainable tensors with AdamW for `steps` batches (on the model's
-    device, in the model's precision; fp16 with loss scaling): the task's loss of the batch
-    (`batch_loss`, fedmoe_app/tasks) plus the method's loss terms, backward, the method's
-    gradient hook, the step, the method's observation of it. The loss reported is the task
-    loss trained on (weighted by rows)."""
+    """Train the model's trainable tensors with AdamW at rate `lr` for `steps` batches (on
+    the model's device, in the model's precision; fp16 with loss scaling): the task's loss of
+    the batch (`batch_loss`, fedmoe_app/tasks) plus the method's loss terms and, with
+    `proximal_mu` > 0, FedProx's proximal term; backward, the method's gradient hook, the
+    step, the method's observation of it. The loss reported is the task loss trained on
+    (weighted by rows)."""
     device = model_device(model)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr, weight_decay=weight_decay)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    proximal = ProximalTerm(params, proximal_mu) if proximal_mu > 0 else None
+    proximal_sum = 0.0
     scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
     model.train()
     examples, loss_sum, seconds, done = 0, 0.0, 0.0, 0
@@ -65,6 +86,10 @@ def train_local(
         batch = to_device(batch, device)
         task = batch_loss(model, batch)  # in the model's precision
         total = task + method.loss_terms(model)
+        if proximal is not None:
+            term = proximal()
+            total = total + term
+            proximal_sum += term.item()
         model.trace.stop()  # a block recomputed in backward (gradient checkpointing) adds no routes
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
@@ -85,4 +110,5 @@ def train_local(
         steps=done,
         loss=loss_sum / examples if examples else math.nan,
         step_seconds=seconds / done if done else math.nan,
+        proximal_term=proximal_sum / done if done else math.nan,
     )

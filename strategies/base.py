@@ -39,6 +39,7 @@ from fedmoe_app.calibration import calibrated_head
 from fedmoe_app.checkpoint import Checkpoint
 from fedmoe_app.config import RunConfig, config_to_yaml
 from fedmoe_app.records import from_record, to_record
+from fedmoe_app.schedule import round_lr
 from strategies.core import Contribution, Weight, sparse_weighted_average
 from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_statistics, decode_train_reply,
                                 examples, node_from_query, outliers, train_loss)
@@ -178,6 +179,8 @@ class SparseStrategy(Strategy):
         _, connected = sample_nodes(grid, self.config.federation.min_nodes, 0)
         self.round.sampled = self._draw(connected, self.config.federation.fraction_train)
         self.discover(grid, self.round.sampled)
+        self.round.lr = round_lr(self.config.train, server_round, self.config.rounds)
+        config = ConfigRecord({**config, msg.LR: self.round.lr, msg.PROXIMAL_MU: self.config.train.proximal_mu})
         messages = []
         for node_id in (n for n in self.round.sampled if n in self.nodes):
             sent = self.arrays_for(self.nodes[node_id], server_round)

@@ -83,7 +83,7 @@ class HetLoRA(SparseStrategy):
                 self.ranks[reply.node.client_id] = int(rank)
 
     def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
-        """Each replying node's rank for the next round."""
+        """`lora_ranks`: each replying node's client id -> the rank it trains at next round."""
         return {"lora_ranks": {r.node.client_id: self.rank_for(r.node) for r in replies}}
 
     def state_dict(self) -> dict[str, Any]:

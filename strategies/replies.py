@@ -58,10 +58,18 @@ def examples(reply: Reply) -> int:
     return int(reply.metrics[msg.NUM_EXAMPLES])
 
 
+def example_weighted(replies: list[Reply], key: str) -> float | None:
+    """Example-weighted mean of the train metric `key` over the replies that carry it (None: none does)."""
+    replies = [r for r in replies if key in r.metrics]
+    if not replies:
+        return None
+    total = sum(examples(r) for r in replies)
+    return sum(float(r.metrics[key]) * examples(r) for r in replies) / max(total, 1)
+
+
 def train_loss(replies: list[Reply]) -> float:
     """Example-weighted mean task loss of the replies."""
-    total = sum(examples(r) for r in replies)
-    return sum(float(r.metrics[msg.TRAIN_LOSS]) * examples(r) for r in replies) / max(total, 1)
+    return example_weighted(replies, msg.TRAIN_LOSS)
 
 
 def node_from_query(node_id: int, content: RecordDict) -> Node:
@@ -80,7 +88,7 @@ def node_from_query(node_id: int, content: RecordDict) -> Node:
 # Train metrics every reply carries (numbers >= 0), and those it may carry; a method's own
 # are checked by its strategy's `check_reply`.
 REQUIRED_TRAIN_METRICS = (msg.TRAIN_LOSS, msg.STEP_SECONDS, msg.PEAK_RSS_MB, msg.BYTES_DOWN, msg.BYTES_UP)
-OPTIONAL_TRAIN_METRICS = (msg.SAMPLES_PROCESSED, msg.STEPS, msg.TRAIN_SECONDS, *PHASE_METRICS)
+OPTIONAL_TRAIN_METRICS = (msg.SAMPLES_PROCESSED, msg.STEPS, msg.TRAIN_SECONDS, msg.PROXIMAL_TERM, *PHASE_METRICS)
 
 
 def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.ndarray],

@@ -12,11 +12,10 @@ import numpy as np
 from flwr.app import Message, MetricRecord
 
 from fedmoe_app import messages as msg
-from fedmoe_app.budgets import BUDGET_FIELDS
 from fedmoe_app.startup import PHASE_METRICS
 from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.tasks import Task
-from strategies.replies import Reply, train_loss
+from strategies.replies import Reply, example_weighted, train_loss
 
 # The keys of the aggregated client-evaluation MetricRecord (a Flower Result's evaluate_metrics_clientapp),
 # for the task's primary metric (e.g. accuracy-mean, accuracy-worst, accuracy.rpi4).
@@ -24,7 +23,7 @@ METRIC_MEAN, METRIC_WORST, METRIC_OF_TIER = "{metric}-mean", "{metric}-worst", "
 
 # Train metrics a round record keeps per client (snake_case), besides its budget.
 CLIENT_METRICS = (msg.NUM_EXAMPLES, msg.SAMPLES_PROCESSED, msg.STEPS, msg.STEP_SECONDS, msg.TRAIN_SECONDS,
-                  msg.PEAK_RSS_MB, msg.BYTES_DOWN, msg.BYTES_UP, *PHASE_METRICS)
+                  msg.PEAK_RSS_MB, msg.BYTES_DOWN, msg.BYTES_UP, msg.PROXIMAL_TERM, *PHASE_METRICS)
 
 
 @dataclass
@@ -34,6 +33,7 @@ class RoundState:
     passed every check, the wall seconds of its phases, and its head calibration."""
 
     server_round: int
+    lr: float | None = None  # the local learning rate sent with this round's train messages
     sampled: list[int] = field(default_factory=list)  # node ids drawn for training
     train_messages: list[Message] = field(default_factory=list)
     sent_arrays: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # node id -> tensors sent to train
@@ -56,7 +56,7 @@ def client_record(reply: Reply) -> dict:
     """What one node did this round: who it is, the budget it trained with, and its costs."""
     node = reply.node
     record: dict[str, Any] = {"node_id": str(node.node_id), "tier": node.tier}
-    record.update({name: getattr(node.budget, name) for name in BUDGET_FIELDS})
+    record.update(node.budget.values)
     record.update({k.replace("-", "_"): reply.metrics[k] for k in CLIENT_METRICS if k in reply.metrics})
     return record
 
@@ -79,6 +79,8 @@ class RoundRecord:
     client_mean: float | None
     client_worst: float | None
     train_loss: float | None
+    lr: float | None  # the local learning rate sent this round
+    proximal_term: float | None  # example-weighted mean of the clients' FedProx term (None: off)
     bytes_down: dict[str, int]  # client id -> bytes
     bytes_up: dict[str, int]
     step_seconds: dict[str, float]  # tier -> mean seconds per local step
@@ -98,6 +100,7 @@ class RoundRecord:
             **self.global_metrics, "global_test_rows": self.global_test_rows,
             f"client_{metric}": self.client_by_tier, f"client_{metric}_mean": self.client_mean,
             f"client_{metric}_worst": self.client_worst, "train_loss": self.train_loss,
+            "lr": self.lr, "proximal_term": self.proximal_term,
             "bytes_down": self.bytes_down, "bytes_up": self.bytes_up, "step_seconds": self.step_seconds,
             "peak_rss_mb": self.peak_rss_mb, "server_peak_rss_mb": self.server_peak_rss_mb, "clients": self.clients,
             "calibration": self.calibration, "num_replies": self.num_replies, "failures": len(self.failed_nodes),
@@ -126,6 +129,8 @@ def round_record(state: RoundState, wall_time_s: float, server_eval: MetricRecor
         client_mean=client_eval.get(METRIC_MEAN.format(metric=primary)),
         client_worst=client_eval.get(METRIC_WORST.format(metric=primary)),
         train_loss=train_loss(replies) if replies else None,
+        lr=state.lr,
+        proximal_term=example_weighted(replies, msg.PROXIMAL_TERM),
         bytes_down={r.node.client_id: int(r.metrics[msg.BYTES_DOWN]) for r in replies},
         bytes_up={r.node.client_id: int(r.metrics[msg.BYTES_UP]) for r in replies},
         step_seconds={t: float(np.mean([float(r.metrics[msg.STEP_SECONDS]) for r in replies if r.node.tier == t]))

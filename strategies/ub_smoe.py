@@ -95,7 +95,8 @@ class UBSMoE(ExpertSubsetStrategy):
             self.phi = zeta * self.phi + (1 - zeta) * modulation_target(*found)
 
     def round_metrics(self, replies: list[Reply]) -> dict[str, Any]:
-        """Routed-token shares per expert, this round's utilisation u and the modulation phi after it."""
+        """Routed-token shares per expert (as every MoE strategy), plus `utilisation` (this
+        round's u, [layer][expert]) and `modulation` (the phi sent next round, [layer][expert])."""
         found = self.utilisation_of(replies)
         usage = found[0].tolist() if found is not None else None
         return {**super().round_metrics(replies), "utilisation": usage, "modulation": self.phi.tolist()}

@@ -75,7 +75,7 @@ def reply(node_id, arrays, metrics, request=None):
 
 
 def node(node_id, tier="rpi4", held=2):
-    budget = dataclasses.replace(load_tiers("conf/devices.yaml")[tier], experts_held=held, top_k=1, lora_rank=4)
+    budget = load_tiers("conf/devices.yaml")[tier].replace(experts_held=held, top_k=1, lora_rank=4)
     return Node(node_id, f"client-{node_id}", budget, 5000)
 
 

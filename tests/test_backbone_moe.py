@@ -98,7 +98,7 @@ def test_ffn_flops_per_token_scale_with_k_over_m():
 def test_a_node_receives_its_experts_loras_at_its_rank_and_its_reply_moves_only_those_ranks():
     config = config_for("tiny-bert", 3)
     strategy = make_strategy(config, num_layers=1)
-    strategy.nodes = {1: node(1), 2: dataclasses.replace(node(2), budget=dataclasses.replace(node(2).budget, lora_rank=16))}
+    strategy.nodes = {1: node(1), 2: dataclasses.replace(node(2), budget=node(2).budget.replace(lora_rank=16))}
     a, b = "layers.0.moe.experts.0.lora_in_a", "layers.0.moe.experts.0.lora_in_b"  # A [16, d=2], B [g=3, 16]
     other = "layers.0.moe.experts.2.lora_in_a"
     strategy.global_arrays = {a: np.zeros((16, 2), np.float32), b: np.zeros((3, 16), np.float32),

@@ -1,7 +1,6 @@
 """A client's round without Flower: budget, sparse replies, routing statistics, and the
 client halves of methods (what the training loop asks of them, the models they build)."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -66,10 +65,14 @@ def test_a_budget_record_names_the_bad_field():
         DeviceBudget.from_record({**record, "top-k": "two"})
     with pytest.raises(ValueError, match=r"missing \['lora-rank'\]"):
         DeviceBudget.from_record({k: v for k, v in record.items() if k != "lora-rank"})
+    # a field a method registers (methods/<name>_config.py) is a tier field like the rest, named with its owner
+    with pytest.raises(ValueError, match=r"missing \['compute-share \(ub_smoe\)'\]"):
+        DeviceBudget.from_record({k: v for k, v in record.items() if k != "compute-share"})
+    assert DeviceBudget.from_record(record).compute_share == 0.125 and record["experts-trained"] == 1
 
 
 def test_a_moe_client_asks_for_the_experts_with_the_highest_mean_router_probability(config):
-    budget = dataclasses.replace(load_tiers("conf/devices.yaml")["rpi4"], experts_held=2)
+    budget = load_tiers("conf/devices.yaml")["rpi4"].replace(experts_held=2)
     method = FFTMoEClient(config, budget, [5, 5, 5, 5], {})
     method.routing = RoutingStats.empty(2, 4)
     method.routing.full_prob_sum[:] = [[1.0, 4.0, 3.0, 2.0], [9.0, 1.0, 1.0, 5.0]]

@@ -2,7 +2,6 @@
 must be counted as its node's failure with a reason, never crash the round, and leave the
 global model exactly as the well-formed replies alone make it."""
 
-import dataclasses
 import random
 from unittest.mock import Mock
 
@@ -113,7 +112,7 @@ def hostile_content(strategy_name, rng: random.Random) -> tuple[str, RecordDict]
 def round_of(strategy_name, replies):
     """(strategy, new global arrays) after one aggregation of `replies` from nodes 1-3 and 99."""
     strategy = make_strategy(load_config(f"conf/{strategy_name}.yaml", "moe.num-experts=2"), num_layers=1)
-    budget = dataclasses.replace(load_tiers("conf/devices.yaml")["rpi4"], experts_held=2)
+    budget = load_tiers("conf/devices.yaml")["rpi4"].replace(experts_held=2)
     strategy.nodes = {n: Node(n, f"client-{n}", budget, 100) for n in (1, 2, 3, HOSTILE)}
     strategy.global_arrays = global_arrays()
     strategy.round.sent_arrays = {n: global_arrays() for n in strategy.nodes}

@@ -24,7 +24,7 @@ HEAD = "head.weight"
 
 
 def lora_node(node_id, rank, rows=5000):
-    budget = dataclasses.replace(load_tiers("conf/devices.yaml")["jetson-orin"], lora_rank=rank)
+    budget = load_tiers("conf/devices.yaml")["jetson-orin"].replace(lora_rank=rank)
     return Node(node_id, f"client-{node_id}", budget, rows)
 
 

@@ -1,7 +1,6 @@
 """HFedMoE: expert scores and top-C training on a client, usage-filtered and
 importance-weighted aggregation on the server, all against values computed by hand."""
 
-import dataclasses
 import math
 
 import numpy as np
@@ -49,7 +48,7 @@ def config():
 
 
 def test_only_the_selected_experts_receive_gradients_and_move(config):
-    budget = dataclasses.replace(load_tiers("conf/devices.yaml")["jetson-orin"], experts_held=8, active_experts=4,
+    budget = load_tiers("conf/devices.yaml")["jetson-orin"].replace(experts_held=8, active_experts=4,
                                  experts_trained=2)
     method = HFedMoEClient(config, budget, [5, 5, 5, 5], {})
     model = build_model(config, 4, "moe", top_k=4)

@@ -81,6 +81,9 @@ class BigramLM(nn.Module):
         flat = input_ids.reshape(-1)
         return self.next_logits(flat if positions is None else flat[positions])
 
+    def decode_step(self, input_ids, cache=None):
+        return self.next_logits(input_ids[0, -1:])[0], cache
+
 
 @pytest.mark.parametrize("favoured, picked", [("##2", 1), ("##1", 0)])
 def test_option_scoring_equals_each_option_scored_by_hand_and_picks_the_likelier(favoured, picked):
@@ -102,6 +105,31 @@ def test_option_scoring_equals_each_option_scored_by_hand_and_picks_the_likelier
         assert score == pytest.approx(by_hand, rel=1e-5)
     assert likelihood_choices(model, choices, 2, tokenizer.pad_token_id) == [picked]
     assert generated_choices(model, choices, 4, tokenizer) == [picked]  # greedy: "answer" then the favoured digit
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-gpt2", "tiny-olmoe"])
+def test_cached_decoding_gives_the_tokens_of_recomputing_the_whole_sequence(backbone):
+    experts = "backbone" if backbone == "tiny-olmoe" else "adapter"
+    config = instruction_config(f"model.backbone={backbone} moe.experts={experts} seed=3",
+                                f"conf/{'hfedmoe' if experts == 'backbone' else 'fft_moe'}.yaml,conf/instruction.yaml")
+    torch.manual_seed(3)
+    model = build_model(config, 0, "moe")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # adapters away from their zero start, so they change the logits
+                p.add_(0.05 * torch.randn_like(p))
+    model.train(False)
+    ids = torch.tensor([[101, 2054, 2003, 1996, 3007, 1997]])
+    cached, step, cache = [], ids, None
+    with torch.no_grad():
+        for _ in range(5):
+            logits, cache = model.decode_step(step, cache)
+            recomputed = model(ids, torch.ones_like(ids), positions=torch.tensor([ids.shape[1] - 1]))[0]
+            torch.testing.assert_close(logits, recomputed, rtol=1e-4, atol=1e-4)
+            cached.append(int(logits.argmax()))
+            ids = torch.cat([ids, torch.tensor([[int(recomputed.argmax())]])], dim=1)
+            step = torch.tensor([cached[-1:]])
+    assert cached == ids[0, 6:].tolist()
 
 
 def test_answer_extraction_takes_the_first_allowed_answer():

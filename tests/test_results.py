@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from fedmoe_app.plots import best_round
 from fedmoe_app.results import RunResults, load_adapter, this_process
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -132,6 +133,14 @@ def test_write_plots_without_experts_writes_accuracy_only(tmp_path):
     assert results.write_plots() == [results.run_dir / "accuracy.png"]
     assert_png(results.run_dir / "accuracy.png")
     assert not (results.run_dir / "expert_utilisation.png").exists()
+
+
+def test_the_best_round_is_the_first_highest_global_accuracy_after_training_began():
+    rounds = [{"round": 0, "global_accuracy": 0.95}, {"round": 1, "global_accuracy": 0.6},
+              {"round": 2, "global_accuracy": None}, {"round": 3, "global_accuracy": 0.8},
+              {"round": 4, "global_accuracy": float("nan")}, {"round": 5, "global_accuracy": 0.8}]
+    assert best_round(rounds) == (3, 0.8)  # round 0 (before training), None and NaN are not candidates
+    assert best_round(rounds[:1]) is None
 
 
 @pytest.mark.parametrize("num_rounds,num_layers,num_experts", [(1, 2, 4), (8, 6, 16)])

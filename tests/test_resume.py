@@ -1,6 +1,7 @@
 """Checkpoint and resume: a server that dies after a random round and is resumed from its
 checkpoint ends with exactly the global arrays of a run that never stopped, for every
-registered strategy, with the server optimiser's moments (runs in this process on tiny models, clients served by the
+registered strategy, with the server optimiser's moments, a learning-rate schedule and FedProx (runs in
+this process on tiny models, clients served by the
 ClientApp's own handlers)."""
 
 import os
@@ -55,7 +56,8 @@ def run(config, checkpoint_dir, die_after=None, resume: Checkpoint | None = None
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_resume_after_the_server_dies_ends_as_the_uninterrupted_run(strategy, ag_news_dir, tmp_path, server_identity):
-    config = tiny_config(strategy, ag_news_dir, "federation.server-optimizer=adam federation.server-lr=0.01")
+    config = tiny_config(strategy, ag_news_dir, "federation.server-optimizer=adam federation.server-lr=0.01 "
+                         "train.lr-schedule=cosine train.warmup-rounds=1 train.proximal-mu=0.01")
     uninterrupted = run(config, tmp_path / "full")
     die_after = random.Random(strategy).randint(1, ROUNDS - 1)  # a random round, the same each time
     with pytest.raises(ServerDied):

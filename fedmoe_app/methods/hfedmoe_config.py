@@ -1,9 +1,10 @@
-"""HFedMoE's own config section (`hfedmoe:`, defaults in conf/hfedmoe.yaml) and message keys."""
+"""HFedMoE's own config section (`hfedmoe:`, defaults in conf/hfedmoe.yaml), device-tier field and message keys."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedmoe_app.budgets import TierField, register_tier_field
 from fedmoe_app.config import ConfigError, MethodSection, register_method_section
 
 # Train reply metrics: per-expert usage u_c(e) (mean gate probability) and importance s_c(e), flattened [L * M].
@@ -30,5 +31,7 @@ def check_config(section: HFedMoEConfig) -> None:
             raise ConfigError(f"config key 'hfedmoe.{key.replace('_', '-')}' is {getattr(section, key)}; allowed: >= 0")
 
 
+# Backbone experts a client trains per batch (the paper's C), of those its batch routed to.
+register_tier_field(TierField("experts-trained", int, capped_by_held=True, owner="hfedmoe"))
 register_method_section(MethodSection("hfedmoe", "hfedmoe", HFedMoEConfig, check_config, "conf/hfedmoe.yaml",
                                       {"hfedmoe.gate-weights": ("normalised", "raw")}))

@@ -1,9 +1,10 @@
-"""UB-SMoE's own config section (`ub-smoe:`, defaults in conf/ub_smoe.yaml) and message keys."""
+"""UB-SMoE's own config section (`ub-smoe:`, defaults in conf/ub_smoe.yaml), device-tier field and message keys."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedmoe_app.budgets import TierField, register_tier_field
 from fedmoe_app.config import ConfigError, MethodSection, register_method_section
 
 MODULATION = "modulation"  # train message config: the server's routing modulation phi, flattened [L * M]
@@ -35,4 +36,7 @@ def check_config(ub: UBSMoEConfig) -> None:
         raise ConfigError(f"config key 'ub-smoe.bound-weight' is {ub.bound_weight}; allowed: >= 0")
 
 
+# The share of the full model's compute a client affords (the paper's beta): it runs
+# K = max(1, floor(moe.eval-top-k * compute-share)) experts per token.
+register_tier_field(TierField("compute-share", float, maximum=1.0, owner="ub_smoe"))
 register_method_section(MethodSection("ub_smoe", "ub-smoe", UBSMoEConfig, check_config, "conf/ub_smoe.yaml"))

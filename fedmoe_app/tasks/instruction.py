@@ -266,21 +266,21 @@ def likelihood_choices(model: torch.nn.Module, choices: ChoiceSet, batch_size: i
 @torch.no_grad()
 def generated_choices(model: torch.nn.Module, choices: ChoiceSet, max_new_tokens: int, tokenizer) -> list[int]:
     """Per row, the allowed answer greedy generation names first (-1: none), one row at a time
-    (no padding, so every architecture's positions are right)."""
+    (no padding, so every architecture's positions are right; each step reuses the previous
+    steps' attention keys and values)."""
     model.train(False)
     device = model_device(model)
     eos = end_of_sequence_id(tokenizer)
     picked = []
     for prompt, words in zip(choices.prompts, choices.option_words):
-        ids = torch.tensor([prompt], device=device)
+        step, cache, generated = torch.tensor([prompt], device=device), None, []
         for _ in range(max_new_tokens):
-            logits = model(ids, torch.ones_like(ids), positions=torch.tensor([ids.shape[1] - 1], device=device))
-            token = int(logits.argmax(-1))
-            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-            if token == eos:
+            logits, cache = model.decode_step(step, cache)
+            generated.append(int(logits.argmax()))
+            if generated[-1] == eos:
                 break
-        text = tokenizer.decode(ids[0, len(prompt):], skip_special_tokens=True)
-        picked.append(extract_answer(text, words))
+            step = torch.tensor([generated[-1:]], device=device)
+        picked.append(extract_answer(tokenizer.decode(generated, skip_special_tokens=True), words))
     return picked
 
 
