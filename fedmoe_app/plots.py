@@ -69,19 +69,10 @@ def _round_axis(ax, rounds: list[dict]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def best_round(rounds: list[dict]) -> tuple[int, float] | None:
-    """(round, value) of the highest global accuracy after training began (round >= 1; the
-    first such round on ties), or None if no trained round was evaluated."""
-    xs, ys = _series([r for r in rounds if r["round"] >= 1], lambda r: r.get("global_accuracy"))
-    if not xs:
-        return None
-    i = int(np.argmax(ys))
-    return xs[i], ys[i]
-
-
-def plot_accuracy(rounds: list[dict], path: Path, title: str = "") -> Path:
-    """Global and personalised (per tier, mean) accuracy per round with the best round marked,
-    and beneath it the global test loss and the clients' training loss, as a PNG at `path`."""
+def plot_accuracy(rounds: list[dict], path: Path, title: str = "", best: tuple[int, float] | None = None) -> Path:
+    """Global and personalised (per tier, mean) accuracy per round with the `best` (round,
+    global accuracy) marked, and beneath it the global test loss and the clients' training
+    loss, as a PNG at `path`."""
     has_loss = any(r.get("global_loss") is not None or r.get("train_loss") is not None for r in rounds)
     if has_loss:
         fig, (ax, ax_loss) = plt.subplots(2, 1, figsize=(7.5, 6), sharex=True, height_ratios=(3, 2))
@@ -96,7 +87,6 @@ def plot_accuracy(rounds: list[dict], path: Path, title: str = "") -> Path:
     xs, ys = _series(rounds, lambda r: r.get("client_accuracy_mean"))
     if xs:
         ax.plot(xs, ys, "-.s", color="tab:gray", linewidth=1.8, markersize=4, label="clients: mean")
-    best = best_round(rounds)
     if best is not None:
         ax.plot(*best, "*", color="gold", markeredgecolor="black", markersize=15, zorder=4,
                 label=f"best global: round {best[0]}, {best[1]:.1%}")

@@ -204,7 +204,7 @@ class RunResults:
         """Plot metrics.jsonl into the run dir; returns the PNG paths written."""
         rounds = self.rounds()
         title = self.run_dir.name
-        written = [plots.plot_accuracy(rounds, self.run_dir / ACCURACY_PLOT, title)]
+        written = [plots.plot_accuracy(rounds, self.run_dir / ACCURACY_PLOT, title, best_round(rounds))]
         utilisation = plots.plot_expert_utilisation(rounds, self.run_dir / UTILISATION_PLOT, title)
         if utilisation is not None:
             written.append(utilisation)
@@ -224,6 +224,17 @@ def _write_atomically(path: Path, text: str) -> None:
 def this_process() -> dict:
     """This process's host, id and start time (status.json's `server`: the process writing a run)."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def best_round(rounds: list[dict], metric: str = "accuracy", higher_is_better: bool = True) -> tuple[int, float] | None:
+    """(round, value) of the best global `metric` after training began (round >= 1; the
+    first of equals), or None if no trained round has a finite value."""
+    found = [(r["round"], r[f"global_{metric}"]) for r in rounds
+             if r["round"] >= 1 and r.get(f"global_{metric}") is not None and math.isfinite(r[f"global_{metric}"])]
+    if not found:
+        return None
+    sign = 1 if higher_is_better else -1
+    return max(found, key=lambda found_round: (sign * found_round[1], -found_round[0]))
 
 
 def read_rounds(run_dir: Path) -> list[dict]:

@@ -17,7 +17,7 @@ from fedmoe_app.checkpoint import Checkpoint, load_checkpoint
 from fedmoe_app.config import ConfigError, RunConfig, config_from_yaml, config_to_dict, resolve_path
 from fedmoe_app.model import AdapterModel, load_state
 from fedmoe_app.records import from_record
-from fedmoe_app.results import CONFIG_FILE, RunResults
+from fedmoe_app.results import CONFIG_FILE, RunResults, best_round
 from fedmoe_app.tasks import Task, task_of
 
 
@@ -147,10 +147,7 @@ def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
     task = task_of(config)
     primary = task.primary.name
     trained = [r for r in rounds if r["round"] > 0]
-    evaluated = [(r[f"global_{primary}"], r["round"]) for r in trained if r.get(f"global_{primary}") is not None]
-    # the best trained round; the first of equals
-    best = (max(evaluated, key=lambda e: (e[0], -e[1])) if task.primary.higher_is_better
-            else min(evaluated, key=lambda e: (e[0], e[1]))) if evaluated else (None, None)
+    best = best_round(rounds, primary, task.primary.higher_is_better) or (None, None)
     last = rounds[-1]
     finals = {f"final_global_{m.name}": last.get(f"global_{m.name}") for m in task.metrics}
     finals.update({f"final_{k}": last.get(k) for k in task.record_fields(None) if f"final_{k}" not in finals})
@@ -165,8 +162,8 @@ def summarise(config: RunConfig, dataset: str, rounds: list[dict]) -> dict:
         "seed": config.seed,
         **finals,
         "final_test_rows": last.get("global_test_rows"),
-        f"best_global_{primary}": best[0],
-        "best_round": best[1],
+        f"best_global_{primary}": best[1],
+        "best_round": best[0],
         f"initial_global_{primary}": rounds[0].get(f"global_{primary}"),
         f"final_client_{primary}_mean": last.get(f"client_{primary}_mean"),
         f"final_client_{primary}_worst": last.get(f"client_{primary}_worst"),

@@ -3,6 +3,7 @@ records (checked against hand-computed values), the kernel comparison's fairness
 report it writes."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,9 +303,30 @@ def test_the_run_records_kept_in_docs_are_small_archives_the_reports_read():
 
     archives = sorted((APP_DIR / "docs" / "runs").rglob("*.tar.gz"))
     assert [a.relative_to(APP_DIR / "docs" / "runs").as_posix() for a in archives] == [
-        "issue14/budgets-runs.tar.gz", "issue15/full-runs.tar.gz", "issue15/remedies-runs-500-rows.tar.gz"]
+        "issue14/budgets-runs.tar.gz", "issue15/full-runs.tar.gz", "issue15/remedies-runs-500-rows.tar.gz",
+        "issue28/default-runs.tar.gz", "issue28/mu0.1-runs.tar.gz"]
     assert all(a.stat().st_size < 2_000_000 for a in archives)
     runs = {a.name: finished_runs(a) for a in archives}
     assert len(runs["budgets-runs.tar.gz"]) == 42 and len(runs["remedies-runs-500-rows.tar.gz"]) == 9
+    assert len(runs["default-runs.tar.gz"]) == 21 and len(runs["mu0.1-runs.tar.gz"]) == 9
     headline = [name for name, _ in runs["full-runs.tar.gz"] if (name["partition"], name["mix"]) == HEADLINE]
     assert len(headline) == 35 and {n["seed"] for n in headline} == {"0", "1", "2", "3", "4"}
+
+
+def test_drift_compares_final_with_best_and_the_headline_seeds_with_older_runs():
+    from bench.drift import drift_of, headline_table
+    from bench.headline import finished_cells
+
+    rounds = [{"round": 0, "global_accuracy": 0.9, "global_loss": 0.1},
+              {"round": 1, "global_accuracy": 0.80, "global_loss": 0.50},
+              {"round": 2, "global_accuracy": 0.88, "global_loss": 0.36},
+              {"round": 3, "global_accuracy": 0.871, "global_loss": 0.40}]
+    found = drift_of(rounds)
+    assert (found["best_round"], found["final_accuracy"], found["lowest_loss"]) == (2, 0.871, 0.36)
+    assert found["accuracy_goal"] and found["loss_goal"]  # 0.9 points and 0.04 of loss: within the goals
+    assert not drift_of(rounds[:3] + [{"round": 3, "global_accuracy": 0.869, "global_loss": 0.42}])["accuracy_goal"]
+    cells = finished_cells(Path("docs/runs/issue15/full-runs.tar.gz"), ["fft_moe"])
+    row = headline_table(cells, cells, ["fft_moe"]).splitlines()[-1]
+    # the archive against itself: the same spread, a std ratio of 1, every paired difference 0
+    # final accuracies 69.4, 73.4, 69.7, 40.8, 64.4: mean 63.5, sample std 13.1
+    assert row.startswith("| fft_moe | 63.5 ± 13.1 | 63.5 ± 13.1 | 1.00 | +0.0 (+0.0 .. +0.0; seeds +0.0, +0.0, +0.0, +0.0, +0.0)")

@@ -36,8 +36,8 @@ def test_schedules_by_hand():
     warm_linear = train_config("train.lr-schedule=linear train.warmup-rounds=2")
     assert [round_lr(warm_linear, r, 6) for r in range(1, 7)] == pytest.approx(
         [lr / 3, 2 * lr / 3, lr, 0.75 * lr, 0.5 * lr, 0.25 * lr])
-    assert [round_lr(train_config(""), r, 6) for r in (1, 6)] == [lr, lr]  # constant, the default
-    assert round_lr(train_config("train.warmup-rounds=1"), 1, 6) == lr / 2  # warm-up under constant too
+    assert [round_lr(train_config("train.lr-schedule=constant"), r, 6) for r in (1, 6)] == [lr, lr]
+    assert round_lr(train_config("train.lr-schedule=constant train.warmup-rounds=1"), 1, 6) == lr / 2  # warm-up too
 
 
 @pytest.mark.parametrize("overrides, message", [

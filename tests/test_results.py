@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from fedmoe_app.plots import best_round
-from fedmoe_app.results import RunResults, load_adapter, this_process
+from fedmoe_app.results import RunResults, best_round, load_adapter, this_process
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIERS = ("rpi4", "jetson-orin")
@@ -141,6 +140,9 @@ def test_the_best_round_is_the_first_highest_global_accuracy_after_training_bega
               {"round": 4, "global_accuracy": float("nan")}, {"round": 5, "global_accuracy": 0.8}]
     assert best_round(rounds) == (3, 0.8)  # round 0 (before training), None and NaN are not candidates
     assert best_round(rounds[:1]) is None
+    losses = [{"round": 0, "global_loss": 0.1}, {"round": 1, "global_loss": 0.5}, {"round": 2, "global_loss": 0.4},
+              {"round": 3, "global_loss": 0.4}]
+    assert best_round(losses, "loss", higher_is_better=False) == (2, 0.4)
 
 
 @pytest.mark.parametrize("num_rounds,num_layers,num_experts", [(1, 2, 4), (8, 6, 16)])

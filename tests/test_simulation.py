@@ -10,9 +10,11 @@ from bench.simulation import LocalSimulation
 from fedmoe_app.results import load_adapter
 from strategies import STRATEGIES
 
+# Two rounds on a random backbone must beat chance: a constant rate, as a decaying one would
+# halve the second round's (the schedules are tested in test_drift.py).
 TINY = (
     "model.backbone=tiny-bert rounds=2 data.max-train-rows=300 data.alpha=0.5 eval.test-samples=200 "
-    "moe.num-experts=4 moe.expert-hidden=16 train.lr=0.01"
+    "moe.num-experts=4 moe.expert-hidden=16 train.lr=0.01 train.lr-schedule=constant"
 )
 
 
