@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
@@ -11,6 +10,7 @@ import yaml
 
 from fedmoe_app import messages as msg
 from fedmoe_app.config import ConfigError, RunConfig, all_method_sections, resolve_path
+from fedmoe_app.numbers import is_number_in
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,7 @@ def _checked_fields(where: str, values: Mapping[str, Any]) -> dict[str, Any]:
     checked = {}
     for name, field in fields.items():
         value = given[name]
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or (field.kind is int and value != int(value))):
+        if not is_number_in(value) or (field.kind is int and value != int(value)):
             raise ConfigError(f"{where}: field '{field.key}' is {value!r}; "
                               f"allowed: {'a number' if field.kind is float else 'an integer'}")
         if value <= 0:

@@ -7,7 +7,6 @@ comes from differs (node_config `partition-id` / `num-partitions` in simulation,
 
 from __future__ import annotations
 
-import math
 import time
 from functools import lru_cache
 from typing import Any, Iterable, Iterator, Mapping
@@ -27,6 +26,7 @@ from fedmoe_app.model import AdapterModel, load_state, state_to_numpy
 from fedmoe_app.names import num_labels_of
 from fedmoe_app.node import describe as describe_node
 from fedmoe_app.node import partition_of
+from fedmoe_app.numbers import is_number_in
 from fedmoe_app.system import peak_rss_mb
 from fedmoe_app.tasks import task_of
 from fedmoe_app.train import train_local
@@ -124,9 +124,9 @@ def train_settings(server: Mapping[str, Any], config: RunConfig) -> tuple[float,
     (the run config's train.lr and train.proximal-mu for a message without them); ValueError
     naming the entry if one is not a number in its range."""
     lr, mu = server.get(msg.LR, config.train.lr), server.get(msg.PROXIMAL_MU, config.train.proximal_mu)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if not is_number_in(lr, 0.0, above_low=True):
         raise ValueError(f"train message entry '{msg.LR}' is {lr!r}; allowed: a number > 0")
-    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (math.isfinite(mu) and mu >= 0):
+    if not is_number_in(mu, 0.0):
         raise ValueError(f"train message entry '{msg.PROXIMAL_MU}' is {mu!r}; allowed: a number >= 0")
     return float(lr), float(mu)
 

@@ -35,16 +35,27 @@ class TrainResult:
 class ProximalTerm:
     """FedProx's (mu / 2) ||w - w_global||^2 over `params` (the tensors a client trains; a
     sparse method's model holds only its experts), w_global being their values when the
-    round's training began."""
+    round's training began. Kept off the autograd graph: its gradient mu (w - w_global) is
+    added to the parameters' gradients after backward, and its values are summed on the
+    parameters' device (no synchronisation per step)."""
 
     def __init__(self, params: list[torch.nn.Parameter], mu: float) -> None:
         self.params, self.mu = params, mu
         self.anchor = [p.detach().clone() for p in params]
+        self.value_sum = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
 
-    def __call__(self) -> torch.Tensor:
-        """The term's value, differentiable in the parameters (gradient mu (w - w_global))."""
-        squared = sum(((p - a) ** 2).sum() for p, a in zip(self.params, self.anchor))
-        return (self.mu / 2) * squared
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        """Add mu (w - w_global) to each parameter's gradient (the gradient itself where
+        backward left none), and add the term's current value to `value_sum`."""
+        drift = torch._foreach_sub([p.detach() for p in self.params], self.anchor)
+        norms = torch._foreach_norm(drift, dtype=torch.float32)
+        self.value_sum += (self.mu / 2) * torch.stack(norms).double().square().sum()
+        for p, d in zip(self.params, drift):
+            if p.grad is None:
+                p.grad = d.mul_(self.mu)
+            else:
+                p.grad.add_(d, alpha=self.mu)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -77,7 +88,6 @@ def train_local(
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     proximal = ProximalTerm(params, proximal_mu) if proximal_mu > 0 else None
-    proximal_sum = 0.0
     scaler = torch.amp.GradScaler(device.type, enabled=model.precision.name == "fp16")
     model.train()
     examples, loss_sum, seconds, done = 0, 0.0, 0.0, 0
@@ -86,14 +96,12 @@ def train_local(
         batch = to_device(batch, device)
         task = batch_loss(model, batch)  # in the model's precision
         total = task + method.loss_terms(model)
-        if proximal is not None:
-            term = proximal()
-            total = total + term
-            proximal_sum += term.item()
         model.trace.stop()  # a block recomputed in backward (gradient checkpointing) adds no routes
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)  # the hook sees true gradients, also under fp16 loss scaling
+        if proximal is not None:
+            proximal.add_gradient()
         method.after_backward(model)
         scaler.step(optimizer)
         scaler.update()
@@ -110,5 +118,5 @@ def train_local(
         steps=done,
         loss=loss_sum / examples if examples else math.nan,
         step_seconds=seconds / done if done else math.nan,
-        proximal_term=proximal_sum / done if done else math.nan,
+        proximal_term=(proximal.value_sum.item() if proximal else 0.0) / done if done else math.nan,
     )

@@ -15,6 +15,7 @@ from fedmoe_app import messages as msg
 from fedmoe_app.budgets import DeviceBudget
 from fedmoe_app.calibration import ClassStatistics
 from fedmoe_app.config import ConfigError
+from fedmoe_app.numbers import is_number_in
 from fedmoe_app.records import from_record, trained_from
 from fedmoe_app.startup import PHASE_METRICS
 from fedmoe_app.tasks.base import Metric
@@ -197,10 +198,8 @@ def outliers(rms: Mapping[int, float], ratio: float) -> dict[int, str]:
     return found
 
 
-
-
 def _check_number(key: str, value: Any) -> None:
-    if not Metric(key, higher_is_better=False).check(value):  # a finite number >= 0
+    if not is_number_in(value, 0.0):
         raise MalformedReply(f"metric '{key}' is {value!r}; allowed: a finite number >= 0")
 
 

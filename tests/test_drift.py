@@ -67,24 +67,25 @@ def test_the_proximal_gradient_is_mu_times_the_drift_by_hand():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
     term = ProximalTerm(params, mu=0.3)
-    assert term().item() == 0.0
+    term.add_gradient()  # w = w_global: a zero gradient where backward left none, a zero value
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params) and term.value_sum.item() == 0.0
     drift = [torch.randn_like(p) for p in params]
+    task_grad = torch.randn(3, 4)
     with torch.no_grad():
         for p, d in zip(params, drift):
             p.add_(d)
-    value = term()
-    value.backward()
-    assert value.item() == pytest.approx(0.15 * sum(float((d ** 2).sum()) for d in drift), rel=1e-6)
-    for p, d in zip(params, drift):
-        torch.testing.assert_close(p.grad, 0.3 * d)
+    params[0].grad, params[1].grad = task_grad.clone(), None  # backward reached the first only
+    term.add_gradient()
+    torch.testing.assert_close(params[0].grad, task_grad + 0.3 * drift[0])
+    torch.testing.assert_close(params[1].grad, 0.3 * drift[1])
+    assert term.value_sum.item() == pytest.approx(0.15 * sum(float((d ** 2).sum()) for d in drift), rel=1e-6)
 
 
-def test_the_reported_proximal_term_is_the_mean_over_steps_of_mu_half_the_squared_drift(ag_news_dir):
-    """Two local steps: the term is 0 at the first (w = w_global) and (mu / 2) ||w1 - w0||^2 at
-    the second, w1 being what one step alone gives from the same start."""
+@pytest.fixture(scope="module")
+def lora_client(ag_news_dir):
+    """A dense-LoRA client on tiny-bert (fp32), its method, a fresh model's state and two batches."""
     from fedmoe_app.client import ClientTask
-    from fedmoe_app.model import load_state, state_to_numpy
-    from fedmoe_app.train import train_local
+    from fedmoe_app.model import state_to_numpy
 
     config = load_config("conf/fedavg_lora.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} "
                          "data.max-train-rows=200 train.precision=fp32")
@@ -92,11 +93,21 @@ def test_the_reported_proximal_term_is_the_mean_over_steps_of_mu_half_the_square
     client = ClientTask(config, {"partition-id": 0, "num-partitions": 3})
     method = client.method({})
     model = method.global_model(config, 4)
-    start = state_to_numpy(model)
     batches = list(client.task.batches(client.train_set, 8, client.tokenizer.pad_token_id, shuffle=False,
                                        num_batches=2))
+    return client, method, model, state_to_numpy(model), batches
+
+
+def test_the_reported_proximal_term_is_the_mean_over_steps_of_mu_half_the_squared_drift(lora_client):
+    """Two local steps: the term is 0 at the first (w = w_global) and (mu / 2) ||w1 - w0||^2 at
+    the second, w1 being what one step alone gives from the same start."""
+    from fedmoe_app.model import load_state, state_to_numpy
+    from fedmoe_app.train import train_local
+
+    client, method, model, start, batches = lora_client
     loss = client.task.batch_loss(client.data, 4)
     mu = 50.0
+    load_state(model, start)
     one = train_local(model, batches[:1], 1, 0.01, 0.0, method, loss, proximal_mu=mu)
     assert one.proximal_term == 0.0
     moved = state_to_numpy(model)
@@ -105,6 +116,41 @@ def test_the_reported_proximal_term_is_the_mean_over_steps_of_mu_half_the_square
     load_state(model, start)
     two = train_local(model, batches, 2, 0.01, 0.0, method, loss, proximal_mu=mu)
     assert two.proximal_term == pytest.approx((0.0 + mu / 2 * squared) / 2, rel=1e-4)
+
+
+def test_training_with_the_proximal_term_matches_the_term_differentiated_by_autograd(lora_client):
+    """The reference: AdamW on task loss + (mu / 2) ||w - w_global||^2, the term on the
+    autograd graph; train_local adds its gradient after backward instead."""
+    from fedmoe_app.model import load_state, state_to_numpy, trainable_parameters
+    from fedmoe_app.train import train_local
+
+    client, method, model, start, batches = lora_client
+    loss = client.task.batch_loss(client.data, 4)
+    mu, lr, decay = 5.0, 0.01, 0.01
+    load_state(model, start)
+    train_local(model, batches, 2, lr, decay, method, loss, proximal_mu=mu)
+    trained = state_to_numpy(model)
+
+    load_state(model, start)
+    params = trainable_parameters(model)
+    anchor = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    model.train()
+    for batch in batches:
+        total = loss(model, batch) + method.loss_terms(model)
+        total = total + (mu / 2) * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        model.trace.stop()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        method.after_backward(model)
+        optimizer.step()
+        method.after_step(model)
+    model.train(False)
+    reference = state_to_numpy(model)
+    moved = [k for k in start if not np.array_equal(reference[k], start[k])]
+    assert moved
+    for key in start:
+        np.testing.assert_allclose(trained[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_dense_lora_with_a_proximal_term_aggregates_as_flowers_fedprox():

@@ -18,6 +18,7 @@ import torch
 
 from fedmoe_app.batches import EncodedSet, iterate_batches
 from fedmoe_app.config import RunConfig
+from fedmoe_app.numbers import is_number_in
 from fedmoe_app.rows import ClientData
 
 BatchLoss = Callable[[torch.nn.Module, dict], torch.Tensor]  # (model, batch on its device) -> mean loss
@@ -36,8 +37,7 @@ class Metric:
 
     def check(self, value: Any) -> bool:
         """Whether `value` is a finite number in this metric's range."""
-        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and self.low <= value <= self.high)
+        return is_number_in(value, self.low, self.high)
 
 
 ACCURACY = Metric("accuracy", True, 0.0, 1.0, "acc")
