@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.client_cost import measure_in_subprocess
 from bench.learning import cell_name, simulate
+from bench.markdown import table
 from bench.paired import report as paired_report
 from bench.simulation import LocalSimulation
 from bench.suites import PARTITIONS, SMOKE_OVERRIDES
@@ -130,27 +131,27 @@ def native_smoke(data_dir: str, runs_dir: Path, log) -> list[dict]:
 def cost_table(found: list[dict]) -> list[str]:
     """Markdown: per strategy, low and high tier step seconds and GFLOPs (own batch and the
     common 8 x 64 shape) and their ratios."""
-    lines = ["| strategy | K low / high | s/step low / high (own batch) | GFLOP/step low / high | "
-             "s/step at 8 x 64 low / high | ratio | GFLOP at 8 x 64 low / high | ratio | FFN share low / high |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    header = ["strategy", "K low / high", "s/step low / high (own batch)", "GFLOP/step low / high",
+              "s/step at 8 x 64 low / high", "ratio", "GFLOP at 8 x 64 low / high", "ratio", "FFN share low / high"]
+    rows = []
     for strategy in dict.fromkeys(c["strategy"] for c in found):
         low = next(c for c in found if c["strategy"] == strategy and c["tier"] == LOW)
         high = next(c for c in found if c["strategy"] == strategy and c["tier"] == HIGH)
-        lines.append(
-            f"| {strategy} | {low['experts_per_token']} / {high['experts_per_token']} | "
-            f"{low['step_seconds']:.3f} / {high['step_seconds']:.3f} | {low['step_gflops']:.1f} / {high['step_gflops']:.1f} | "
-            f"{low['reference_step_seconds']:.3f} / {high['reference_step_seconds']:.3f} | "
-            f"{low['reference_step_seconds'] / high['reference_step_seconds']:.2f} | "
-            f"{low['reference_step_gflops']:.2f} / {high['reference_step_gflops']:.2f} | "
-            f"{low['reference_step_gflops'] / high['reference_step_gflops']:.2f} | "
-            f"{100 * low['reference_ffn_share']:.0f}% / {100 * high['reference_ffn_share']:.0f}% |")
-    return lines
+        rows.append([strategy, f"{low['experts_per_token']} / {high['experts_per_token']}",
+                     f"{low['step_seconds']:.3f} / {high['step_seconds']:.3f}", f"{low['step_gflops']:.1f} / {high['step_gflops']:.1f}",
+                     f"{low['reference_step_seconds']:.3f} / {high['reference_step_seconds']:.3f}",
+                     f"{low['reference_step_seconds'] / high['reference_step_seconds']:.2f}",
+                     f"{low['reference_step_gflops']:.2f} / {high['reference_step_gflops']:.2f}",
+                     f"{low['reference_step_gflops'] / high['reference_step_gflops']:.2f}",
+                     f"{100 * low['reference_ffn_share']:.0f}% / {100 * high['reference_ffn_share']:.0f}%"])
+    return table(header, rows).split("\n")
 
 
 def utilisation_table(runs: list[dict]) -> list[str]:
     """Markdown: per MoE method and partition, mean +- range over seeds of the balance figures."""
-    lines = ["| method | split | seeds | routed-token CV, all clients (0 = even) | starved experts | CV, rpi4 clients | "
-             "starved, rpi4 |", "|---|---|---|---|---|---|---|"]
+    header = ["method", "split", "seeds", "routed-token CV, all clients (0 = even)", "starved experts", "CV, rpi4 clients",
+              "starved, rpi4"]
+    rows = []
     for label in dict.fromkeys(r["method"] for r in runs):
         for partition in dict.fromkeys(r["partition"] for r in runs):
             mine = [r["utilisation"] for r in runs if r["method"] == label and r["partition"] == partition and r["utilisation"]]
@@ -160,19 +161,19 @@ def utilisation_table(runs: list[dict]) -> list[str]:
             for name in ("all", LOW):
                 of = [u[name] for u in mine if name in u]
                 cells += [f"{mean(u['cv'] for u in of):.3f}", f"{100 * mean(u['starved'] for u in of):.1f}%"] if of else ["-", "-"]
-            lines.append(f"| {label} | {partition} | {len(mine)} | " + " | ".join(cells) + " |")
-    return lines
+            rows.append([label, partition, str(len(mine)), *cells])
+    return table(header, rows).split("\n")
 
 
 def rank_table(runs: list[dict]) -> list[str]:
     """Markdown: the ranks HetLoRA's clients ended at, per split and tier, over seeds."""
-    lines = ["| split | " + " | ".join(["rpi4", "jetson-nano", "jetson-orin"]) + " |", "|---|---|---|---|"]
+    rows = []
     for partition in dict.fromkeys(r["partition"] for r in runs):
         found = [r["ranks_by_tier"] for r in runs if r["partition"] == partition and r.get("ranks_by_tier")]
         if found:
             cells = [", ".join(str(x) for ranks in found for x in ranks.get(tier, [])) for tier in ("rpi4", "jetson-nano", "jetson-orin")]
-            lines.append(f"| {partition} | " + " | ".join(cells) + " |")
-    return lines
+            rows.append([partition, *cells])
+    return table(["split", "rpi4", "jetson-nano", "jetson-orin"], rows).split("\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ import yaml
 
 from bench.archive import runs_folder
 from bench.headline import is_moe, lowest_recall
+from bench.markdown import table as markdown_table
 from bench.paired import finished_runs, paired, spread
 from fedmoe_app.calibration import calibrated_head
 from fedmoe_app.client import ClientTask
@@ -63,21 +64,23 @@ def calibrate_run(run_dir: Path, num_nodes: int) -> dict:
 def table(measured: dict[str, dict[int, dict]]) -> list[str]:
     """Markdown: per strategy (seed -> measurement) before and after calibration, then every
     MoE method against every baseline after calibration."""
-    lines = ["| strategy | seeds | global | calibrated | calibrated - global (95% CI; seeds) | lowest recall | "
-             "lowest recall calibrated |", "|---|---|---|---|---|---|---|"]
+    header = ["strategy", "seeds", "global", "calibrated", "calibrated - global (95% CI; seeds)", "lowest recall",
+              "lowest recall calibrated"]
+    rows = []
     for strategy, runs in measured.items():
         before = {s: r["accuracy"] for s, r in runs.items()}
         after = {s: r["calibrated_accuracy"] for s, r in runs.items()}
-        lines.append(f"| {strategy} | {len(runs)} | {spread(list(before.values()))} | {spread(list(after.values()))} | "
-                     f"{paired(after, before)} | {spread([lowest_recall(r['recall']) for r in runs.values()])} | "
-                     f"{spread([lowest_recall(r['calibrated_recall']) for r in runs.values()])} |")
-    lines += ["", "| calibrated MoE method | calibrated baseline | difference (95% CI; seeds) |", "|---|---|---|"]
+        rows.append([strategy, str(len(runs)), spread(list(before.values())), spread(list(after.values())),
+                     paired(after, before), spread([lowest_recall(r["recall"]) for r in runs.values()]),
+                     spread([lowest_recall(r["calibrated_recall"]) for r in runs.values()])])
+    versus = []
     for moe in (s for s in measured if is_moe(s)):
         for baseline in (s for s in measured if not is_moe(s)):
             mine = {s: r["calibrated_accuracy"] for s, r in measured[moe].items()}
             theirs = {s: r["calibrated_accuracy"] for s, r in measured[baseline].items()}
-            lines.append(f"| {moe} | {baseline} | {paired(mine, theirs)} |")
-    return lines
+            versus.append([moe, baseline, paired(mine, theirs)])
+    return [*markdown_table(header, rows).split("\n"), "",
+            *markdown_table(["calibrated MoE method", "calibrated baseline", "difference (95% CI; seeds)"], versus).split("\n")]
 
 
 def main(argv: list[str] | None = None) -> None:

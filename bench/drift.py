@@ -28,6 +28,7 @@ from statistics import mean, stdev
 
 from bench.archive import runs_folder
 from bench.headline import finished_cells, headline_cells
+from bench.markdown import table
 from bench.learning import cell_name, cell_overrides, read_run, simulate
 from bench.paired import paired, spread
 from bench.simulation import LocalSimulation
@@ -68,22 +69,24 @@ def run_default(simulation: LocalSimulation, runs_dir: Path, strategy: str, seed
 
 def default_table(rows: list[dict]) -> str:
     """Per strategy: each seed's final / best (round) accuracy and last / lowest loss, and the goals."""
-    lines = ["| strategy | seed | global accuracy by round (%) | final / best (round) | last / lowest loss | "
-             "final within 1 pt of best | last loss within 0.05 of lowest |", "|---|---|---|---|---|---|---|"]
+    header = ["strategy", "seed", "global accuracy by round (%)", "final / best (round)", "last / lowest loss",
+              "final within 1 pt of best", "last loss within 0.05 of lowest"]
+    cells = []
     for r in rows:
         by_round = " ".join(f"{100 * a:.1f}" for a in r["accuracy_by_round"])
         loss = f"{r['final_loss']:.3f} / {r['lowest_loss']:.3f}" if r["final_loss"] is not None else "-"
-        lines.append(f"| {r['strategy']} | {r['seed']} | {by_round} | {100 * r['final_accuracy']:.1f} / "
-                     f"{100 * r['best_accuracy']:.1f} ({r['best_round']}) | {loss} | "
-                     f"{'yes' if r['accuracy_goal'] else 'no'} | {'yes' if r['loss_goal'] else 'no'} |")
-    return "\n".join(lines)
+        cells.append([r["strategy"], r["seed"], by_round,
+                      f"{100 * r['final_accuracy']:.1f} / {100 * r['best_accuracy']:.1f} ({r['best_round']})", loss,
+                      "yes" if r["accuracy_goal"] else "no", "yes" if r["loss_goal"] else "no"])
+    return table(header, cells)
 
 
 def headline_table(old: list[dict], new: list[dict], strategies: list[str]) -> str:
     """Per strategy: final global accuracy over seeds before and after (mean +- sample std),
     the ratio of the stds, and the paired per-seed differences after - before."""
-    lines = ["| strategy | before: final accuracy (%) | after | std after / before | paired after - before (95% CI; per seed) |",
-             "|---|---|---|---|---|"]
+    header = ["strategy", "before: final accuracy (%)", "after", "std after / before",
+              "paired after - before (95% CI; per seed)"]
+    rows = []
     for strategy in strategies:
         before = {s: c["final_global_accuracy"] for s, c in headline_cells(old, strategy).items()}
         after = {s: c["final_global_accuracy"] for s, c in headline_cells(new, strategy).items()}
@@ -91,9 +94,9 @@ def headline_table(old: list[dict], new: list[dict], strategies: list[str]) -> s
             continue
         ratio = (f"{stdev(after.values()) / stdev(before.values()):.2f}"
                  if len(after) > 1 and len(before) > 1 and stdev(before.values()) > 0 else "-")
-        lines.append(f"| {strategy} | {spread(list(before.values())) if before else '-'} | {spread(list(after.values()))} | "
-                     f"{ratio} | {paired(after, before)} |")
-    return "\n".join(lines)
+        rows.append([strategy, spread(list(before.values())) if before else "-", spread(list(after.values())),
+                     ratio, paired(after, before)])
+    return table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,7 +100,8 @@ def finished_cells(runs: Path, strategies: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line (see the module docstring)."""
-    from bench.report import headline_detail, table
+    from bench.markdown import table
+    from bench.report import headline_detail
     from strategies import STRATEGIES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

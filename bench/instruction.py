@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench.markdown import table as markdown_table
 from fedmoe_app.backbones import DENSE_DECODERS, MOE_DECODERS, end_of_sequence_id, load_tokenizer
 from fedmoe_app.config import load_config
 from fedmoe_app.methods import METHODS, method_class
@@ -117,11 +118,10 @@ def costs(args) -> list[dict]:
 
 def cost_table(rows: list[dict]) -> str:
     """A markdown table of the per-tier client costs."""
-    lines = ["| backbone | method | tier | batch x length | experts per token | s / local step | peak RSS MB |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['tier']} | {r['batch_size']} x {r['max_length']} | "
-                     f"{r['experts_per_token'] or '-'} | {r['step_seconds']:.3f} | {r['peak_rss_mb']:.0f} |")
-    return "\n".join(lines)
+    header = ["backbone", "method", "tier", "batch x length", "experts per token", "s / local step", "peak RSS MB"]
+    return markdown_table(header, [[r["backbone"], r["strategy"], r["tier"], f"{r['batch_size']} x {r['max_length']}",
+                                    f"{r['experts_per_token'] or '-'}", f"{r['step_seconds']:.3f}", f"{r['peak_rss_mb']:.0f}"]
+                                   for r in rows])
 
 
 def greedy_by_recomputing(model, prompt: list[int], max_new_tokens: int, eos: int) -> list[int]:
@@ -169,24 +169,21 @@ def generation_cost(backbone: str, data_dir: str, prompts: int = 30, max_new_tok
 
 def generation_table(rows: list[dict]) -> str:
     """A markdown table of `generation_cost` rows."""
-    lines = ["| backbone | adapters | prompts x new tokens | cached s | recomputed s | speed-up |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['prompts']} x {r['max_new_tokens']} | {r['cached_s']:.2f} | "
-                     f"{r['recomputed_s']:.2f} | {r['recomputed_s'] / r['cached_s']:.2f}x |")
-    return "\n".join(lines)
+    header = ["backbone", "adapters", "prompts x new tokens", "cached s", "recomputed s", "speed-up"]
+    return markdown_table(header, [[r["backbone"], r["strategy"], f"{r['prompts']} x {r['max_new_tokens']}", f"{r['cached_s']:.2f}",
+                                    f"{r['recomputed_s']:.2f}", f"{r['recomputed_s'] / r['cached_s']:.2f}x"] for r in rows])
 
 
 def table(rows: list[dict]) -> str:
     """A markdown table of the federated runs (step times and memory: `--costs`, each client
     alone in its process; here every client shares one process)."""
-    lines = ["| backbone | method | global loss by round (0 = before training) | accuracy: mean; per benchmark | MB per round |",
-             "|---|---|---|---|---|"]
+    header = ["backbone", "method", "global loss by round (0 = before training)", "accuracy: mean; per benchmark", "MB per round"]
+    cells = []
     for r in rows:
         loss = " ".join(f"{x:.2f}" for x in r["loss"])
         bench = ", ".join(f"{k} {v:.2f}" for k, v in (r["accuracy_by_benchmark"] or {}).items())
-        lines.append(f"| {r['backbone']} | {r['strategy']} | {loss} | {r['accuracy']:.3f}; {bench} | "
-                     f"{r['bytes_per_round'] / 1e6:.2f} |")
-    return "\n".join(lines)
+        cells.append([r["backbone"], r["strategy"], loss, f"{r['accuracy']:.3f}; {bench}", f"{r['bytes_per_round'] / 1e6:.2f}"])
+    return markdown_table(header, cells)
 
 
 def main() -> None:

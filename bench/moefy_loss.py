@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.markdown import table
 from bench.run import machine
 from fedmoe_app.batches import encode, iterate_batches
 from fedmoe_app.config import load_config
@@ -111,15 +112,14 @@ def markdown(result: dict) -> str:
     """The table as Markdown."""
     lines = [f"MoE-fied {result['backbone']}, M = {result['num_experts']}, frozen, router at the groups' centroids; "
              f"linear probe on {result['train_rows']} train rows, scored on {result['test_rows']} test rows "
-             f"({result['precision']}, {result['date']}).", "",
-             "| grouping | K / M | cosine to dense | probe accuracy | loss vs dense (points) | probe at K, dense features "
-             "| dense probe, features at K |", "|---|---|---|---|---|---|---|"]
+             f"({result['precision']}, {result['date']}).", ""]
+    header = ["grouping", "K / M", "cosine to dense", "probe accuracy", "loss vs dense (points)", "probe at K, dense features",
+              "dense probe, features at K"]
     dense = result["rows"][0]["probe_accuracy"]
-    for row in result["rows"]:
-        lines.append(f"| {row['grouping']} | {row['experts_per_token']}/{result['num_experts']} | {row['cosine']:.4f} | "
-                     f"{100 * row['probe_accuracy']:.1f}% | {100 * (dense - row['probe_accuracy']):+.1f} | "
-                     f"{100 * row['probe_at_k_on_dense']:.1f}% | {100 * row['probe_dense_at_k']:.1f}% |")
-    return "\n".join(lines) + "\n"
+    rows = [[row["grouping"], f"{row['experts_per_token']}/{result['num_experts']}", f"{row['cosine']:.4f}",
+             f"{100 * row['probe_accuracy']:.1f}%", f"{100 * (dense - row['probe_accuracy']):+.1f}",
+             f"{100 * row['probe_at_k_on_dense']:.1f}%", f"{100 * row['probe_dense_at_k']:.1f}%"] for row in result["rows"]]
+    return "\n".join(lines) + "\n" + table(header, rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from bench.archive import runs_folder
+from bench.markdown import table
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1-10).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -75,10 +76,8 @@ def report(runs: Path, strategies: list[str], partitions: list[str], mix: str) -
     tiers = sorted({t for records in found.values() for r in records.values() for t in (r.get("client_accuracy") or {})})
     lines = []
     for partition in partitions:
-        lines += [f"### {partition}, {mix} tiers", "",
-                  "| strategy | seeds | global | personalised mean | worst client | "
-                  + " | ".join(f"personalised {t}" for t in tiers) + " |",
-                  "|---" * (5 + len(tiers)) + "|"]
+        header = ["strategy", "seeds", "global", "personalised mean", "worst client", *[f"personalised {t}" for t in tiers]]
+        rows = []
         for strategy in strategies:
             records = found.get((strategy, partition), {})
             if not records:
@@ -86,10 +85,9 @@ def report(runs: Path, strategies: list[str], partitions: list[str], mix: str) -
             rs = [records[s] for s in sorted(records)]
             per_tier = [spread([r["client_accuracy"][t] for r in rs if t in (r.get("client_accuracy") or {})] or [float("nan")])
                         for t in tiers]
-            lines.append(f"| {strategy} | {len(rs)} | {spread([r['global_accuracy'] for r in rs])} | "
-                         f"{spread([r['client_accuracy_mean'] for r in rs])} | {spread([r['client_accuracy_worst'] for r in rs])} | "
-                         + " | ".join(per_tier) + " |")
-        lines.append("")
+            rows.append([strategy, str(len(rs)), spread([r["global_accuracy"] for r in rs]),
+                         spread([r["client_accuracy_mean"] for r in rs]), spread([r["client_accuracy_worst"] for r in rs]), *per_tier])
+        lines += [f"### {partition}, {mix} tiers", "", *table(header, rows).split("\n"), ""]
         first = strategies[0]
         if (first, partition) in found:
             for other in strategies[1:]:

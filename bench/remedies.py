@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.headline import lowest_recall
 from bench.learning import cell_metrics, cell_name, simulate
+from bench.markdown import table as markdown_table
 from bench.paired import paired, spread
 from bench.simulation import LocalSimulation
 from bench.suites import HEADLINE, PARTITIONS, SMOKE_OVERRIDES
@@ -70,8 +71,8 @@ def run_variants(strategies: list[str], variants: list[str], seeds: list[int], r
 def table(runs: list[dict]) -> list[str]:
     """Markdown: per strategy and variant, mean +- std over seeds, and the paired difference
     of global accuracy against the strategy's `none` variant."""
-    lines = ["| strategy | variant | seeds | global | lowest class recall | personalised | global - none (95% CI; seeds) |",
-             "|---|---|---|---|---|---|---|"]
+    header = ["strategy", "variant", "seeds", "global", "lowest class recall", "personalised", "global - none (95% CI; seeds)"]
+    rows = []
     for strategy in dict.fromkeys(r["strategy"] for r in runs):
         none = {r["seed"]: r["global_accuracy"] for r in runs if r["strategy"] == strategy and r["variant"] == "none"}
         for variant in dict.fromkeys(r["variant"] for r in runs):
@@ -79,10 +80,9 @@ def table(runs: list[dict]) -> list[str]:
             if not mine:
                 continue
             versus = paired({r["seed"]: r["global_accuracy"] for r in mine}, none) if variant != "none" and none else "-"
-            lines.append(f"| {strategy} | {variant} | {len(mine)} | {spread([r['global_accuracy'] for r in mine])} | "
-                         f"{spread([r['lowest_recall'] for r in mine])} | {spread([r['client_accuracy_mean'] for r in mine])} | "
-                         f"{versus} |")
-    return lines
+            rows.append([strategy, variant, str(len(mine)), spread([r["global_accuracy"] for r in mine]),
+                         spread([r["lowest_recall"] for r in mine]), spread([r["client_accuracy_mean"] for r in mine]), versus])
+    return markdown_table(header, rows).split("\n")
 
 
 def main(argv: list[str] | None = None) -> None:
