@@ -95,7 +95,7 @@ def measure(strategy_name: str, tier: str, overrides: str, num_clients: int = 10
     down = strategy.arrays_for(node, 1)
     server = {**strategy.config_for(node, 1), msg.SERVER_ROUND: 0}
     task.train(down, server)  # warm-up round: allocator, caches, lazy imports
-    trained, metrics, _ = task.train(down, {**server, msg.SERVER_ROUND: 1})
+    trained, metrics, _, _ = task.train(down, {**server, msg.SERVER_ROUND: 1})
     batches = list(iterate_batches(task.train_set, budget.batch_size, task.tokenizer.pad_token_id, shuffle=True,
                                    seed=config.seed, num_batches=FLOP_BATCHES,
                                    group_by_length=config.train.group_by_length))

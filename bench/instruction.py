@@ -95,7 +95,7 @@ def client_cost(strategy: str, backbone: str, tier: str, data_dir: str, override
     server.global_arrays = state_to_numpy(method_class(strategy).global_model(config, 0))
     node = Node(1, "client-1", task.budget, len(task.data.train_index))
     server.nodes = {1: node}
-    _, metrics, _ = task.train(server.arrays_for(node, 1), {"server-round": 1, **server.config_for(node, 1)})
+    _, metrics, _, _ = task.train(server.arrays_for(node, 1), {"server-round": 1, **server.config_for(node, 1)})
     return {"strategy": strategy, "backbone": backbone, "tier": tier, "step_seconds": metrics["step-seconds"],
             "steps": metrics["steps"], "batch_size": task.budget.batch_size, "max_length": task.budget.max_length,
             "experts_per_token": getattr(task.method({}), "experts_per_token", lambda: None)(),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from functools import lru_cache
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -64,10 +64,11 @@ class ClientTask:
 
     def train(
         self, arrays: Mapping[str, np.ndarray], server: Mapping[str, Any],
-    ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
-        """Train on local data within the budget as the run's method does; return the trained
-        tensors, the metrics and the method's requests for the next round. `server`: the
-        config entries of the message."""
+        correction: Mapping[str, np.ndarray] | None = None,
+    ) -> Trained:
+        """Train on local data within the budget as the run's method does. `server`: the
+        config entries of the message; `correction`: SCAFFOLD's c - c_i from the server
+        (train.drift-correction: scaffold; absent tensors are zero)."""
         start = time.perf_counter()
         torch.set_num_threads(self.config.train.threads)
         method = self.method(server)
@@ -80,9 +81,11 @@ class ClientTask:
             length_multiple=model.precision.length_multiple,
         )
         lr, mu = train_settings(server, self.config)
+        scaffold = self.config.train.drift_correction == "scaffold"
         result = train_local(model, _marking_first_step(batches), self.budget.local_steps, lr,
                              self.config.train.weight_decay, method,
-                             self.task.batch_loss(self.data, num_labels_of(arrays)), proximal_mu=mu)
+                             self.task.batch_loss(self.data, num_labels_of(arrays)), proximal_mu=mu,
+                             correction=(correction or {}) if scaffold else None)
         method_metrics, request = method.report()
         metrics: dict[str, Any] = {
             msg.NUM_EXAMPLES: len(self.data.train_index),  # Flower's convention: local training rows
@@ -95,9 +98,10 @@ class ClientTask:
             **method_metrics,
         }
         trained = method.trained_arrays(state_to_numpy(model))
+        gradients = {k: result.mean_gradients[k] for k in trained} if scaffold else None
         metrics[msg.TRAIN_SECONDS] = time.perf_counter() - start
         metrics.update(startup.phase_seconds())
-        return trained, metrics, request
+        return Trained(trained, metrics, request, gradients)
 
     def evaluate(self, arrays: Mapping[str, np.ndarray], server: Mapping[str, Any]) -> dict[str, Any]:
         """The task's client metrics of the personalised model (as the method builds it for
@@ -117,6 +121,15 @@ class ClientTask:
         batches = self.task.batches(self.train_set, self.config.eval.batch_size, self.tokenizer.pad_token_id,
                                     shuffle=False, group_by_length=True, length_multiple=model.precision.length_multiple)
         return feature_statistics(model, batches, num_labels)
+
+
+class Trained(NamedTuple):
+    """What a round of local training gives the reply."""
+
+    arrays: dict[str, np.ndarray]  # the tensors the reply carries (as trained)
+    metrics: dict[str, Any]
+    request: dict[str, Any]  # the method's requests for the next round
+    gradients: dict[str, np.ndarray] | None  # SCAFFOLD: the mean gradient of each tensor in `arrays` (else None)
 
 
 def train_settings(server: Mapping[str, Any], config: RunConfig) -> tuple[float, float]:

@@ -85,6 +85,7 @@ class TrainConfig:
     lr_min: float  # the floor a decaying schedule approaches (reached one round after the last)
     warmup_rounds: int  # rounds whose rate rises linearly to lr before the schedule starts
     proximal_mu: float  # FedProx's mu: (mu / 2) ||w - w_global||^2 on the tensors a client trains; 0 = off
+    drift_correction: str  # none | scaffold: SCAFFOLD's control variates, held by the server (strategies/control_variates.py)
     weight_decay: float
     threads: int  # torch threads per client process
     device: str  # auto (a GPU when one is visible, else the CPU) | cpu | cuda | cuda:N
@@ -253,6 +254,7 @@ CHOICES = {
     "federation.wire-dtype": ("fp32", "fp16", "bf16"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.lr-schedule": ("constant", "cosine", "linear"),
+    "train.drift-correction": ("none", "scaffold"),
     "moe.dispatch": ("auto", "loop", "grouped_mm", "segmented"),
     "moe.experts": ("adapter", "backbone"),
     "moe.grouping": ("kmeans", "contiguous"),

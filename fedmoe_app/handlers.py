@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MessageType, MetricRecord, RecordDict
 from fedmoe_app import faults
 from fedmoe_app import messages as msg
 from fedmoe_app.client import client_task
-from fedmoe_app.records import from_record, record_nbytes, to_record, updates_from
+from fedmoe_app.records import from_record, gradient_wire_dtype, record_nbytes, to_record, updates_from
 
 
 def train_reply(content: RecordDict, node_config: Mapping[str, Any], origin: float | None = None) -> RecordDict:
@@ -23,12 +23,17 @@ def train_reply(content: RecordDict, node_config: Mapping[str, Any], origin: flo
     fault = faults.fault_of(task.config, node_config, int(config[msg.SERVER_ROUND]))
     faults.before_training(fault, task.config)
     received = from_record(content[msg.ARRAYS])
-    arrays, metrics, request = task.train(received, config)
+    correction = from_record(content[msg.CORRECTION]) if msg.CORRECTION in content else None
+    arrays, metrics, request, gradients = task.train(received, config, correction)
     updates = updates_from(arrays, received)
-    reply_arrays = to_record(faults.garbled(updates) if fault == "garbage" else updates, task.config.federation.wire_dtype)
-    metrics[msg.BYTES_DOWN] = record_nbytes(content[msg.ARRAYS])
-    metrics[msg.BYTES_UP] = record_nbytes(reply_arrays)
-    return RecordDict({msg.ARRAYS: reply_arrays, msg.METRICS: MetricRecord(metrics), msg.REQUEST: ConfigRecord(request)})
+    wire = task.config.federation.wire_dtype
+    reply = RecordDict({msg.ARRAYS: to_record(faults.garbled(updates) if fault == "garbage" else updates, wire)})
+    if gradients is not None:
+        reply[msg.GRADIENTS] = to_record(gradients, gradient_wire_dtype(wire))
+    metrics[msg.BYTES_DOWN] = sum(record_nbytes(content[name]) for name in (msg.ARRAYS, msg.CORRECTION) if name in content)
+    metrics[msg.BYTES_UP] = sum(record_nbytes(reply[name]) for name in (msg.ARRAYS, msg.GRADIENTS) if name in reply)
+    reply[msg.METRICS], reply[msg.REQUEST] = MetricRecord(metrics), ConfigRecord(request)
+    return reply
 
 
 def evaluate_reply(content: RecordDict, node_config: Mapping[str, Any], origin: float | None = None) -> RecordDict:

@@ -1,8 +1,9 @@
 """The names of everything a fedmoe message carries, spelled once.
 
 A train or evaluate message holds ARRAYS (tensors) and CONFIG (RUN_CONFIG, SERVER_ROUND and
-whatever the method adds); a train reply holds ARRAYS (updates), METRICS and REQUEST (what the
-node asks of the server for the next round). A method's own entries are spelled in its client
+whatever the method adds), and under train.drift-correction: scaffold a train message may hold
+CORRECTION; a train reply holds ARRAYS (updates), METRICS, REQUEST (what the node asks of the
+server for the next round) and, under scaffold, GRADIENTS. A method's own entries are spelled in its client
 half (fedmoe_app/methods/<name>.py), which its strategy imports. A query reply holds NODE and BUDGET. A CALIBRATE
 message holds the global ARRAYS and CONFIG; its reply holds ARRAYS (the FEATURE_* moments).
 """
@@ -17,6 +18,8 @@ METRICS = "metrics"
 REQUEST = "request"
 NODE = "node"
 BUDGET = "budget"
+CORRECTION = "correction"  # train, SCAFFOLD: c - c_i for tensors of ARRAYS the node has a c_i for
+GRADIENTS = "gradients"  # train reply, SCAFFOLD: the mean gradient of each tensor in ARRAYS (its next c_i)
 
 # Entries of CONFIG sent down.
 RUN_CONFIG = "run-config"  # the resolved run configuration, YAML text

@@ -193,16 +193,18 @@ def _check_plain_lm_head(name: str, hf_config) -> None:
                               "Qwen-MoE or Mixtral model")
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: nn.Module, gradients: bool = False) -> dict[str, torch.Tensor]:
     """The trainable tensors by their stable names; a stacked expert module's tensors
-    appear expert by expert (`layers.3.moe.experts.7.w_in.weight`), as views."""
+    appear expert by expert (`layers.3.moe.experts.7.w_in.weight`), as views. With
+    `gradients`: their gradients, named and viewed alike (every trainable tensor must have one)."""
     state = {}
     expert_modules = (BottleneckExperts, BackboneExperts)
     for prefix, module in model.named_modules():
         if isinstance(module, expert_modules):
-            state.update({f"{prefix}.{name}": view for name, view in module.expert_state().items()})
+            state.update({f"{prefix}.{name}": view for name, view in module.expert_state(gradients).items()})
     stacked = {id(p) for m in model.modules() if isinstance(m, expert_modules) for p in m.parameters()}
-    state.update({name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in stacked})
+    state.update({name: p.grad if gradients else p for name, p in model.named_parameters()
+                  if p.requires_grad and id(p) not in stacked})
     return state
 
 

@@ -122,14 +122,16 @@ class BottleneckExperts(nn.Module):
         self.w_out = nn.Parameter(torch.empty(count, hidden_size, expert_hidden).normal_(std=init_scale))
         self.b_out = nn.Parameter(torch.zeros(count, hidden_size))
 
-    def expert_state(self) -> dict[str, torch.Tensor]:
-        """Each held expert's tensors, as views named `<expert>.w_in.weight` and so on."""
+    def expert_state(self, gradients: bool = False) -> dict[str, torch.Tensor]:
+        """Each held expert's tensors, as views named `<expert>.w_in.weight` and so on (with
+        `gradients`, views of their gradients, which must exist)."""
+        w_in, b_in, w_out, b_out = (p.grad if gradients else p for p in (self.w_in, self.b_in, self.w_out, self.b_out))
         state = {}
         for i, expert in enumerate(self.held):
-            state[f"{expert}.w_in.weight"] = self.w_in[i]
-            state[f"{expert}.w_in.bias"] = self.b_in[i]
-            state[f"{expert}.w_out.weight"] = self.w_out[i]
-            state[f"{expert}.w_out.bias"] = self.b_out[i]
+            state[f"{expert}.w_in.weight"] = w_in[i]
+            state[f"{expert}.w_in.bias"] = b_in[i]
+            state[f"{expert}.w_out.weight"] = w_out[i]
+            state[f"{expert}.w_out.bias"] = b_out[i]
         return state
 
     def forward_one(self, i: int, x: torch.Tensor) -> torch.Tensor:

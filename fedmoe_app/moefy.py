@@ -146,10 +146,12 @@ class BackboneExperts(nn.Module):
         """The LoRA rank of these experts."""
         return self.lora_in_a.shape[1]
 
-    def expert_state(self) -> dict[str, torch.Tensor]:
-        """Each held expert's trainable tensors, as views named `<expert>.lora_in_a` and so on."""
+    def expert_state(self, gradients: bool = False) -> dict[str, torch.Tensor]:
+        """Each held expert's trainable tensors, as views named `<expert>.lora_in_a` and so on
+        (with `gradients`, views of their gradients, which must exist)."""
         names = ("lora_in_a", "lora_in_b", "lora_out_a", "lora_out_b")
-        return {f"{expert}.{name}": getattr(self, name)[i] for i, expert in enumerate(self.held) for name in names}
+        tensors = {name: getattr(self, name).grad if gradients else getattr(self, name) for name in names}
+        return {f"{expert}.{name}": tensors[name][i] for i, expert in enumerate(self.held) for name in names}
 
     def forward_one(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Held expert number `i` (local index) on tokens `x` [n, d] (without the FFN's b2)."""

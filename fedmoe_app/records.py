@@ -18,6 +18,12 @@ BF16 = "bfloat16"  # the dtype string of a bf16 Array
 RAW_STYPE = "raw"  # an Array's data is its elements' bytes, little-endian, C order, no header
 
 
+def gradient_wire_dtype(wire_dtype: str) -> str:
+    """The dtype gradients travel in (SCAFFOLD's control variates): the wire dtype, but bf16
+    for fp16, whose range (6e-5 is its smallest normal number) would flush small gradients."""
+    return "bf16" if wire_dtype == "fp16" else wire_dtype
+
+
 def to_record(arrays: Mapping[str, np.ndarray], wire_dtype: str = "fp32") -> ArrayRecord:
     """An ArrayRecord holding `arrays` under their names, float arrays in `wire_dtype`
     (fp32 | fp16 | bf16); other arrays as they are."""

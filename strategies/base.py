@@ -12,7 +12,8 @@ JSON-able, for resuming a run). Replies are checked against what each node was s
 (strategies/replies.py) before any hook sees them. The server's step from the round's
 average to the new global model (`federation.server-optimizer`: FedAvg, FedAvgM, FedAdam,
 FedYogi) is the base's, the same for every method (strategies/server_optimizer.py), as is
-head calibration after the last round (`calibration.method`, `calibrate_head`).
+head calibration after the last round (`calibration.method`, `calibrate_head`), and
+SCAFFOLD's control variates (`train.drift-correction`, strategies/control_variates.py).
 
 Per-client knowledge is keyed by the client id a node reports (stable across restarts of
 the node), never by Flower's node id.
@@ -37,9 +38,11 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedmoe_app import messages as msg
 from fedmoe_app.calibration import calibrated_head
 from fedmoe_app.checkpoint import Checkpoint
-from fedmoe_app.config import RunConfig, config_to_yaml
-from fedmoe_app.records import from_record, to_record
+from fedmoe_app.config import ConfigError, RunConfig, config_to_yaml
+from fedmoe_app.records import from_record, gradient_wire_dtype, to_record
 from fedmoe_app.schedule import round_lr
+from strategies.control_variates import PREFIX as CONTROL_PREFIX
+from strategies.control_variates import ControlVariates
 from strategies.core import Contribution, Weight, sparse_weighted_average
 from strategies.replies import (MalformedReply, Node, Reply, check_eval_metrics, decode_statistics, decode_train_reply,
                                 examples, node_from_query, outliers, train_loss)
@@ -52,6 +55,9 @@ class SparseStrategy(Strategy):
     """Base of every fedmoe strategy (see the module docstring for the hooks)."""
 
     name = "sparse"
+    # Whether a tensor means the same from one round to the next (SCAFFOLD's control variates
+    # need it; FlexLoRA re-factorises its LoRA by SVD every round).
+    keeps_parameterisation = True
 
     def __init__(self, config: RunConfig, num_layers: int, on_round: Callable[[dict], None] | None = None,
                  on_checkpoint: Callable[[Checkpoint], None] | None = None) -> None:
@@ -65,6 +71,13 @@ class SparseStrategy(Strategy):
         self.round = RoundState(0)
         self.optimizer = ServerOptimizer(config.federation)
         self.task = task_of(config)  # names the metrics of evaluations
+        self.control: ControlVariates | None = None  # train.drift-correction: scaffold
+        self._control_clients: list[str] = []  # a resumed run's: whose control variates its checkpoint holds
+        if config.train.drift_correction == "scaffold":
+            if not self.keeps_parameterisation:
+                raise ConfigError(f"config key 'train.drift-correction' is 'scaffold', but {self.name} changes the basis "
+                                  "of its tensors every round, so a control variate would not carry over; allowed: none")
+            self.control = ControlVariates()
 
     @property
     def config(self) -> RunConfig:
@@ -128,20 +141,30 @@ class SparseStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         """What the strategy has learnt and drawn so far, JSON-able (for resuming a run)."""
         version, internal, gauss = self.random.getstate()
-        return {"random": [version, list(internal), gauss]}
+        state: dict[str, Any] = {"random": [version, list(internal), gauss]}
+        if self.control is not None:
+            state["control_variate_clients"] = self.control.state_arrays()[0]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict`."""
         version, internal, gauss = state["random"]
         self.random.setstate((version, tuple(internal), gauss))
+        self._control_clients = list(state.get("control_variate_clients", []))
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """What the strategy keeps as tensors (the server optimiser's moments), for the checkpoint."""
-        return self.optimizer.state_arrays()
+        """What the strategy keeps as tensors (the server optimiser's moments, the clients'
+        control variates), for the checkpoint."""
+        control = self.control.state_arrays()[1] if self.control is not None else {}
+        return {**self.optimizer.state_arrays(), **control}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> None:
-        """Continue from `state_arrays` saved beside `global_arrays`."""
-        self.optimizer.load_state_arrays(arrays, self.to_average_space(global_arrays))
+        """Continue from `state_arrays` saved beside `global_arrays` (after `load_state_dict`)."""
+        control = {k: a for k, a in arrays.items() if k.startswith(CONTROL_PREFIX + "/")}
+        if self.control is not None:
+            self.control.load_state_arrays(self._control_clients, control)
+        self.optimizer.load_state_arrays({k: a for k, a in arrays.items() if k not in control},
+                                         self.to_average_space(global_arrays))
 
     # ---- Flower Strategy API -----------------------------------------------------------
     def summary(self) -> None:
@@ -149,12 +172,15 @@ class SparseStrategy(Strategy):
         log(INFO, "Strategy %s, %d rounds", self.name, self.config.rounds)
 
     def _message(self, node: Node, server_round: int, kind: str, config: ConfigRecord,
-                 arrays: dict[str, np.ndarray]) -> Message:
+                 arrays: dict[str, np.ndarray], correction: dict[str, np.ndarray] | None = None) -> Message:
         node_config = ConfigRecord({
             msg.RUN_CONFIG: self.config_yaml, **config, **self.config_for(node, server_round),
             msg.SERVER_ROUND: server_round,
         })
-        content = RecordDict({msg.ARRAYS: to_record(arrays, self.config.federation.wire_dtype), msg.CONFIG: node_config})
+        wire = self.config.federation.wire_dtype
+        content = RecordDict({msg.ARRAYS: to_record(arrays, wire), msg.CONFIG: node_config})
+        if correction:
+            content[msg.CORRECTION] = to_record(correction, gradient_wire_dtype(wire))
         return Message(content=content, dst_node_id=node.node_id, message_type=kind)
 
     def _draw(self, node_ids: Iterable[int], fraction: float) -> list[int]:
@@ -181,11 +207,14 @@ class SparseStrategy(Strategy):
         self.discover(grid, self.round.sampled)
         self.round.lr = round_lr(self.config.train, server_round, self.config.rounds)
         config = ConfigRecord({**config, msg.LR: self.round.lr, msg.PROXIMAL_MU: self.config.train.proximal_mu})
+        variate = self.control.global_variate(self.global_arrays) if self.control is not None else {}
         messages = []
         for node_id in (n for n in self.round.sampled if n in self.nodes):
-            sent = self.arrays_for(self.nodes[node_id], server_round)
+            node = self.nodes[node_id]
+            sent = self.arrays_for(node, server_round)
             self.round.sent_arrays[node_id] = sent
-            messages.append(self._message(self.nodes[node_id], server_round, MessageType.TRAIN, config, sent))
+            correction = self.control.correction_for(node.client_id, sent, variate) if self.control is not None else None
+            messages.append(self._message(node, server_round, MessageType.TRAIN, config, sent, correction))
         self.round.train_messages = messages
         return messages
 
@@ -223,7 +252,8 @@ class SparseStrategy(Strategy):
         for node_id, content in self._outcomes(self.round.train_messages, replies):
             try:
                 reply = decode_train_reply(self.nodes[node_id], content, self.round.sent_arrays[node_id],
-                                           self.method_metrics, self.method_requests)
+                                           self.method_metrics, self.method_requests,
+                                           with_gradients=self.control is not None)
                 self.check_reply(reply)
             except MalformedReply as error:
                 self._failed(node_id, f"malformed reply: {error}")
@@ -248,6 +278,8 @@ class SparseStrategy(Strategy):
             return None, None
         current = self.to_average_space(self.global_arrays)
         self.global_arrays = self.from_average_space(self.optimizer.step(current, self.aggregate(decoded)))
+        if self.control is not None:
+            self.control.update(decoded, self.weights_for)
         self.update_state(decoded)
         return to_record(self.global_arrays), MetricRecord({
             msg.TRAIN_LOSS: train_loss(decoded), msg.NUM_EXAMPLES: sum(examples(r) for r in decoded)})

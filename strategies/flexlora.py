@@ -47,6 +47,7 @@ class FlexLoRA(SparseStrategy):
     """Heterogeneous-rank LoRA: averaged full products, redistributed by truncated SVD."""
 
     name = "flexlora"
+    keeps_parameterisation = False  # its LoRA factors come from a new SVD every round
 
     def global_rank(self) -> int:
         """r_max: the rank of the global LoRA."""

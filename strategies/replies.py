@@ -48,6 +48,7 @@ class Reply:
     request: ConfigRecord
     update_rms: float  # root mean square of its updates over every value it trained
     sent_keys: tuple[str, ...] = ()  # the tensors the node was sent (it replies with those it trained)
+    gradients: dict[str, np.ndarray] | None = None  # SCAFFOLD: the mean gradient of each tensor of `arrays`
 
 
 class MalformedReply(ValueError):
@@ -93,15 +94,18 @@ OPTIONAL_TRAIN_METRICS = (msg.SAMPLES_PROCESSED, msg.STEPS, msg.TRAIN_SECONDS, m
 
 
 def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.ndarray],
-                       method_metrics: tuple[str, ...] = (), method_requests: tuple[str, ...] = ()) -> Reply:
+                       method_metrics: tuple[str, ...] = (), method_requests: tuple[str, ...] = (),
+                       with_gradients: bool = False) -> Reply:
     """A train reply checked against what was `sent` to its node: it holds arrays, metrics
     (and an optional request); its tensors are floats, among those sent, in their shapes,
     finite; its rows are an integer from 0 to what the node declared; its metrics numbers;
     no metric or request is one that neither every method nor this one (`method_metrics`,
-    `method_requests`, whose values its strategy checks) sends. MalformedReply otherwise."""
+    `method_requests`, whose values its strategy checks) sends; `with_gradients` (SCAFFOLD):
+    it holds a gradient, checked alike, for exactly the tensors it trained. MalformedReply otherwise."""
+    allowed = (msg.ARRAYS, msg.METRICS, msg.REQUEST, *((msg.GRADIENTS,) if with_gradients else ()))
     for name in content:
-        if name not in (msg.ARRAYS, msg.METRICS, msg.REQUEST):
-            raise MalformedReply(f"it holds record '{name}'; allowed: {msg.ARRAYS}, {msg.METRICS}, {msg.REQUEST}")
+        if name not in allowed:
+            raise MalformedReply(f"it holds record '{name}'; allowed: {', '.join(allowed)}")
     if msg.ARRAYS not in content or msg.METRICS not in content:
         raise MalformedReply(f"it holds {sorted(content)}; a train reply needs '{msg.ARRAYS}' and '{msg.METRICS}'")
     metrics, request = content[msg.METRICS], content.get(msg.REQUEST, ConfigRecord())
@@ -115,20 +119,36 @@ def decode_train_reply(node: Node, content: RecordDict, sent: Mapping[str, np.nd
     for key in OPTIONAL_TRAIN_METRICS:
         if key in metrics:
             _check_number(key, metrics[key])
+    updates = _tensors(content, msg.ARRAYS, sent)
+    gradients = None
+    if with_gradients:
+        if msg.GRADIENTS not in content:
+            raise MalformedReply(f"it holds no '{msg.GRADIENTS}' (train.drift-correction is scaffold)")
+        gradients = _tensors(content, msg.GRADIENTS, sent)
+        if set(gradients) != set(updates):
+            different = sorted(set(gradients) ^ set(updates))[0]
+            raise MalformedReply(f"its {msg.GRADIENTS} and its {msg.ARRAYS} differ at tensor '{different}'")
+    return Reply(node, trained_from(sent, updates), metrics, request, _rms(updates), tuple(sent), gradients)
+
+
+def _tensors(content: RecordDict, name: str, sent: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Record `name` of a reply, decoded: float tensors, each among those `sent`, in its shape,
+    finite; MalformedReply otherwise."""
     try:
-        updates = from_record(content[msg.ARRAYS])
+        tensors = from_record(content[name])
     except (ValueError, TypeError) as error:
-        raise MalformedReply(f"its arrays cannot be decoded: {error}") from error
-    for key, update in updates.items():
+        raise MalformedReply(f"its {name} cannot be decoded: {error}") from error
+    where = "" if name == msg.ARRAYS else f" of {name}"
+    for key, tensor in tensors.items():
         if key not in sent:
-            raise MalformedReply(f"tensor '{key}' was not sent to this node")
-        if not np.issubdtype(update.dtype, np.floating):
-            raise MalformedReply(f"tensor '{key}' has dtype {update.dtype}; allowed: a float dtype")
-        if update.shape != sent[key].shape:
-            raise MalformedReply(f"tensor '{key}' has shape {update.shape}; the one sent {sent[key].shape}")
-        if not np.isfinite(update).all():
-            raise MalformedReply(f"tensor '{key}' holds NaN or Inf")
-    return Reply(node, trained_from(sent, updates), metrics, request, _rms(updates), tuple(sent))
+            raise MalformedReply(f"tensor '{key}'{where} was not sent to this node")
+        if not np.issubdtype(tensor.dtype, np.floating):
+            raise MalformedReply(f"tensor '{key}'{where} has dtype {tensor.dtype}; allowed: a float dtype")
+        if tensor.shape != sent[key].shape:
+            raise MalformedReply(f"tensor '{key}'{where} has shape {tensor.shape}; the one sent {sent[key].shape}")
+        if not np.isfinite(tensor).all():
+            raise MalformedReply(f"tensor '{key}'{where} holds NaN or Inf")
+    return tensors
 
 
 def check_eval_metrics(content: RecordDict, expected: Sequence[Metric]) -> tuple[int, dict[str, float]]:

@@ -36,7 +36,7 @@ def test_client_trains_only_its_experts_within_budget(config):
     glob = state_to_numpy(build_model(config, 4, "moe"))
     subset = [[1, 3, 5, 7], [0, 2, 4, 6]]
     sent = select_keys(glob, subset)
-    arrays, metrics, request = task.train(sent, {"server-round": 1, "global-usage": [1 / 8] * 16})
+    arrays, metrics, request, _ = task.train(sent, {"server-round": 1, "global-usage": [1 / 8] * 16})
     assert set(arrays) == set(sent)  # only what it holds comes back
     assert held_experts(list(arrays), 2) == subset
     routed = np.asarray(metrics["routed-tokens"]).reshape(2, 8)
@@ -91,7 +91,7 @@ def test_lora_client_round_trip(ag_news_dir):
     config = load_config("conf/fedavg_lora.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} data.max-train-rows=300")
     task = ClientTask(config, {"partition-id": 2, "num-partitions": 3})
     glob = state_to_numpy(build_model(config, 4, "lora"))
-    arrays, metrics, request = task.train(glob, {"server-round": 1})
+    arrays, metrics, request, _ = task.train(glob, {"server-round": 1})
     assert set(arrays) == set(glob) and request == {} and "routed-tokens" not in metrics
     result = task.evaluate(arrays, {"server-round": 1})
     assert result["num-examples"] == len(task.data.holdout_index) and 0.0 <= result["accuracy"] <= 1.0
@@ -179,7 +179,7 @@ def test_restricted_softmax_reaches_local_training(ag_news_dir, alpha, absent_ro
     absent = [c for c, n in enumerate(label_counts(task.data.train, 4)) if n == 0]
     assert len(absent) == 2
     glob = state_to_numpy(build_model(config, 4, "head"))
-    arrays, _, _ = task.train(glob, {"server-round": 1})
+    arrays, _, _, _ = task.train(glob, {"server-round": 1})
     for key in ("head.weight", "head.bias"):
         moved = not np.array_equal(arrays[key][absent], glob[key][absent])
         assert moved == absent_rows_move, key

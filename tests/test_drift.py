@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp.strategy import FedProx
 
-from conftest import InProcessGrid
+from conftest import InProcessGrid, local_training_setup
 from fedmoe_app import client as client_module
 from fedmoe_app.config import ConfigError, load_config
 from fedmoe_app.schedule import round_lr
@@ -83,19 +83,8 @@ def test_the_proximal_gradient_is_mu_times_the_drift_by_hand():
 
 @pytest.fixture(scope="module")
 def lora_client(ag_news_dir):
-    """A dense-LoRA client on tiny-bert (fp32), its method, a fresh model's state and two batches."""
-    from fedmoe_app.client import ClientTask
-    from fedmoe_app.model import state_to_numpy
-
-    config = load_config("conf/fedavg_lora.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} "
-                         "data.max-train-rows=200 train.precision=fp32")
-    torch.manual_seed(0)
-    client = ClientTask(config, {"partition-id": 0, "num-partitions": 3})
-    method = client.method({})
-    model = method.global_model(config, 4)
-    batches = list(client.task.batches(client.train_set, 8, client.tokenizer.pad_token_id, shuffle=False,
-                                       num_batches=2))
-    return client, method, model, state_to_numpy(model), batches
+    """A dense-LoRA client on tiny-bert."""
+    return local_training_setup("conf/fedavg_lora.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir}", 2)
 
 
 def test_the_reported_proximal_term_is_the_mean_over_steps_of_mu_half_the_squared_drift(lora_client):
