@@ -156,8 +156,11 @@ def test_a_calibrated_run_refits_only_the_head_from_every_nodes_moments(strategy
     parts = [expected_moments(config, plain, p) for p in range(NUM_NODES)]
     weight, bias = calibrated_head(plain["head.weight"], plain["head.bias"], parts, config.calibration.virtual_per_class,
                                    config.calibration.steps, config.calibration.lr, seed=config.seed)
-    np.testing.assert_allclose(calibrated["head.weight"], weight, atol=1e-4)
-    np.testing.assert_allclose(calibrated["head.bias"], bias, atol=1e-4)
+    # The moments recomputed row by row differ from the batched ones in their last bits; the
+    # refit (40 Adam steps on features drawn with them) carries that to ~1e-4 in a few weights
+    # (heads are ~0.3 in size: a wrong refit is off by 1e-2 or more).
+    np.testing.assert_allclose(calibrated["head.weight"], weight, atol=5e-4)
+    np.testing.assert_allclose(calibrated["head.bias"], bias, atol=5e-4)
     assert not np.allclose(calibrated["head.weight"], plain["head.weight"], atol=1e-3)
     assert record["calibration"] == {"nodes": NUM_NODES, "rows_by_class": pooled(parts).count.astype(int).tolist()}
     assert "calibration" in record["phase_seconds"] and record["failures"] == 0

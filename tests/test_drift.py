@@ -107,13 +107,21 @@ def test_the_reported_proximal_term_is_the_mean_over_steps_of_mu_half_the_square
     assert two.proximal_term == pytest.approx((0.0 + mu / 2 * squared) / 2, rel=1e-4)
 
 
-def test_training_with_the_proximal_term_matches_the_term_differentiated_by_autograd(lora_client):
+@pytest.fixture(scope="module")
+def moe_client(ag_news_dir):
+    """An FFT-MoE client on tiny-bert (stacked expert tensors)."""
+    return local_training_setup("conf/fft_moe.yaml", f"model.backbone=tiny-bert data.data-dir={ag_news_dir} "
+                                "moe.num-experts=4 moe.expert-hidden=8", 2)
+
+
+@pytest.mark.parametrize("setup", ["lora_client", "moe_client"])
+def test_training_with_the_proximal_term_matches_the_term_differentiated_by_autograd(setup, request):
     """The reference: AdamW on task loss + (mu / 2) ||w - w_global||^2, the term on the
     autograd graph; train_local adds its gradient after backward instead."""
     from fedmoe_app.model import load_state, state_to_numpy, trainable_parameters
     from fedmoe_app.train import train_local
 
-    client, method, model, start, batches = lora_client
+    client, method, model, start, batches = request.getfixturevalue(setup)
     loss = client.task.batch_loss(client.data, 4)
     mu, lr, decay = 5.0, 0.01, 0.01
     load_state(model, start)
