@@ -333,3 +333,13 @@ def test_drift_compares_final_with_best_and_the_headline_seeds_with_older_runs()
     # the archive against itself: the same spread, a std ratio of 1, every paired difference 0
     # final accuracies 69.4, 73.4, 69.7, 40.8, 64.4: mean 63.5, sample std 13.1
     assert row.startswith("| fft_moe | 63.5 ± 13.1 | 63.5 ± 13.1 | 1.00 | +0.0 (+0.0 .. +0.0; seeds +0.0, +0.0, +0.0, +0.0, +0.0)")
+
+
+def test_drift_cost_times_each_correction_on_the_same_client(ag_news_dir):
+    """One step per variant on FedAvg-LoRA's MiniLM: 6 layers x (query, value) x (A, B) LoRA
+    tensors and the head's weight and bias are trained, and each variant has a step time."""
+    from bench.drift_cost import VARIANTS, step_seconds
+
+    found = step_seconds("fedavg_lora", str(ag_news_dir), steps=1, repeats=1, mu=0.01)
+    assert found["tensors"] == 6 * 2 * 2 + 2
+    assert all(found[v] > 0 for v in VARIANTS)
