@@ -304,14 +304,16 @@ def test_the_run_records_kept_in_docs_are_small_archives_the_reports_read():
     archives = sorted((APP_DIR / "docs" / "runs").rglob("*.tar.gz"))
     assert [a.relative_to(APP_DIR / "docs" / "runs").as_posix() for a in archives] == [
         "issue14/budgets-runs.tar.gz", "issue15/full-runs.tar.gz", "issue15/remedies-runs-500-rows.tar.gz",
-        "issue28/default-runs.tar.gz", "issue28/fulltest-runs.tar.gz", "issue28/headline-runs.tar.gz",
-        "issue28/mu0.1-runs.tar.gz", "issue28/scaffold-runs.tar.gz"]
+        "issue28/default-runs.tar.gz", "issue28/fulltest-runs.tar.gz", "issue28/headline-nola-runs.tar.gz",
+        "issue28/headline-runs.tar.gz", "issue28/la-runs.tar.gz", "issue28/mu0.1-runs.tar.gz",
+        "issue28/scaffold-runs.tar.gz"]
     assert all(a.stat().st_size < 2_000_000 for a in archives)
     runs = {a.name: finished_runs(a) for a in archives}
     assert len(runs["budgets-runs.tar.gz"]) == 42 and len(runs["remedies-runs-500-rows.tar.gz"]) == 9
     assert len(runs["default-runs.tar.gz"]) == 21 and len(runs["mu0.1-runs.tar.gz"]) == 9
     assert len(runs["scaffold-runs.tar.gz"]) == 9 and len(runs["fulltest-runs.tar.gz"]) == 7  # 2 to go (issue 28)
-    assert len(runs["headline-runs.tar.gz"]) == 12  # seed 0 of every strategy, seed 1 of five (issue 28, in progress)
+    assert len(runs["la-runs.tar.gz"]) == 9 and len(runs["headline-nola-runs.tar.gz"]) == 6
+    assert len(runs["headline-runs.tar.gz"]) == 15  # at today's defaults: the baselines' seeds 0-3 (head-only 0-2) so far
     headline = [name for name, _ in runs["full-runs.tar.gz"] if (name["partition"], name["mix"]) == HEADLINE]
     assert len(headline) == 35 and {n["seed"] for n in headline} == {"0", "1", "2", "3", "4"}
 

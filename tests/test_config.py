@@ -31,6 +31,16 @@ def test_strategy_files_resolve_over_base():
     assert fft.moe.num_experts == 16 and lora.lora.rank == 8
 
 
+def test_the_moe_methods_train_with_logit_adjustment_on_classification_only():
+    # issue 28's measurement chose it for them; a language-model task has no labels to adjust
+    for strategy in ("fft_moe", "hfedmoe", "ub_smoe"):
+        assert load_config(f"conf/{strategy}.yaml").train.logit_adjustment == 1.0
+        instruction = load_config(f"conf/{strategy}.yaml,conf/instruction.yaml")
+        assert instruction.task == "instruction" and instruction.train.logit_adjustment == 0.0
+    for strategy in ("fedavg_lora", "hetlora", "flexlora", "head_only"):
+        assert load_config(f"conf/{strategy}.yaml").train.logit_adjustment == 0.0
+
+
 def test_overrides_key_by_key():
     config = load_config("conf/fft_moe.yaml", "rounds=3 data.alpha=0.1 loss.heterogeneity=0 lora.target-modules=[query]")
     assert config.rounds == 3 and config.data.alpha == 0.1 and config.loss.heterogeneity == 0.0
