@@ -204,3 +204,27 @@ def test_a_run_sends_records_and_trains_with_each_rounds_rate(ag_news_dir, tmp_p
     trained = {r["round"]: r["global_accuracy"] for r in records[1:]}
     assert summary["best_round"] == max(trained, key=lambda r: (trained[r], -r))
     assert summary["best_global_accuracy"] == trained[summary["best_round"]]
+
+
+def test_the_last_round_rerun_from_its_checkpoint_is_the_run_and_moves_the_model_only_by_training(
+        ag_news_dir, server_identity, tmp_path):
+    """bench.last_round's premise: re-running the last round from the checkpoint before it
+    gives the run's own last round, and at a rate of ~0 it leaves the model where it was."""
+    from bench.last_round import change_by_group, keep_rounds, rerun_last_round, with_group
+    from fedmoe_app.checkpoint import load_checkpoint
+    from fedmoe_app.names import router_layer
+
+    overrides = (f"model.backbone=tiny-bert data.data-dir={ag_news_dir} data.max-train-rows=240 moe.num-experts=4 "
+                 "moe.expert-hidden=8 rounds=2 eval.client=false federation.min-nodes=3")
+    config = load_config("conf/fft_moe.yaml", overrides)
+    keep_rounds(config, 3, tmp_path)
+    before, after = (load_checkpoint(tmp_path / f"round-{r}").arrays for r in (1, 2))
+    _, again = rerun_last_round(config, 3, tmp_path)
+    for key in after:
+        np.testing.assert_allclose(again[key], after[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    _, still = rerun_last_round(load_config("conf/fft_moe.yaml", f"{overrides} train.lr=0.000000000001"), 3, tmp_path)
+    moved, stayed = change_by_group(before, after), change_by_group(before, still)
+    assert set(moved) == {"experts", "routers", "rest"} and min(moved.values()) > 0
+    assert all(stayed[group] < 1e-6 * moved[group] for group in moved)
+    hybrid = with_group(before, after, "routers")
+    assert all((hybrid[k] is after[k]) == (router_layer(k) is not None) for k in before)
