@@ -313,7 +313,7 @@ def test_the_run_records_kept_in_docs_are_small_archives_the_reports_read():
     assert len(runs["default-runs.tar.gz"]) == 21 and len(runs["mu0.1-runs.tar.gz"]) == 9
     assert len(runs["scaffold-runs.tar.gz"]) == 9 and len(runs["fulltest-runs.tar.gz"]) == 7  # 2 to go (issue 28)
     assert len(runs["la-runs.tar.gz"]) == 9 and len(runs["headline-nola-runs.tar.gz"]) == 6
-    assert len(runs["headline-runs.tar.gz"]) == 15  # at today's defaults: the baselines' seeds 0-3 (head-only 0-2) so far
+    assert len(runs["headline-runs.tar.gz"]) == 24  # at today's defaults: MoE seeds 0-2, the baselines 0-3 (head-only 0-2) so far
     headline = [name for name, _ in runs["full-runs.tar.gz"] if (name["partition"], name["mix"]) == HEADLINE]
     assert len(headline) == 35 and {n["seed"] for n in headline} == {"0", "1", "2", "3", "4"}
 
